@@ -1,0 +1,24 @@
+"""dropinf: influence functions with dropout as the gradient compressor.
+
+Sign convention everywhere: a positive influence score means the training point is helpful to
+the test point (removing it would raise the test loss).
+"""
+
+from .compressors import REGISTRY, Compressor, Identity, make
+from .gradients import Gradients, gradients
+from .persample import BatchGrads, PerSampleGrads
+from .task import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REGISTRY",
+    "BatchGrads",
+    "Compressor",
+    "Gradients",
+    "Identity",
+    "PerSampleGrads",
+    "Task",
+    "gradients",
+    "make",
+]

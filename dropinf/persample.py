@@ -1,0 +1,489 @@
+"""Exact per-sample gradients in factored form.
+
+For ``nn.Linear``, ``nn.Conv2d`` and Hugging Face ``Conv1D`` the per-sample weight gradient is
+``G_b = sum_t delta_bt x_bt^T`` (t runs over tokens or spatial positions), so it is enough to keep
+the layer input ``x`` and the gradient of the loss with respect to the layer output ``delta``.
+Forward hooks capture ``x`` and route each output through :class:`_Tap`, whose backward records
+``delta``. The backward pass asks autograd only for the gradient reaching a dummy anchor that every
+tap hangs off, so no weight gradient is ever computed. ``LayerNorm`` and ``Embedding`` get the same
+treatment with their own closed forms. Every other selected parameter goes through ``torch.func``
+(``vmap`` over ``grad``) in a second pass.
+
+The factors are what compressors consume (:class:`BatchGrads`); :meth:`BatchGrads.flat` builds
+the full ``(B, d)`` per-sample gradient when a compressor needs it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from .task import ParamInfo, Task, batch_size
+
+# ----------------------------------------------------------------------------- factored blocks
+
+
+@dataclass
+class LinearFactors:
+    """Per-sample gradient of one linear map (or one group of a grouped convolution).
+
+    ``x``: (B, T, I) layer inputs, with a trailing column of ones when the bias is tracked (the
+    bias is the weight of an extra input unit of value 1). ``delta``: (B, T, O) gradients of the
+    per-sample loss with respect to the layer outputs. The per-sample gradient of the (O, I)
+    weight is ``delta^T x`` summed over T.
+
+    ``weight``/``bias`` name the parameters (None if not selected); ``rows`` are the output rows of
+    the weight (viewed as ``(out, -1)``) that this block covers, ``transposed`` is True when the
+    weight is stored as (I, O) (Hugging Face ``Conv1D``).
+    """
+
+    module: str
+    x: Tensor
+    delta: Tensor
+    weight: str | None
+    bias: str | None
+    rows: slice
+    transposed: bool = False
+
+    @property
+    def n_in(self) -> int:
+        """Input units, counting the bias unit when present."""
+        return self.x.shape[-1]
+
+    @property
+    def n_out(self) -> int:
+        return self.delta.shape[-1]
+
+    def weight_grads(self) -> Tensor:
+        """(B, O, I) per-sample gradients of the augmented weight ``[W | b]``."""
+        return torch.bmm(self.delta.transpose(1, 2), self.x)
+
+    def add_to(self, out: Tensor, layout: dict[str, ParamInfo]) -> None:
+        g = self.weight_grads()
+        o0, o1 = self.rows.start, self.rows.stop
+        if self.weight is not None:
+            info = layout[self.weight]
+            gw = g[:, :, : self.n_in - (self.bias is not None)]
+            if self.transposed:
+                gw = gw.transpose(1, 2)
+                out[:, info.offset : info.stop] += gw.reshape(len(g), -1)
+            else:
+                width = gw.shape[2]
+                out[:, info.offset + o0 * width : info.offset + o1 * width] += gw.reshape(
+                    len(g), -1
+                )
+        if self.bias is not None:
+            info = layout[self.bias]
+            out[:, info.offset + o0 : info.offset + o1] += g[:, :, -1]
+
+
+@dataclass
+class EmbeddingFactors:
+    """Per-sample gradient of an embedding table: ``G_b[v] = sum_t [ids_bt == v] delta_bt``.
+
+    ``ids``: (B, T) token ids, with tokens equal to ``padding_idx`` already set to -1 (they get no
+    gradient, as in ``nn.Embedding``). ``delta``: (B, T, D).
+    """
+
+    module: str
+    ids: Tensor
+    delta: Tensor
+    weight: str
+    num_embeddings: int
+
+    def add_to(self, out: Tensor, layout: dict[str, ParamInfo]) -> None:
+        info = layout[self.weight]
+        B, T, D = self.delta.shape
+        keep = self.ids >= 0
+        rows = torch.arange(B, device=self.ids.device).unsqueeze(1) * self.num_embeddings
+        flat_ids = (rows + self.ids.clamp_min(0))[keep]
+        g = torch.zeros(B * self.num_embeddings, D, dtype=out.dtype, device=out.device)
+        g.index_add_(0, flat_ids, self.delta[keep].to(out.dtype))
+        out[:, info.offset : info.stop] += g.view(B, -1)
+
+
+Block = LinearFactors | EmbeddingFactors
+
+
+@dataclass
+class BatchGrads:
+    """Per-sample gradients of one batch of B samples, in factored form where possible.
+
+    ``blocks`` are factored contributions; ``dense`` maps parameter names to (B, numel)
+    per-sample gradients computed directly (LayerNorm, the ``torch.func`` path). A parameter may
+    receive contributions from several blocks (tied weights); they add up.
+    """
+
+    params: list[ParamInfo]
+    blocks: list[Block] = field(default_factory=list)
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    size: int = 0
+
+    @property
+    def dim(self) -> int:
+        return self.params[-1].stop
+
+    def flat(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B, d) per-sample gradients in the task's parameter order (``Task.params``)."""
+        layout = {p.name: p for p in self.params}
+        device = _first_device(self)
+        out = torch.zeros(self.size, self.dim, dtype=dtype, device=device)
+        for b in self.blocks:
+            b.add_to(out, layout)
+        for name, g in self.dense.items():
+            info = layout[name]
+            out[:, info.offset : info.stop] += g.to(dtype)
+        return out
+
+
+def _first_device(bg: BatchGrads) -> torch.device:
+    for b in bg.blocks:
+        return b.delta.device
+    for g in bg.dense.values():
+        return g.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    return (
+        type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    )
+
+
+def _hookable(m: nn.Module) -> str | None:
+    """Kind of factored path a module supports, or None."""
+    if type(m) is nn.Linear:
+        return "linear"
+    if _is_hf_conv1d(m):
+        return "conv1d"
+    if type(m) is nn.Conv2d and m.padding_mode == "zeros":
+        return "conv2d"
+    if type(m) is nn.LayerNorm and m.elementwise_affine:
+        return "layernorm"
+    if type(m) is nn.Embedding and m.max_norm is None and not m.scale_grad_by_freq:
+        return "embedding"
+    return None
+
+
+@dataclass
+class Plan:
+    """Which selected parameters go through hooks (by module) and which through ``torch.func``."""
+
+    hooked: dict[str, str]  # module name -> kind
+    func: list[str]  # parameter names
+    unsupported: dict[str, str]  # module name -> type name, for modules whose params use func
+
+    def describe(self) -> str:
+        lines = [f"hooks: {len(self.hooked)} modules", f"torch.func: {len(self.func)} parameters"]
+        lines += [f"  {m} ({t})" for m, t in self.unsupported.items()]
+        return "\n".join(lines)
+
+
+def make_plan(task: Task) -> Plan:
+    """Route each selected parameter.
+
+    A parameter goes through hooks only if every module that owns it (tied weights have several
+    owners) is hookable; otherwise through ``torch.func``. A hookable module is hooked when at
+    least one of its own parameters is selected and none of them is routed to ``torch.func``.
+    """
+    selected = {p.name for p in task.params}
+    canon = {id(p): n for n, p in task.model.named_parameters()}
+    owners: dict[str, list[tuple[str, nn.Module]]] = defaultdict(list)
+    for mname, m in task.model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None and canon.get(id(p)) in selected:
+                owners[canon[id(p)]].append((mname, m))
+    func, unsupported = [], {}
+    for pname, mods in owners.items():
+        if not all(_hookable(m) for _, m in mods):
+            func.append(pname)
+            for mname, m in mods:
+                if not _hookable(m):
+                    unsupported[mname] = type(m).__name__
+    hooked = {}
+    seen = set()
+    for mname, m in task.model.named_modules(remove_duplicate=False):
+        if id(m) in seen:
+            continue
+        kind = _hookable(m)
+        own = [canon.get(id(p)) for p in m._parameters.values() if p is not None]
+        own = [n for n in own if n in selected]
+        if kind and own and not any(n in func for n in own):
+            hooked[mname] = kind
+            seen.add(id(m))
+    func = [p.name for p in task.params if p.name in func]  # layout order
+    return Plan(hooked, func, unsupported)
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer output that records the gradient flowing back into it.
+
+    ``anchor`` is a scalar that requires grad; asking autograd for its gradient runs exactly the
+    nodes between the loss and the taps, so weight gradients are never computed. The output is a
+    copy so that in-place ops downstream (``ReLU(inplace=True)``) cannot rewrite the tapped tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, anchor: Tensor, sink: list) -> Tensor:
+        ctx.sink = sink
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        ctx.sink.append(g)
+        return g, None, None
+
+
+@dataclass
+class _Call:
+    inp: Tensor
+    grads: list = field(default_factory=list)  # one entry once backward has run
+
+
+class _Capture:
+    """Installs forward hooks on the planned modules for the duration of a ``with`` block."""
+
+    def __init__(self, task: Task, plan: Plan):
+        self.task, self.plan = task, plan
+        self.calls: dict[str, list[_Call]] = defaultdict(list)
+        self.anchor: Tensor | None = None
+        self.handles = []
+
+    def __enter__(self) -> _Capture:
+        modules = dict(self.task.model.named_modules(remove_duplicate=False))
+        for name in self.plan.hooked:
+            self.handles.append(modules[name].register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def reset(self, device: torch.device) -> Tensor:
+        self.calls.clear()
+        self.anchor = torch.zeros((), device=device, requires_grad=True)
+        return self.anchor
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            if self.anchor is None:
+                return None
+            call = _Call(args[0].detach())
+            self.calls[name].append(call)
+            return _Tap.apply(output, self.anchor, call.grads)
+
+        return hook
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _factors(
+    name: str, kind: str, m: nn.Module, calls: list[_Call], selected: set[str], canon: dict
+) -> tuple[list[Block], dict[str, Tensor]]:
+    """Turn the captured inputs and output gradients of one module into blocks or dense grads."""
+    w = canon.get(id(m.weight)) if m.weight is not None else None
+    w = w if w in selected else None
+    b = canon.get(id(m.bias)) if getattr(m, "bias", None) is not None else None
+    b = b if b in selected else None
+    calls = [c for c in calls if c.grads]  # a call whose output did not reach the loss adds 0
+    if not calls:
+        return [], {}
+    B = calls[0].inp.shape[0]
+
+    if kind in ("linear", "conv1d"):
+        x = torch.cat([c.inp.reshape(B, -1, c.inp.shape[-1]) for c in calls], 1)
+        d = torch.cat([c.grads[0].reshape(B, -1, c.grads[0].shape[-1]) for c in calls], 1)
+        return [
+            LinearFactors(
+                name, _with_bias(x, b), d, w, b, slice(0, d.shape[-1]), transposed=kind == "conv1d"
+            )
+        ], {}
+
+    if kind == "conv2d":
+        xs, ds = zip(*[(_unfold(m, c.inp), c.grads[0].flatten(2).transpose(1, 2)) for c in calls])
+        x, d = torch.cat(xs, 1), torch.cat(ds, 1)
+        g, (ci, co) = m.groups, (x.shape[-1] // m.groups, m.out_channels // m.groups)
+        return [
+            LinearFactors(
+                name,
+                _with_bias(x[..., i * ci : (i + 1) * ci], b),
+                d[..., i * co : (i + 1) * co],
+                w,
+                b,
+                slice(i * co, (i + 1) * co),
+            )
+            for i in range(g)
+        ], {}
+
+    if kind == "embedding":
+        ids = torch.cat([c.inp.reshape(B, -1) for c in calls], 1)
+        d = torch.cat([c.grads[0].reshape(B, -1, c.grads[0].shape[-1]) for c in calls], 1)
+        if m.padding_idx is not None:
+            ids = ids.masked_fill(ids == m.padding_idx, -1)
+        return [EmbeddingFactors(name, ids, d, w, m.num_embeddings)] if w else [], {}
+
+    if kind == "layernorm":
+        dense: dict[str, Tensor] = {}
+        for c in calls:
+            dims = tuple(range(1, c.inp.ndim - len(m.normalized_shape)))
+            xhat = F.layer_norm(c.inp, m.normalized_shape, None, None, m.eps)
+            delta = c.grads[0]
+            for pname, g in ((w, delta * xhat), (b, delta)):
+                if pname is not None:
+                    g = g.sum(dims).reshape(B, -1) if dims else g.reshape(B, -1)
+                    dense[pname] = dense[pname] + g if pname in dense else g
+        return [], dense
+    raise AssertionError(kind)  # unreachable: make_plan only emits the kinds above
+
+
+def _with_bias(x: Tensor, bias: str | None) -> Tensor:
+    if bias is None:
+        return x
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+
+
+def _unfold(m: nn.Conv2d, x: Tensor) -> Tensor:
+    """(B, L, C_in * kh * kw) patches of a Conv2d input, in the weight's column order."""
+    padding = m.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same": PyTorch pads the extra element on the right/bottom
+            total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+            x = F.pad(
+                x,
+                (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2),
+            )
+            padding = (0, 0)
+    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+    return cols.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+class PerSampleGrads:
+    """Computes :class:`BatchGrads` for batches of a task. Use as a context manager.
+
+    >>> with PerSampleGrads(task) as psg:
+    ...     bg = psg(batch)        # BatchGrads; bg.flat() is (B, d)
+    """
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.plan = make_plan(task)
+        if self.plan.unsupported:
+            mods = ", ".join(f"{m} ({t})" for m, t in self.plan.unsupported.items())
+            warnings.warn(
+                f"no factored per-sample gradient for {mods}; their parameters "
+                f"({', '.join(self.plan.func)}) go through torch.func (vmap over grad), "
+                "which costs an extra forward and backward pass",
+                stacklevel=2,
+            )
+        self._capture = _Capture(task, self.plan)
+        self._canon = _param_names(task.model)
+        self._selected = {p.name for p in task.params}
+        self._modules = dict(task.model.named_modules(remove_duplicate=False))
+
+    def __enter__(self) -> PerSampleGrads:
+        self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._capture.__exit__(*exc)
+
+    def __call__(self, batch: object) -> tuple[BatchGrads, Tensor]:
+        """Per-sample gradients and the per-sample losses (B,) of one batch."""
+        task, plan = self.task, self.plan
+        out = BatchGrads(task.params)
+        device = _model_device(task.model)
+        losses = None
+        if plan.hooked:
+            anchor = self._capture.reset(device)
+            try:
+                with torch.enable_grad():
+                    losses = task.per_sample_losses(batch)
+                    if losses.requires_grad:
+                        torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
+            finally:
+                self._capture.anchor = None
+            for name, kind in plan.hooked.items():
+                blocks, dense = _factors(
+                    name,
+                    kind,
+                    self._modules[name],
+                    self._capture.calls.get(name, []),
+                    self._selected,
+                    self._canon,
+                )
+                out.blocks += blocks
+                for k, v in dense.items():
+                    out.dense[k] = out.dense[k] + v if k in out.dense else v
+            self._capture.calls.clear()
+        if plan.func:
+            func_losses, grads = _func_grads(task, batch, plan.func)
+            losses = func_losses if losses is None else losses
+            out.dense.update(grads)
+        if losses is None:
+            raise AssertionError("plan routes no parameter")  # Task guarantees one is selected
+        out.size = losses.shape[0]
+        return out, losses.detach()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class _Functional:
+    """Stands in for the model inside ``torch.func``: calls it with substituted parameters."""
+
+    def __init__(self, module: nn.Module, params: dict[str, Tensor]):
+        self._module, self._params = module, params
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self._module, self._params, args, kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def _func_grads(task: Task, batch: object, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-sample gradients of the named parameters by ``vmap(grad)``: ((B,), {name: (B, numel)})."""
+    B = batch_size(batch)
+    if B is None:
+        raise ValueError("the torch.func path needs a batch with at least one tensor of samples")
+    named = dict(task.model.named_parameters())
+    params = {n: named[n].detach() for n in names}
+    in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.ndim > 0 else None, batch)
+
+    def one(p: dict[str, Tensor], sample: object) -> tuple[Tensor, Tensor]:
+        batch1 = tree_map(lambda t, d: t if d is None else t.unsqueeze(0), sample, in_dims)
+        loss = task.loss(_Functional(task.model, p), batch1)
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss returned shape {tuple(loss.shape)} for one sample; expected (1,)"
+            )
+        loss = loss.reshape(())
+        return loss, loss
+
+    with torch.enable_grad():
+        grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, in_dims))(params, batch)
+    return losses.detach(), {n: g.detach().reshape(B, -1) for n, g in grads.items()}

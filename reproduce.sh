@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# dropinf: set up the environment (first use), then run the study or its tests.
+#   ./reproduce.sh                 set up if needed, run every notebook (cpu-quick profile)
+#   ./reproduce.sh test [ARGS...]  set up if needed, run the test suite (ARGS go to pytest)
+#   ./reproduce.sh setup           set up only
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+PY=${PYTHON:-python3}
+
+setup() {
+    # The stamp is keyed on everything that decides what gets installed, so a second call is a
+    # no-op unless pyproject.toml or these pins changed.
+    local key
+    key=$(cat pyproject.toml <(printf '%s\n' "${TORCH_PINS[@]}") | sha256sum | cut -d' ' -f1)
+    if [[ -f $VENV/.dropinf-stamp && $(cat $VENV/.dropinf-stamp) == "$key" ]]; then
+        return 0
+    fi
+    echo "==> setting up $VENV (first use or dependencies changed)"
+    [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet "${TORCH_PINS[@]}"
+    "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    "$VENV/bin/python" -m ipykernel install --prefix "$VENV" --name dropinf \
+        --display-name "Python (dropinf)" >/dev/null
+    echo "$key" > "$VENV/.dropinf-stamp"
+    echo "==> set-up done"
+}
+
+run_tests() {
+    local rc=0
+    "$VENV/bin/python" -m pytest "$@" || rc=$?
+    if [[ $rc -eq 5 ]]; then
+        echo "reproduce.sh: pytest collected no tests; treating that as a failure" >&2
+        return 1
+    fi
+    return $rc
+}
+
+run_study() {
+    shopt -s nullglob
+    local notebooks=(notebooks/[0-9]*.ipynb)
+    if [[ ${#notebooks[@]} -eq 0 ]]; then
+        echo "reproduce.sh: no notebooks in notebooks/ yet; nothing to reproduce" >&2
+        return 1
+    fi
+    "$VENV/bin/python" -m dropinf run "$@"
+}
+
+cmd=${1:-run}
+case "$cmd" in
+    setup) setup ;;
+    test) shift; setup; run_tests "$@" ;;
+    run) [[ $# -gt 0 ]] && shift; setup; run_study "$@" ;;
+    -*) setup; run_study "$@" ;;
+    *) echo "usage: ./reproduce.sh [test [PYTEST_ARGS...] | setup | run [OPTIONS]]" >&2; exit 2 ;;
+esac
