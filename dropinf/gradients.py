@@ -70,7 +70,7 @@ class _Indexed(Dataset):
 
 
 def _with_indices(loader: Iterable) -> tuple[Iterable, bool]:
-    """Re-create a DataLoader so that batches come with dataset indices, same sampler and collate."""
+    """Re-create a DataLoader whose batches carry dataset indices (same sampler and collate)."""
     if not isinstance(loader, DataLoader) or loader.batch_sampler is None:
         return loader, False
     try:

@@ -466,7 +466,7 @@ class _Functional:
 
 
 def _func_grads(task: Task, batch: object, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-sample gradients of the named parameters by ``vmap(grad)``: ((B,), {name: (B, numel)})."""
+    """Per-sample losses (B,) and gradients {name: (B, numel)} by ``vmap(grad)``."""
     B = batch_size(batch)
     if B is None:
         raise ValueError("the torch.func path needs a batch with at least one tensor of samples")
