@@ -203,26 +203,35 @@ def make_plan(task: Task) -> Plan:
         for p in m._parameters.values():
             if p is not None and canon.get(id(p)) in selected:
                 owners[canon[id(p)]].append((mname, m))
-    func, unsupported = [], {}
+    func: set[str] = set()
+    unsupported: dict[str, str] = {}
     for pname, mods in owners.items():
-        if not all(_hookable(m) for _, m in mods):
-            func.append(pname)
-            for mname, m in mods:
-                if not _hookable(m):
-                    unsupported[mname] = type(m).__name__
-    hooked = {}
-    seen = set()
+        for mname, m in mods:
+            if not _hookable(m):
+                func.add(pname)
+                unsupported[mname] = type(m).__name__
+    # A hookable module with one parameter on the torch.func path sends all of its parameters
+    # there (its hook would otherwise miss them); that can spread to their other owners.
+    changed = True
+    while changed:
+        changed = False
+        for mods in owners.values():
+            for _, m in mods:
+                own = {canon.get(id(p)) for p in m._parameters.values() if p is not None}
+                own &= selected
+                if own & func and not own <= func:
+                    func |= own
+                    changed = True
+    hooked: dict[str, str] = {}
+    seen: set[int] = set()
     for mname, m in task.model.named_modules(remove_duplicate=False):
-        if id(m) in seen:
-            continue
         kind = _hookable(m)
-        own = [canon.get(id(p)) for p in m._parameters.values() if p is not None]
-        own = [n for n in own if n in selected]
-        if kind and own and not any(n in func for n in own):
+        own = {canon.get(id(p)) for p in m._parameters.values() if p is not None} & selected
+        if kind and own and not own & func and id(m) not in seen:
             hooked[mname] = kind
             seen.add(id(m))
-    func = [p.name for p in task.params if p.name in func]  # layout order
-    return Plan(hooked, func, unsupported)
+    func_list = [p.name for p in task.params if p.name in func]  # layout order
+    return Plan(hooked, func_list, unsupported)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -260,6 +269,7 @@ class _Capture:
         self.task, self.plan = task, plan
         self.calls: dict[str, list[_Call]] = defaultdict(list)
         self.anchor: Tensor | None = None
+        self.size = 0
         self.handles = []
 
     def __enter__(self) -> _Capture:
@@ -273,8 +283,9 @@ class _Capture:
             h.remove()
         self.handles.clear()
 
-    def reset(self, device: torch.device) -> Tensor:
+    def reset(self, device: torch.device, size: int) -> Tensor:
         self.calls.clear()
+        self.size = size
         self.anchor = torch.zeros((), device=device, requires_grad=True)
         return self.anchor
 
@@ -282,7 +293,19 @@ class _Capture:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if self.anchor is None:
                 return None
-            call = _Call(args[0].detach())
+            inp, B = args[0].detach(), self.size
+            if inp.shape[0] != B:
+                if inp.shape[0] != 1:
+                    raise ValueError(
+                        f"module {name!r} got input of shape {tuple(inp.shape)} in a batch of "
+                        f"{B}; hooked layers need the samples along dimension 0 (batch_first). "
+                        f"Leave this module out of Task(params=...) or reshape its input."
+                    )
+                # Shared across the batch (e.g. GPT-2 position embeddings): give each sample its
+                # own copy so that its output gradient is per-sample, not summed over samples.
+                inp = inp.expand(B, *inp.shape[1:])
+                output = output.expand(B, *output.shape[1:])
+            call = _Call(inp)
             self.calls[name].append(call)
             return _Tap.apply(output, self.anchor, call.grads)
 
@@ -415,7 +438,10 @@ class PerSampleGrads:
         device = _model_device(task.model)
         losses = None
         if plan.hooked:
-            anchor = self._capture.reset(device)
+            B = batch_size(batch)
+            if B is None:
+                raise ValueError("batch has no tensor with the samples along dimension 0")
+            anchor = self._capture.reset(device, B)
             try:
                 with torch.enable_grad():
                     losses = task.per_sample_losses(batch)

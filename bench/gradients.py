@@ -1,0 +1,371 @@
+"""Per-sample gradient throughput and memory of the hook path, against a plain training step.
+
+Run from the repository root::
+
+    .venv/bin/python bench/gradients.py                    # defaults, about a minute on 2 cores
+    .venv/bin/python bench/gradients.py --batch-size 64 --repeats 30 --models mlp
+
+For two models, (a) a tiny Hugging Face GPT-2 built from a config (no download; per-sample loss is
+the mean token cross-entropy over the attention mask) and (b) an MLP 784-512-512-10 with biases
+(cross-entropy), it times on the same batches:
+
+- ``train``: ``model.zero_grad(); task.loss(model, batch).mean().backward()``: ordinary weight
+  gradients, no optimizer step. This is the limit every other row is compared with.
+- ``hook``: ``psg(batch)`` inside ``with dropinf.PerSampleGrads(task) as psg``: the factored
+  per-sample gradients that compressors consume.
+- ``hook+flat``: the same plus ``bg.flat()``, the full (B, d) per-sample gradients.
+- ``gradients()``: ``dropinf.gradients(task, batches, dropinf.Identity(), progress=False)`` over
+  ``--n-batches`` batches, reported per batch.
+- ``vmap``: ``torch.func.vmap(grad(...))`` over all parameters with ``functional_call`` (MLP only:
+  Hugging Face GPT-2 has mask-dependent control flow that vmap rejects).
+- ``loop``: one backward per example (``torch.autograd.grad``), written into a (B, d) tensor.
+
+Each (model, method) runs in a fresh subprocess, so timings do not share allocator state and peak
+memory can be measured per method: the subprocess builds the model and batches, resets the kernel's
+resident-set high-water mark (``/proc/self/clear_refs``), runs warm-up and timed repeats, and
+reports ``VmHWM - VmRSS`` (peak resident memory above what was resident just before the method
+ran; process RSS, so it includes allocator slack). Times are the median over repeats after warm-up
+(``time.perf_counter``). Every method runs with the model in eval mode (dropout off), as
+``dropinf.gradients`` does. Torch uses its default thread count.
+
+Not part of the test suite: it prints a table and whether the issue's target (hook path at most
+1.5x a training step at batch 32 on CPU) is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+MODELS = ("gpt2", "mlp")
+METHODS = ("train", "hook", "hook+flat", "gradients()", "vmap", "loop")
+TARGET = 1.5  # hook path / training step, from the issue
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=15, help="timed calls per method (median)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls per method first")
+    ap.add_argument("--n-batches", type=int, default=4, help="distinct batches, cycled through")
+    ap.add_argument("--seq-len", type=int, default=64, help="GPT-2 tokens per sample")
+    ap.add_argument("--gpt2-width", type=int, default=32, help="GPT-2 n_embd")
+    ap.add_argument("--gpt2-layers", type=int, default=2)
+    ap.add_argument("--gpt2-heads", type=int, default=2)
+    ap.add_argument("--gpt2-vocab", type=int, default=512)
+    ap.add_argument("--mlp-hidden", type=int, default=512, help="width of both hidden layers")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+def build(model_name: str, args: argparse.Namespace):
+    """(task, batches) for a model, deterministic in ``args.seed``."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import dropinf
+
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    B = args.batch_size
+    if model_name == "gpt2":
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        V, T = args.gpt2_vocab, args.seq_len
+        config = transformers.GPT2Config(
+            n_layer=args.gpt2_layers,
+            n_embd=args.gpt2_width,
+            n_head=args.gpt2_heads,
+            vocab_size=V,
+            n_positions=T,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model = transformers.GPT2LMHeadModel(config)
+
+        def loss(model, batch):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            w = mask[:, 1:].to(ce.dtype)
+            return (ce * w).sum(1) / w.sum(1).clamp_min(1)
+
+        batches = []
+        for _ in range(args.n_batches):
+            ids = torch.randint(1, V, (B, T), generator=gen)
+            lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
+            mask = (torch.arange(T) < lengths[:, None]).long()
+            batches.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask})
+    else:
+        h = args.mlp_hidden
+        model = nn.Sequential(
+            nn.Linear(784, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10)
+        )
+
+        def loss(model, batch):
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="none")
+
+        batches = [
+            (torch.randn(B, 784, generator=gen), torch.randint(0, 10, (B,), generator=gen))
+            for _ in range(args.n_batches)
+        ]
+    model.eval()
+    return dropinf.Task(model, loss), batches
+
+
+def sample(batch, i: int):
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t[i : i + 1], batch)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def make_step(method: str, task, batches):
+    """A callable ``step(i)`` doing the method's work on batch ``i`` (or on all batches)."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+    from torch.utils._pytree import tree_map
+
+    import dropinf
+    from dropinf.task import batch_size
+
+    model = task.model
+    named = dict(model.named_parameters())
+    params = [named[p.name] for p in task.params]
+
+    if method == "train":
+
+        def step(i):
+            model.zero_grad(set_to_none=True)
+            task.loss(model, batches[i]).mean().backward()
+
+        return step, None
+
+    if method in ("hook", "hook+flat"):
+        psg = dropinf.PerSampleGrads(task).__enter__()
+        flat = method == "hook+flat"
+
+        def step(i):
+            bg, _ = psg(batches[i])
+            return bg.flat() if flat else bg
+
+        return step, psg
+
+    if method == "gradients()":
+
+        def step(i):
+            return dropinf.gradients(task, batches, dropinf.Identity(), progress=False)
+
+        return step, None
+
+    if method == "vmap":
+        pdict = {p.name: named[p.name].detach() for p in task.params}
+
+        def one(p, s):
+            s = tree_map(lambda t: t.unsqueeze(0), s)
+            fmodel = lambda *a, **k: functional_call(model, p, a, k)  # noqa: E731
+            return task.loss(fmodel, s).reshape(())
+
+        def step(i):
+            b = batches[i]
+            in_dims = tree_map(lambda t: 0, b)
+            with torch.enable_grad():
+                g = vmap(grad(one), in_dims=(None, in_dims))(pdict, b)
+            return torch.cat([g[p.name].reshape(len(g[p.name]), -1) for p in task.params], 1)
+
+        return step, None
+
+    if method == "loop":
+
+        def step(i):
+            b = batches[i]
+            n = batch_size(b)
+            out = torch.empty(n, task.dim)
+            for j in range(n):
+                gs = torch.autograd.grad(task.loss(model, sample(b, j)).sum(), params)
+                torch.cat([g.reshape(-1) for g in gs], out=out[j])
+            return out
+
+        return step, None
+
+    raise ValueError(method)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(model_name: str, method: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    warnings.simplefilter("ignore")
+    task, batches = build(model_name, args)
+    step, ctx = make_step(method, task, batches)
+    calls_per_step = args.n_batches if method == "gradients()" else 1
+    gc.collect()
+    rss0 = _proc_status_kb("VmRSS")
+    exact_peak = _reset_peak()
+    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for r in range(args.warmup + args.repeats):
+        i = r % args.n_batches
+        t0 = time.perf_counter()
+        out = step(i)
+        dt = time.perf_counter() - t0
+        del out
+        if r >= args.warmup:
+            times.append(dt / calls_per_step)
+    if exact_peak:
+        peak_kb = _proc_status_kb("VmHWM") - rss0
+    else:  # high-water mark could not be reset: ru_maxrss is the whole process's peak
+        peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0, 0)
+    res = {
+        "d": task.dim,
+        "ms": 1e3 * statistics.median(times),
+        "ms_min": 1e3 * min(times),
+        "peak_mb": peak_kb / 1024,
+        "exact_peak": exact_peak,
+        "threads": torch.get_num_threads(),
+    }
+    if method == "hook":
+        bg, _ = ctx(batches[0])
+        held = [getattr(b, a) for b in bg.blocks for a in ("x", "ids", "delta") if hasattr(b, a)]
+        held += list(bg.dense.values())
+        res["factor_mb"] = sum(t.numel() * t.element_size() for t in held) / 2**20
+        res["flat_mb"] = bg.size * task.dim * 4 / 2**20
+    if method in ("vmap", "loop"):  # agreement with the hook path on batch 0
+        ref_step, _ = make_step("hook+flat", task, batches)
+        ref, got = ref_step(0), step(0)
+        res["rel_err"] = float((got - ref).abs().max() / ref.abs().max())
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+    return res
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_one(model_name: str, method: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", model_name, method]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": last[:120]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args)))
+        return
+
+    t_start = time.perf_counter()
+    fwd = list(argv)
+    results: dict[tuple[str, str], dict] = {}
+    for m in args.models:
+        for meth in args.methods:
+            if meth == "vmap" and m == "gpt2":
+                results[m, meth] = {"skip": "vmap rejects HF GPT-2 (mask-dependent control flow)"}
+                continue
+            results[m, meth] = run_one(m, meth, fwd)
+
+    any_res = next((r for r in results.values() if "threads" in r), {})
+    print(
+        f"per-sample gradients, batch {args.batch_size}, {args.warmup} warm-up + "
+        f"{args.repeats} timed calls (median), torch threads {any_res.get('threads', '?')}, "
+        f"CPU, eval mode"
+    )
+    print(
+        f"gpt2: {args.gpt2_layers} layers, n_embd {args.gpt2_width}, {args.gpt2_heads} heads, "
+        f"vocab {args.gpt2_vocab}, seq {args.seq_len} (random right padding, masked mean CE); "
+        f"mlp: 784-{args.mlp_hidden}-{args.mlp_hidden}-10 + biases, CE"
+    )
+    print(
+        "peak MB: peak resident memory above the resident set just before the method ran "
+        "(VmHWM - VmRSS in a fresh subprocess per row; includes allocator slack)"
+    )
+    head = f"{'model':<6} {'d':>9} {'batch':>5}  {'method':<12} {'ms/batch':>9} {'samples/s':>10}"
+    head += f" {'x train':>8} {'peak MB':>8}"
+    print()
+    print(head)
+    print("-" * len(head))
+    notes, verdicts = [], []
+    for m in args.models:
+        train = results.get((m, "train"), {}).get("ms")
+        for meth in args.methods:
+            r = results[m, meth]
+            if "skip" in r or "error" in r:
+                why = r.get("skip") or r["error"]
+                print(f"{m:<6} {'':>9} {args.batch_size:>5}  {meth:<12} {'n/a':>9}")
+                notes.append(f"{m} {meth}: {why}")
+                continue
+            ratio = f"{r['ms'] / train:8.2f}" if train else f"{'?':>8}"
+            sps = args.batch_size / (r["ms"] / 1e3)
+            mark = "" if r["exact_peak"] else "*"
+            print(
+                f"{m:<6} {r['d']:>9,} {args.batch_size:>5}  {meth:<12} {r['ms']:>9.2f} "
+                f"{sps:>10,.0f} {ratio} {r['peak_mb']:>7.1f}{mark}"
+            )
+            if "factor_mb" in r:
+                notes.append(
+                    f"{m} hook: factors held per batch {r['factor_mb']:.1f} MB vs (B, d) fp32 "
+                    f"{r['flat_mb']:.1f} MB"
+                )
+            if "rel_err" in r:
+                notes.append(
+                    f"{m} {meth}: max |g - g_hook| / max |g_hook| = {r['rel_err']:.1e} (batch 0)"
+                )
+            if meth == "hook" and train:
+                q = r["ms"] / train
+                ok = "MET" if q <= TARGET else "NOT MET"
+                verdicts.append(f"{m}: hook / train = {q:.2f} (target <= {TARGET}) -> {ok}")
+        print()
+    if any(not r.get("exact_peak", True) for r in results.values()):
+        notes.append("* high-water mark could not be reset: ru_maxrss delta (a lower bound)")
+    for line in notes:
+        print(line)
+    print()
+    for line in verdicts:
+        print(line)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

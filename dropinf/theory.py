@@ -1,0 +1,317 @@
+"""Closed forms for compressed dot products, and Monte Carlo samplers to check them.
+
+For a, b in R^d and a random linear compressor R^d -> R^k with unit scaling, ``ahat . bhat``
+is an unbiased estimate of ``a . b``; this module gives its variance for each compressor law
+(DESIGN.md section 3). Write ``c = a * b`` (elementwise), ``cbar = mean(c) = a.b / d`` and
+``kappa = coherence(a, b) = d * sum(c^2) / (|a|^2 |b|^2)``. With ``k = q d``:
+
+- Bernoulli mask:  Var = ((1 - q) / q) sum c^2          = (1 - q) kappa |a|^2 |b|^2 / k
+- fixed mask:      Var = d (d - k) / (k (d - 1)) sum (c - cbar)^2   (<= Bernoulli's, roughly)
+- Gaussian:        Var = (|a|^2 |b|^2 + (a.b)^2) / k
+- SJLT:            Var = (|a|^2 |b|^2 + (a.b)^2 - 2 sum c^2) / k   (independent of c)
+
+So a mask beats a Gaussian projection of the same size iff roughly ``(1 - q) kappa < 1 + cos^2``:
+dropout wins when the mass of ``a * b`` is spread (kappa near 1) and loses when it is
+concentrated (kappa up to d).
+
+Every function takes a, b of shape ``(..., d)`` (broadcast against each other) and reduces the
+last axis, so pairs of many gradients can be evaluated at once. Everything is float64 numpy.
+The ``sample_*`` functions draw masks / projections directly in numpy (independently of
+:mod:`dropinf.compressors`) and return ``(n_trials,)`` compressed dot products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+Array = NDArray[np.float64]
+Seed = int | np.random.Generator | None
+
+
+def _pair(a: ArrayLike, b: ArrayLike) -> tuple[Array, Array]:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"a and b differ in last dimension: {a.shape} vs {b.shape}")
+    return a, b
+
+
+def _rng(seed: Seed) -> np.random.Generator:
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+def bernoulli_variance(a: ArrayLike, b: ArrayLike, keep: float) -> Array:
+    """Variance of ``ahat . bhat`` under a Bernoulli mask.
+
+    Each coordinate is kept independently with probability ``q = keep`` and scaled by
+    ``1/sqrt(q)`` on each side, so ``ahat . bhat = sum_i c_i B_i / q`` with ``c = a * b`` and
+    ``B_i ~ Bernoulli(q)`` iid. Mean ``a . b``; variance
+    ``sum_i c_i^2 Var(B_i) / q^2 = ((1 - q) / q) * sum_i a_i^2 b_i^2``.
+
+    a, b: ``(..., d)``; keep in (0, 1]. Returns shape ``(...)``.
+    """
+    a, b = _pair(a, b)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    return (1.0 - keep) / keep * np.sum((a * b) ** 2, axis=-1)
+
+
+def fixed_variance(a: ArrayLike, b: ArrayLike, k: int) -> Array:
+    """Variance of ``ahat . bhat`` under a fixed-size mask of exactly k of d coordinates.
+
+    S is a uniform k-subset of {1..d} (sampling without replacement), kept entries scaled by
+    ``sqrt(d/k)`` on each side, so ``X = (d/k) sum_{i in S} c_i`` with ``c = a * b``. Mean
+    ``a . b``. Derivation: with indicators ``I_i = [i in S]``, ``Var(I_i) = k(d-k)/d^2`` and
+    ``Cov(I_i, I_j) = k(k-1)/(d(d-1)) - k^2/d^2 = -k(d-k)/(d^2 (d-1))`` for i != j, so
+
+        Var(sum_S c_i) = k(d-k)/d^2 [sum c^2 - (sum_{i!=j} c_i c_j)/(d-1)]
+                       = k(d-k)/(d^2 (d-1)) [d sum c^2 - (sum c)^2]
+                       = k(d-k)/(d (d-1)) * sum_i (c_i - cbar)^2,   cbar = (a . b)/d,
+
+    and multiplying by ``(d/k)^2``:
+
+        Var(X) = d (d-k) / (k (d-1)) * sum_i (a_i b_i - cbar)^2.
+
+    This is the textbook finite-population result ``Var(sample total) = k (d-k)/d * s^2`` with
+    ``s^2 = sum (c - cbar)^2 / (d-1)``; note the *sum* (not the mean) of squared deviations.
+    Zero when k = d. Relative to Bernoulli at q = k/d the factor is ``d/(d-1)`` times a
+    centred sum, so it is no larger up to O(1/d).
+
+    a, b: ``(..., d)``; 1 <= k <= d, d >= 2. Returns shape ``(...)``.
+    """
+    a, b = _pair(a, b)
+    d = a.shape[-1]
+    if not 1 <= k <= d or d < 2:
+        raise ValueError(f"need 1 <= k <= d and d >= 2, got k={k}, d={d}")
+    c = a * b
+    dev = c - c.mean(axis=-1, keepdims=True)
+    return d * (d - k) / (k * (d - 1)) * np.sum(dev**2, axis=-1)
+
+
+def gaussian_variance(a: ArrayLike, b: ArrayLike, k: int) -> Array:
+    """Variance of ``(P a) . (P b)`` for P of shape ``(k, d)`` with iid ``N(0, 1/k)`` entries.
+
+    Each row gives ``(u, v) = (p.a, p.b)``, bivariate normal with covariance
+    ``[[|a|^2, a.b], [a.b, |b|^2]] / k``; ``E[uv] = a.b/k`` and by Isserlis
+    ``Var(uv) = (|a|^2 |b|^2 + (a.b)^2)/k^2``. Summing k iid rows: mean ``a . b``,
+    ``Var = (|a|^2 |b|^2 + (a.b)^2) / k``.
+
+    a, b: ``(..., d)``; k >= 1. Returns shape ``(...)``.
+    """
+    a, b = _pair(a, b)
+    aa, bb, ab = (np.sum(x * y, axis=-1) for x, y in ((a, a), (b, b), (a, b)))
+    return (aa * bb + ab**2) / k
+
+
+def sjlt_variance(a: ArrayLike, b: ArrayLike, k: int, c: int = 1) -> Array:
+    """Variance of ``(S a) . (S b)`` for a sparse JL matrix S of shape ``(k, d)``.
+
+    Law: columns are independent; column j has exactly c nonzeros, in c distinct rows chosen
+    uniformly without replacement, each ``sigma / sqrt(c)`` with independent Rademacher signs.
+    Write ``S_j`` for column j; ``|S_j|^2 = 1``, so
+    ``X = a.b + sum_{j != l} a_j b_l Z_jl`` with ``Z_jl = S_j . S_l``. Signs make
+    ``E[Z_jl] = 0`` and ``E[Z_jl Z_j'l'] = 0`` unless ``{j', l'} = {j, l}``; and
+    ``E[Z_jl^2] = (1/c^2) sum_r P(r in rows_j) P(r in rows_l) = (1/c^2) k (c/k)^2 = 1/k``.
+    Hence mean ``a . b`` and
+
+        Var = (1/k) sum_{j != l} (a_j^2 b_l^2 + a_j b_j a_l b_l)
+            = (|a|^2 |b|^2 + (a.b)^2 - 2 sum_i a_i^2 b_i^2) / k,
+
+    independent of c (c only changes higher moments, i.e. tails). The same holds for the
+    block construction (c blocks of k/c rows, one nonzero per block). c = k is a dense
+    ``+-1/sqrt(k)`` projection, whose variance is indeed Gaussian's minus ``2 sum c^2 / k``.
+    Not covered: hashing c times *with* replacement (colliding entries add up).
+
+    a, b: ``(..., d)``; 1 <= c <= k. Returns shape ``(...)``.
+    """
+    a, b = _pair(a, b)
+    if not 1 <= c <= k:
+        raise ValueError(f"need 1 <= c <= k, got c={c}, k={k}")
+    aa, bb, ab = (np.sum(x * y, axis=-1) for x, y in ((a, a), (b, b), (a, b)))
+    return (aa * bb + ab**2 - 2.0 * np.sum((a * b) ** 2, axis=-1)) / k
+
+
+def bernoulli_moment4(a: ArrayLike, b: ArrayLike, keep: float) -> Array:
+    """Fourth central moment of ``ahat . bhat`` under a Bernoulli mask (for error bars).
+
+    ``X - a.b = sum_i c_i (B_i - q)/q`` is a sum of independent terms, so cumulants add:
+    ``kappa2 = sum c^2 (1-q)/q``, ``kappa4 = sum c^4 q(1-q)(1 - 6q(1-q)) / q^4`` and
+    ``mu4 = kappa4 + 3 kappa2^2``. a, b: ``(..., d)``. Returns shape ``(...)``.
+    """
+    a, b = _pair(a, b)
+    q = keep
+    c = a * b
+    k2 = np.sum(c**2, axis=-1) * (1 - q) / q
+    k4 = np.sum(c**4, axis=-1) * q * (1 - q) * (1 - 6 * q * (1 - q)) / q**4
+    return k4 + 3 * k2**2
+
+
+def gaussian_moment4(a: ArrayLike, b: ArrayLike, k: int) -> Array:
+    """Fourth central moment of ``(P a) . (P b)``, P iid ``N(0, 1/k)`` (for error bars).
+
+    Per row, ``uv = (s/2)[(1 + rho) W1 - (1 - rho) W2]`` with W1, W2 iid chi-square(1),
+    ``s = |a||b|/k``, ``rho = cos(a, b)``; so with ``alpha = |a||b| + a.b`` and
+    ``beta = |a||b| - a.b`` the n-th cumulant of the k-row sum is
+    ``k^(1-n) (n-1)!/2 (alpha^n + (-beta)^n)``. Returns ``mu4 = kappa4 + 3 kappa2^2``,
+    shape ``(...)``.
+    """
+    a, b = _pair(a, b)
+    na = np.sqrt(np.sum(a * a, axis=-1))
+    nb = np.sqrt(np.sum(b * b, axis=-1))
+    ab = np.sum(a * b, axis=-1)
+    al, be = na * nb + ab, na * nb - ab
+    k2 = (al**2 + be**2) / (2 * k)
+    k4 = 3 * (al**4 + be**4) / k**3
+    return k4 + 3 * k2**2
+
+
+def var_of_sample_variance(var: ArrayLike, mu4: ArrayLike, n: int) -> Array:
+    """Exact variance of the unbiased sample variance (ddof=1) of n iid draws.
+
+    ``Var(s^2) = (mu4 - var^2 (n-3)/(n-1)) / n`` for population variance ``var`` and fourth
+    central moment ``mu4``. Shapes broadcast.
+    """
+    var = np.asarray(var, dtype=np.float64)
+    return (np.asarray(mu4, dtype=np.float64) - var**2 * (n - 3) / (n - 1)) / n
+
+
+def coherence(a: ArrayLike, b: ArrayLike) -> Array:
+    """Coherence ``d * sum(a^2 b^2) / (|a|^2 |b|^2)`` of a pair, in [0, d].
+
+    1 for constant vectors (mass spread evenly), d for a one-hot pair on the same coordinate
+    (upper bound by ``sum a^2 b^2 <= |a|^2 |b|^2``), 0 for disjoint supports. It is the factor
+    by which a mask's variance ``(1-q)/q sum a^2 b^2`` exceeds ``(1-q) |a|^2 |b|^2 / k``.
+    a, b: ``(..., d)``. Returns shape ``(...)``.
+    """
+    a, b = _pair(a, b)
+    d = a.shape[-1]
+    num = np.sum((a * b) ** 2, axis=-1)
+    return d * num / (np.sum(a * a, axis=-1) * np.sum(b * b, axis=-1))
+
+
+def effective_dimension(eigvals: ArrayLike, lam: float) -> float:
+    """``d_lambda = sum_i e_i / (e_i + lam) = tr(F (F + lam I)^{-1})`` for eigenvalues e of F.
+
+    eigvals: ``(d,)``, those of a PSD matrix (tiny negative round-off is clipped to 0);
+    lam > 0. Tends to rank(F) as lam -> 0 and to ``tr(F)/lam`` -> 0 as lam -> inf.
+    """
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    e = np.clip(np.asarray(eigvals, dtype=np.float64), 0.0, None)
+    return float(np.sum(e / (e + lam)))
+
+
+# --------------------------------------------------------------------------- test vectors
+
+
+def coherent_pair(
+    d: int,
+    coherence_level: float,
+    rho: float = 0.0,
+    seed: Seed = 0,
+    heavy_frac: float | None = None,
+) -> tuple[Array, Array]:
+    """A pair (a, b) in R^d with ``coherence(a, b) == coherence_level`` exactly.
+
+    Construction: a heavy set H of ``m = max(1, round(heavy_frac * d))`` coordinates, chosen
+    uniformly at random, gets squared magnitude h >= 1 and every other coordinate 1, i.e.
+    ``|a_i| = |b_i| = w_i`` with ``w_i^2 = h`` on H and 1 off H (then normalised to unit
+    norm). Then ``coherence = d (m h^2 + d - m) / (m h + d - m)^2``, which increases from 1 at
+    h = 1 to d/m as h -> inf; h is the root >= 1 of that quadratic. Signs: ``a_i = w_i s_i``
+    and ``b_i = w_i s_i t_i`` with s, t independent, s Rademacher and ``P(t_i = 1) =
+    (1 + rho)/2``, so ``E[cos(a, b)] = rho`` (exactly rho when rho = +-1). Magnitudes do not
+    depend on the signs, so the coherence is exact whatever rho.
+
+    Default ``heavy_frac = 1/(2 coherence_level)``: the heavy set is half the "effective
+    support" d/coherence. Requires ``1 <= coherence_level < d/m`` (or == 1). Returns two
+    ``(d,)`` float64 arrays.
+    """
+    kappa = float(coherence_level)
+    if heavy_frac is None:
+        heavy_frac = 1.0 / (2.0 * kappa)
+    m = max(1, round(heavy_frac * d))
+    if not (kappa == 1.0 or (1.0 < kappa < d / m and m < d)):
+        raise ValueError(f"need 1 <= coherence_level < d/m = {d / m:g} (m={m} heavy coordinates)")
+    if not -1.0 <= rho <= 1.0:
+        raise ValueError(f"rho must be in [-1, 1], got {rho}")
+    rng = _rng(seed)
+    f = m / d
+    # kappa (f h + 1 - f)^2 = f h^2 + 1 - f  <=>  A h^2 + B h + C = 0
+    A, B, C = f * (kappa * f - 1), 2 * kappa * f * (1 - f), (1 - f) * (kappa * (1 - f) - 1)
+    h = 1.0 if kappa == 1.0 else (-B - np.sqrt(B * B - 4 * A * C)) / (2 * A)  # A < 0: larger root
+    w2 = np.ones(d)
+    w2[rng.choice(d, size=m, replace=False)] = h
+    w = np.sqrt(w2 / w2.sum())
+    s = rng.choice([-1.0, 1.0], size=d)
+    t = np.where(rng.random(d) < (1 + rho) / 2, 1.0, -1.0)
+    return w * s, w * s * t
+
+
+# --------------------------------------------------------------------------- Monte Carlo
+
+
+def sample_bernoulli(
+    a: ArrayLike, b: ArrayLike, keep: float, n_trials: int, seed: Seed = 0
+) -> Array:
+    """``(n_trials,)`` draws of ``ahat . bhat`` under independent Bernoulli(keep) masks.
+
+    a, b: ``(d,)`` (all samplers take a single pair).
+    """
+    a, b = _pair(a, b)
+    c = a * b
+    masks = _rng(seed).random((n_trials, c.shape[-1])) < keep
+    return masks @ c / keep
+
+
+def sample_fixed(a: ArrayLike, b: ArrayLike, k: int, n_trials: int, seed: Seed = 0) -> Array:
+    """``(n_trials,)`` draws of ``ahat . bhat`` under uniform k-of-d masks (scale d/k)."""
+    a, b = _pair(a, b)
+    c = a * b
+    d = c.shape[-1]
+    idx = np.argsort(_rng(seed).random((n_trials, d)), axis=1)[:, :k]  # uniform k-subsets
+    return c[idx].sum(axis=1) * (d / k)
+
+
+def sample_gaussian(
+    a: ArrayLike, b: ArrayLike, k: int, n_trials: int, seed: Seed = 0, chunk: int = 2048
+) -> Array:
+    """``(n_trials,)`` draws of ``(P a) . (P b)``, P ``(k, d)`` iid ``N(0, 1/k)``, in chunks."""
+    a, b = _pair(a, b)
+    rng = _rng(seed)
+    out = np.empty(n_trials)
+    for s in range(0, n_trials, chunk):
+        n = min(chunk, n_trials - s)
+        P = rng.standard_normal((n, k, a.shape[-1])) / np.sqrt(k)
+        out[s : s + n] = np.einsum("nk,nk->n", P @ a, P @ b)
+    return out
+
+
+def sample_sjlt(
+    a: ArrayLike,
+    b: ArrayLike,
+    k: int,
+    c: int,
+    n_trials: int,
+    seed: Seed = 0,
+    chunk: int = 1024,
+) -> Array:
+    """``(n_trials,)`` draws of ``(S a) . (S b)`` for the sparse JL law of :func:`sjlt_variance`.
+
+    Each column's c rows are a uniform c-subset of the k rows; values ``+-1/sqrt(c)``.
+    """
+    a, b = _pair(a, b)
+    rng = _rng(seed)
+    d = a.shape[-1]
+    out = np.empty(n_trials)
+    for s in range(0, n_trials, chunk):
+        n = min(chunk, n_trials - s)
+        rows = np.argsort(rng.random((n, d, k)), axis=2)[:, :, :c]  # (n, d, c)
+        vals = rng.choice([-1.0, 1.0], size=(n, d, c)) / np.sqrt(c)
+        S = np.zeros((n, d, k))  # transposed: S[t, j, r] = entry (r, j) of draw t
+        np.put_along_axis(S, rows, vals, axis=2)
+        out[s : s + n] = np.einsum("nk,nk->n", a @ S, b @ S)
+    return out
