@@ -15,27 +15,54 @@ def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-def gpt2(n_layer: int = 2, n_embd: int = 32, n_head: int = 2, vocab_size: int = 128,
-         n_positions: int = 64) -> nn.Module:
+def gpt2(
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 2,
+    vocab_size: int = 128,
+    n_positions: int = 64,
+) -> nn.Module:
     """A Hugging Face GPT-2 LM from a config (tied input/output embeddings), randomly initialised.
 
     Dropout is configured off so that train and eval mode give the same gradients.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
-                     n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+    )
     return GPT2LMHeadModel(cfg)
 
 
-def bert_classifier(n_layer: int = 2, hidden: int = 32, n_head: int = 2, vocab_size: int = 128,
-                    num_labels: int = 3, max_positions: int = 64) -> nn.Module:
+def bert_classifier(
+    n_layer: int = 2,
+    hidden: int = 32,
+    n_head: int = 2,
+    vocab_size: int = 128,
+    num_labels: int = 3,
+    max_positions: int = 64,
+) -> nn.Module:
     """A tiny Hugging Face BERT with a sequence-classification head, from a config."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layer,
-                     num_attention_heads=n_head, intermediate_size=2 * hidden,
-                     max_position_embeddings=max_positions, num_labels=num_labels,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_positions,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(cfg)

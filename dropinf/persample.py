@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,14 +35,15 @@ from .task import ParamInfo, Task, batch_size
 class LinearFactors:
     """Per-sample gradient of one linear map (or one group of a grouped convolution).
 
-    ``x``: (B, T, I) layer inputs, with a trailing column of ones when the bias is tracked (the
-    bias is the weight of an extra input unit of value 1). ``delta``: (B, T, O) gradients of the
-    per-sample loss with respect to the layer outputs. The per-sample gradient of the (O, I)
-    weight is ``delta^T x`` summed over T.
+    ``x``: (B, T, I) layer inputs; ``delta``: (B, T, O) gradients of the per-sample loss with
+    respect to the layer outputs. The per-sample gradient of the (O, I) weight is
+    ``sum_t delta_t x_t^T`` and that of the bias ``sum_t delta_t``: the bias is the weight of an
+    extra input unit of value 1 (see :meth:`x_aug`).
 
-    ``weight``/``bias`` name the parameters (None if not selected); ``rows`` are the output rows of
-    the weight (viewed as ``(out, -1)``) that this block covers, ``transposed`` is True when the
-    weight is stored as (I, O) (Hugging Face ``Conv1D``).
+    ``module`` names the layer; ``weight``/``bias`` name its parameters (None if not selected).
+    ``rows`` are the output rows of the weight, viewed as ``(out, -1)``, that this block covers
+    (a slice of them for one group of a grouped convolution), ``group`` its group index.
+    ``transposed`` is True when the weight is stored as (I, O) (Hugging Face ``Conv1D``).
     """
 
     module: str
@@ -51,37 +53,25 @@ class LinearFactors:
     bias: str | None
     rows: slice
     transposed: bool = False
+    group: int = 0
 
     @property
-    def n_in(self) -> int:
-        """Input units, counting the bias unit when present."""
-        return self.x.shape[-1]
+    def x_aug(self) -> Tensor:
+        """(B, T, I + 1) inputs with the bias unit (a column of ones) last, if bias is tracked."""
+        if self.bias is None:
+            return self.x
+        return torch.cat([self.x, self.x.new_ones(*self.x.shape[:-1], 1)], -1)
 
-    @property
-    def n_out(self) -> int:
-        return self.delta.shape[-1]
-
-    def weight_grads(self) -> Tensor:
-        """(B, O, I) per-sample gradients of the augmented weight ``[W | b]``."""
-        return torch.bmm(self.delta.transpose(1, 2), self.x)
-
-    def add_to(self, out: Tensor, layout: dict[str, ParamInfo]) -> None:
-        g = self.weight_grads()
-        o0, o1 = self.rows.start, self.rows.stop
+    def contributions(self) -> Iterator[tuple[str, int, Tensor]]:
+        """(parameter name, start within the flattened parameter, (B, n) gradient part)."""
+        B = self.x.shape[0]
         if self.weight is not None:
-            info = layout[self.weight]
-            gw = g[:, :, : self.n_in - (self.bias is not None)]
+            gw = torch.bmm(self.delta.transpose(1, 2), self.x)  # (B, O, I)
             if self.transposed:
                 gw = gw.transpose(1, 2)
-                out[:, info.offset : info.stop] += gw.reshape(len(g), -1)
-            else:
-                width = gw.shape[2]
-                out[:, info.offset + o0 * width : info.offset + o1 * width] += gw.reshape(
-                    len(g), -1
-                )
+            yield self.weight, self.rows.start * self.x.shape[-1], gw.reshape(B, -1)
         if self.bias is not None:
-            info = layout[self.bias]
-            out[:, info.offset + o0 : info.offset + o1] += g[:, :, -1]
+            yield self.bias, self.rows.start, self.delta.sum(1)
 
 
 @dataclass
@@ -98,57 +88,71 @@ class EmbeddingFactors:
     weight: str
     num_embeddings: int
 
-    def add_to(self, out: Tensor, layout: dict[str, ParamInfo]) -> None:
-        info = layout[self.weight]
+    def contributions(self) -> Iterator[tuple[str, int, Tensor]]:
         B, T, D = self.delta.shape
         keep = self.ids >= 0
         rows = torch.arange(B, device=self.ids.device).unsqueeze(1) * self.num_embeddings
         flat_ids = (rows + self.ids.clamp_min(0))[keep]
-        g = torch.zeros(B * self.num_embeddings, D, dtype=out.dtype, device=out.device)
-        g.index_add_(0, flat_ids, self.delta[keep].to(out.dtype))
-        out[:, info.offset : info.stop] += g.view(B, -1)
+        g = self.delta.new_zeros(B * self.num_embeddings, D)
+        g.index_add_(0, flat_ids, self.delta[keep])
+        yield self.weight, 0, g.view(B, -1)
 
 
-Block = LinearFactors | EmbeddingFactors
+@dataclass
+class DenseGrad:
+    """A per-sample gradient computed directly: (B, numel) (LayerNorm, the ``torch.func`` path)."""
+
+    param: str
+    g: Tensor
+
+    def contributions(self) -> Iterator[tuple[str, int, Tensor]]:
+        yield self.param, 0, self.g
+
+
+Block = LinearFactors | EmbeddingFactors | DenseGrad
 
 
 @dataclass
 class BatchGrads:
     """Per-sample gradients of one batch of B samples, in factored form where possible.
 
-    ``blocks`` are factored contributions; ``dense`` maps parameter names to (B, numel)
-    per-sample gradients computed directly (LayerNorm, the ``torch.func`` path). A parameter may
-    receive contributions from several blocks (tied weights); they add up.
+    A parameter may receive contributions from several blocks (tied weights, a layer called
+    twice); they add up. Compressors either use the factors of :class:`LinearFactors` directly or
+    ask for one parameter's (B, numel) gradient at a time (:meth:`param_grad`), so the full
+    (B, d) matrix is built only by :meth:`flat`.
     """
 
     params: list[ParamInfo]
     blocks: list[Block] = field(default_factory=list)
-    dense: dict[str, Tensor] = field(default_factory=dict)
     size: int = 0
 
     @property
     def dim(self) -> int:
         return self.params[-1].stop
 
-    def flat(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """(B, d) per-sample gradients in the task's parameter order (``Task.params``)."""
-        layout = {p.name: p for p in self.params}
-        device = _first_device(self)
-        out = torch.zeros(self.size, self.dim, dtype=dtype, device=device)
-        for b in self.blocks:
-            b.add_to(out, layout)
-        for name, g in self.dense.items():
-            info = layout[name]
-            out[:, info.offset : info.stop] += g.to(dtype)
+    @property
+    def device(self) -> torch.device:
+        b = self.blocks[0]
+        return (b.g if isinstance(b, DenseGrad) else b.delta).device
+
+    def param_grad(self, info: ParamInfo, blocks: list[Block] | None = None) -> Tensor:
+        """(B, numel) per-sample gradient of one parameter, summed over ``blocks`` (default all)."""
+        out = torch.zeros(self.size, info.numel, device=self.device)
+        for b in self.blocks if blocks is None else blocks:
+            for name, start, g in b.contributions():
+                if name == info.name:
+                    out[:, start : start + g.shape[1]] += g.float()
         return out
 
-
-def _first_device(bg: BatchGrads) -> torch.device:
-    for b in bg.blocks:
-        return b.delta.device
-    for g in bg.dense.values():
-        return g.device
-    return torch.device("cpu")
+    def flat(self) -> Tensor:
+        """(B, d) float32 per-sample gradients in the task's parameter order (``Task.params``)."""
+        layout = {p.name: p for p in self.params}
+        out = torch.zeros(self.size, self.dim, device=self.device)
+        for b in self.blocks:
+            for name, start, g in b.contributions():
+                o = layout[name].offset + start
+                out[:, o : o + g.shape[1]] += g.float()
+        return out
 
 
 # ----------------------------------------------------------------------------- planning
@@ -318,25 +322,21 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 
 def _factors(
     name: str, kind: str, m: nn.Module, calls: list[_Call], selected: set[str], canon: dict
-) -> tuple[list[Block], dict[str, Tensor]]:
-    """Turn the captured inputs and output gradients of one module into blocks or dense grads."""
+) -> list[Block]:
+    """Turn the captured inputs and output gradients of one module into blocks."""
     w = canon.get(id(m.weight)) if m.weight is not None else None
     w = w if w in selected else None
     b = canon.get(id(m.bias)) if getattr(m, "bias", None) is not None else None
     b = b if b in selected else None
     calls = [c for c in calls if c.grads]  # a call whose output did not reach the loss adds 0
     if not calls:
-        return [], {}
+        return []
     B = calls[0].inp.shape[0]
 
     if kind in ("linear", "conv1d"):
         x = torch.cat([c.inp.reshape(B, -1, c.inp.shape[-1]) for c in calls], 1)
         d = torch.cat([c.grads[0].reshape(B, -1, c.grads[0].shape[-1]) for c in calls], 1)
-        return [
-            LinearFactors(
-                name, _with_bias(x, b), d, w, b, slice(0, d.shape[-1]), transposed=kind == "conv1d"
-            )
-        ], {}
+        return [LinearFactors(name, x, d, w, b, slice(0, d.shape[-1]), transposed=kind == "conv1d")]
 
     if kind == "conv2d":
         xs, ds = zip(*[(_unfold(m, c.inp), c.grads[0].flatten(2).transpose(1, 2)) for c in calls])
@@ -345,40 +345,34 @@ def _factors(
         return [
             LinearFactors(
                 name,
-                _with_bias(x[..., i * ci : (i + 1) * ci], b),
+                x[..., i * ci : (i + 1) * ci],
                 d[..., i * co : (i + 1) * co],
                 w,
                 b,
                 slice(i * co, (i + 1) * co),
+                group=i,
             )
             for i in range(g)
-        ], {}
+        ]
 
     if kind == "embedding":
         ids = torch.cat([c.inp.reshape(B, -1) for c in calls], 1)
         d = torch.cat([c.grads[0].reshape(B, -1, c.grads[0].shape[-1]) for c in calls], 1)
         if m.padding_idx is not None:
             ids = ids.masked_fill(ids == m.padding_idx, -1)
-        return [EmbeddingFactors(name, ids, d, w, m.num_embeddings)] if w else [], {}
+        return [EmbeddingFactors(name, ids, d, w, m.num_embeddings)] if w else []
 
     if kind == "layernorm":
-        dense: dict[str, Tensor] = {}
+        out: list[Block] = []
         for c in calls:
             dims = tuple(range(1, c.inp.ndim - len(m.normalized_shape)))
             xhat = F.layer_norm(c.inp, m.normalized_shape, None, None, m.eps)
             delta = c.grads[0]
             for pname, g in ((w, delta * xhat), (b, delta)):
                 if pname is not None:
-                    g = g.sum(dims).reshape(B, -1) if dims else g.reshape(B, -1)
-                    dense[pname] = dense[pname] + g if pname in dense else g
-        return [], dense
+                    out.append(DenseGrad(pname, (g.sum(dims) if dims else g).reshape(B, -1)))
+        return out
     raise AssertionError(kind)  # unreachable: make_plan only emits the kinds above
-
-
-def _with_bias(x: Tensor, bias: str | None) -> Tensor:
-    if bias is None:
-        return x
-    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
 
 
 def _unfold(m: nn.Conv2d, x: Tensor) -> Tensor:
@@ -450,22 +444,15 @@ class PerSampleGrads:
             finally:
                 self._capture.anchor = None
             for name, kind in plan.hooked.items():
-                blocks, dense = _factors(
-                    name,
-                    kind,
-                    self._modules[name],
-                    self._capture.calls.get(name, []),
-                    self._selected,
-                    self._canon,
+                calls = self._capture.calls.get(name, [])
+                out.blocks += _factors(
+                    name, kind, self._modules[name], calls, self._selected, self._canon
                 )
-                out.blocks += blocks
-                for k, v in dense.items():
-                    out.dense[k] = out.dense[k] + v if k in out.dense else v
             self._capture.calls.clear()
         if plan.func:
             func_losses, grads = _func_grads(task, batch, plan.func)
             losses = func_losses if losses is None else losses
-            out.dense.update(grads)
+            out.blocks += [DenseGrad(n, g) for n, g in grads.items()]
         if losses is None:
             raise AssertionError("plan routes no parameter")  # Task guarantees one is selected
         out.size = losses.shape[0]
@@ -513,3 +500,67 @@ def _func_grads(task: Task, batch: object, names: list[str]) -> tuple[Tensor, di
     with torch.enable_grad():
         grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, in_dims))(params, batch)
     return losses.detach(), {n: g.detach().reshape(B, -1) for n, g in grads.items()}
+
+
+# ----------------------------------------------------------------------------- factored layout
+
+
+@dataclass(frozen=True)
+class FactorSpec:
+    """A layer whose per-sample gradient compressors may form from its factors.
+
+    The layer's (augmented) weight is an ``(n_out, n_in + has_bias)`` matrix: output units by
+    input units, the bias being the last input unit. A grouped convolution has ``groups`` blocks
+    of ``n_out / groups`` output rows each, all over the same ``n_in`` local input units.
+    """
+
+    module: str
+    weight: str | None
+    bias: str | None
+    n_in: int
+    n_out: int
+    groups: int = 1
+
+    @property
+    def n_in_aug(self) -> int:
+        return self.n_in + (self.bias is not None)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.weight, self.bias) if p is not None)
+
+
+def factor_specs(task: Task, plan: Plan | None = None) -> list[FactorSpec]:
+    """Layers (in model order) whose parameters no other hooked module shares.
+
+    A parameter shared with another hooked module (GPT-2's ``lm_head`` tied to ``wte``) is not
+    listed: compressors treat it as a plain parameter, summing all its contributions first.
+    """
+    plan = plan or make_plan(task)
+    selected = {p.name for p in task.params}
+    canon = _param_names(task.model)
+    modules = dict(task.model.named_modules(remove_duplicate=False))
+    users: dict[str, int] = defaultdict(int)
+    for name in plan.hooked:
+        for p in modules[name]._parameters.values():
+            if p is not None and canon.get(id(p)) in selected:
+                users[canon[id(p)]] += 1
+    specs = []
+    for name, kind in plan.hooked.items():
+        if kind not in ("linear", "conv1d", "conv2d"):
+            continue
+        m = modules[name]
+        w = canon.get(id(m.weight)) if canon.get(id(m.weight)) in selected else None
+        b = getattr(m, "bias", None)
+        b = canon.get(id(b)) if b is not None and canon.get(id(b)) in selected else None
+        if any(users[p] > 1 for p in (w, b) if p is not None):
+            continue
+        if kind == "linear":
+            n_in, n_out, groups = m.in_features, m.out_features, 1
+        elif kind == "conv1d":
+            n_in, n_out, groups = m.weight.shape[0], m.weight.shape[1], 1
+        else:
+            n_in = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
+            n_out, groups = m.out_channels, m.groups
+        specs.append(FactorSpec(name, w, b, n_in, n_out, groups))
+    return specs

@@ -43,8 +43,9 @@ def check_against_loop(model, loss, batch, n, batch_sizes=(3, 4), params=None):
 
 
 def test_mlp_with_biases_and_inplace_relu():
-    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(),
-                      nn.Linear(8, 3)).eval()
+    m = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+    ).eval()
     batch = (torch.randn(7, 6), torch.randint(0, 3, (7,)))
     task, _ = check_against_loop(m, losses.cross_entropy, batch, 7)
     assert make_plan(task).func == []
@@ -132,8 +133,9 @@ class Scaled(nn.Module):
 
 
 def test_unsupported_modules_fall_back_to_torch_func_and_say_which():
-    m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), Scaled(6), nn.ReLU(),
-                      nn.Linear(6, 2)).eval()
+    m = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), Scaled(6), nn.ReLU(), nn.Linear(6, 2)
+    ).eval()
     m[1].running_mean.normal_()
     batch = (torch.randn(6, 4), torch.randint(0, 2, (6,)))
     with pytest.warns(UserWarning, match=r"1 \(BatchNorm1d\), 2 \(Scaled\)"):
@@ -203,8 +205,9 @@ def test_batch_size_does_not_change_gradients(mlp_data, bs):
 def test_shuffled_loader_rows_follow_dataset_indices(mlp_data):
     task, ds = mlp_data
     ref = di.gradients(task, DataLoader(ds, batch_size=5), di.Identity(), progress=False)
-    shuffled = DataLoader(ds, batch_size=5, shuffle=True,
-                          generator=torch.Generator().manual_seed(3))
+    shuffled = DataLoader(
+        ds, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(3)
+    )
     G = di.gradients(task, shuffled, di.Identity(), progress=False)
     assert torch.equal(G.indices, torch.arange(23))
     assert_close(G.data, ref.data)
