@@ -4,7 +4,7 @@ Sign convention everywhere: a positive influence score means the training point 
 the test point (removing it would raise the test loss).
 """
 
-from .compressors import REGISTRY, Compressor, Identity, make
+from .compressors import PCA, REGISTRY, SJLT, Compressor, Dropout, Gaussian, Identity, Layout, make
 from .gradients import Gradients, gradients
 from .persample import BatchGrads, PerSampleGrads
 from .task import Task
@@ -12,7 +12,12 @@ from .task import Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "PCA",
     "REGISTRY",
+    "SJLT",
+    "Dropout",
+    "Gaussian",
+    "Layout",
     "BatchGrads",
     "Compressor",
     "Gradients",

@@ -2,25 +2,78 @@
 
 A compressor maps per-sample gradients in R^d to R^k with one fixed random draw shared by every
 sample, so compressed inner products are comparable across samples. It is fully determined by
-its constructor arguments (kind, size, seed), which form its ``fingerprint``.
+its constructor arguments (kind, size, seed: its ``fingerprint``) and the model's parameter
+layout. Every compressor is scaled so that compressed dot products are unbiased estimates of
+the uncompressed ones: ``E[ahat . bhat] = a . b`` (PCA, which is deterministic, is exact on the
+span it keeps).
 
-Life cycle: ``bind(params)`` once with the task's parameter layout (this is where masks or
-projections are drawn), then ``compress(bg)`` per batch of :class:`~dropinf.persample.BatchGrads`,
-returning ``(B, dim)``.
+Life cycle: ``bind(layout)`` once with the task's :class:`Layout` (masks and projections are
+drawn here, on the CPU from the seed, so they are the same on every device), then
+``compress(bg)`` per batch of :class:`~dropinf.persample.BatchGrads`, returning ``(B, dim)``.
+Random draws are made per parameter (or per layer) with a seed derived from the compressor's
+seed and the parameter's name, so a model of any size never needs a k x d matrix at once.
+
+Output order: flat compressors follow the parameter order of ``Task.params``; factored ones
+give each factored layer's ``(k_out, k_in)`` block row-major (bias unit last among the inputs),
+layers in model order, followed by the flat compression of the remaining parameters.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+import torch
 from torch import Tensor
 
-from .persample import BatchGrads
-from .task import ParamInfo
+from .persample import BatchGrads, FactorSpec, LinearFactors, factor_specs
+from .task import ParamInfo, Task
 
 REGISTRY: dict[str, type[Compressor]] = {}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a compressor needs to know of a model: its selected parameters and factored layers."""
+
+    params: tuple[ParamInfo, ...]
+    factored: tuple[FactorSpec, ...]
+
+    @classmethod
+    def of(cls, task: Task) -> Layout:
+        return cls(tuple(task.params), tuple(factor_specs(task)))
+
+    @property
+    def dim(self) -> int:
+        return self.params[-1].stop
+
+    def rest(self) -> tuple[ParamInfo, ...]:
+        """Parameters that no factored layer covers (LayerNorm, embeddings, tied, torch.func)."""
+        covered = {p for s in self.factored for p in s.params}
+        return tuple(p for p in self.params if p.name not in covered)
+
+
+def _generator(seed: int, *keys: object) -> torch.Generator:
+    """A CPU generator for one named draw; the same (seed, keys) give the same stream anywhere."""
+    words = [seed] + [zlib.crc32(str(k).encode()) for k in keys]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _check_rate(p: float) -> float:
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate p={p!r} is outside [0, 1); p is the fraction dropped")
+    return float(p)
+
+
+def _side(n: int, p: float) -> int:
+    """Units kept out of n at rate p by a fixed-size mask (at least one)."""
+    return max(1, round((1.0 - p) * n))
 
 
 class Compressor(ABC):
@@ -33,24 +86,32 @@ class Compressor(ABC):
         if "kind" in cls.__dict__:
             REGISTRY[cls.kind] = cls
 
-    def __init__(self) -> None:
-        self.params: list[ParamInfo] | None = None
+    layout: Layout | None = None
 
-    def bind(self, params: list[ParamInfo]) -> Compressor:
-        """Fix the input layout (the task's selected parameters). Returns self."""
-        if self.params is not None and self.params != params:
-            raise ValueError(
-                f"{self!r} is already bound to a different parameter layout; create a new "
-                "compressor (same arguments give the same draw) for another model"
-            )
-        self.params = params
+    def bind(self, layout: Layout | Task) -> Compressor:
+        """Fix the input layout and draw the random map. Returns self."""
+        if isinstance(layout, Task):
+            layout = Layout.of(layout)
+        if self.layout is not None:
+            if self.layout != layout:
+                raise ValueError(
+                    f"{self!r} is already bound to another model's parameters; build a new one "
+                    "with the same arguments (it makes the same draw) for this model"
+                )
+            return self
+        self.layout = layout
+        self._draw(layout)
         return self
 
+    def _draw(self, layout: Layout) -> None:  # noqa: B027  (no draw by default)
+        """Draw masks or projections for ``layout``."""
+
     @property
-    def input_dim(self) -> int:
-        if self.params is None:
-            raise RuntimeError(f"{self!r} is not bound to a model yet; call bind(task.params)")
-        return self.params[-1].stop
+    def bound(self) -> Layout:
+        """The layout; raises if :meth:`bind` has not been called."""
+        if self.layout is None:
+            raise RuntimeError(f"{self!r} is not bound to a model; call bind(task) first")
+        return self.layout
 
     @property
     @abstractmethod
@@ -59,7 +120,7 @@ class Compressor(ABC):
 
     @property
     def map_bytes(self) -> int:
-        """Bytes of the stored compression map (0 when it is regenerated from a seed)."""
+        """Bytes of map that must be stored (0 when it is regenerated from the seed)."""
         return 0
 
     @abstractmethod
@@ -73,11 +134,18 @@ class Compressor(ABC):
 
     @abstractmethod
     def compress(self, bg: BatchGrads) -> Tensor:
-        """(B, dim) compressed per-sample gradients of one batch."""
+        """(B, dim) compressed per-sample gradients of one batch (float32)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+
+def make(kind: str, **kwargs) -> Compressor:
+    """Build a compressor from its registry name, e.g. ``make("dropout", p=0.9, seed=0)``."""
+    if kind not in REGISTRY:
+        raise ValueError(f"unknown compressor kind {kind!r}; choose one of {sorted(REGISTRY)}")
+    return REGISTRY[kind](**kwargs)
 
 
 class Identity(Compressor):
@@ -87,7 +155,7 @@ class Identity(Compressor):
 
     @property
     def dim(self) -> int:
-        return self.input_dim
+        return self.bound.dim
 
     def config(self) -> dict:
         return {}
@@ -96,8 +164,402 @@ class Identity(Compressor):
         return bg.flat()
 
 
-def make(kind: str, **kwargs) -> Compressor:
-    """Build a compressor from its registry name, e.g. ``make("identity")``."""
-    if kind not in REGISTRY:
-        raise ValueError(f"unknown compressor kind {kind!r}; choose one of {sorted(REGISTRY)}")
-    return REGISTRY[kind](**kwargs)
+# ----------------------------------------------------------------------------- flat pieces
+
+
+class _FlatMask:
+    """A dropout mask over the concatenation of ``params``: kept coordinates of each parameter.
+
+    ``fixed``: exactly ``k = round((1-p) d)`` of the d coordinates, a uniform k-subset (counts
+    per parameter are multivariate hypergeometric, then a uniform subset within each), scaled
+    by ``sqrt(d/k)``. ``bernoulli``: each coordinate kept with probability ``1-p``, scaled by
+    ``1/sqrt(1-p)``.
+    """
+
+    def __init__(self, params: tuple[ParamInfo, ...], p: float, law: str, seed: int):
+        self.params = params
+        d = sum(q.numel for q in params)
+        self.index: dict[str, Tensor] = {}
+        if not params:
+            self.scale, self.dim = 1.0, 0
+            return
+        if law == "fixed":
+            k = round((1.0 - p) * d)
+            if k < 1:
+                raise ValueError(
+                    f"dropout rate p={p} keeps no coordinate of d={d}; use p <= {1 - 1 / d:.6g}"
+                )
+            rng = np.random.default_rng([seed, 0x5EED])
+            counts = rng.multivariate_hypergeometric([q.numel for q in params], k)
+            for q, c in zip(params, counts):
+                perm = torch.randperm(q.numel, generator=_generator(seed, "flat", q.name))
+                self.index[q.name] = perm[: int(c)].sort().values
+            self.scale = math.sqrt(d / k)
+        else:
+            for q in params:
+                u = torch.rand(q.numel, generator=_generator(seed, "flat", q.name))
+                self.index[q.name] = (u < 1.0 - p).nonzero().flatten()
+            self.scale = 1.0 / math.sqrt(1.0 - p)
+        self.dim = sum(len(i) for i in self.index.values())
+
+    def apply(self, bg: BatchGrads) -> list[Tensor]:
+        out = []
+        for q in self.params:
+            idx = self.index[q.name].to(bg.device)
+            if len(idx):
+                out.append(bg.param_grad(q)[:, idx] * self.scale)
+        return out
+
+
+class _FlatGaussian:
+    """``P g`` with P of shape (k, d), iid N(0, 1/k), stored per parameter as (k, numel) blocks."""
+
+    def __init__(self, params: tuple[ParamInfo, ...], k: int, seed: int):
+        self.params, self.dim = params, k if params else 0
+        self.blocks = {
+            q.name: torch.randn(k, q.numel, generator=_generator(seed, "gauss", q.name))
+            / math.sqrt(k)
+            for q in params
+        }
+
+    @property
+    def map_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.blocks.values())
+
+    def apply(self, bg: BatchGrads) -> list[Tensor]:
+        if not self.params:
+            return []
+        z = torch.zeros(bg.size, self.dim, device=bg.device)
+        for q in self.params:
+            z += bg.param_grad(q) @ self.blocks[q.name].to(bg.device).T
+        return [z]
+
+
+def _cat(parts: list[Tensor], bg: BatchGrads) -> Tensor:
+    return torch.cat(parts, 1) if parts else torch.zeros(bg.size, 0, device=bg.device)
+
+
+def _layer_blocks(bg: BatchGrads) -> dict[str, list[LinearFactors]]:
+    out: dict[str, list[LinearFactors]] = {}
+    for b in bg.blocks:
+        if isinstance(b, LinearFactors):
+            out.setdefault(b.module, []).append(b)
+    return out
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+class Dropout(Compressor):
+    """Dropout as a compressor: keep a random subset of coordinates (or of units), rescaled.
+
+    Args:
+        p: dropout rate in [0, 1), the fraction dropped.
+        factored: False keeps ``round((1-p) d)`` coordinates of the flat per-sample gradient.
+            True drops input and output units of each factored layer (Linear, Conv2d, Conv1D)
+            at rate p and forms ``delta[S_out] x[S_in]^T`` from the layer's factors, never the
+            full gradient; it keeps about ``(1-p)^2`` of each layer's weights. The bias is an
+            extra input unit of value 1 and is dropped like any other input unit (its gradient
+            is kept for the kept output units exactly when the bias unit is kept). Parameters
+            outside factored layers get flat dropout at the same rate and law.
+        mask: ``"fixed"`` (exactly ``round((1-p) n)`` of n, uniform without replacement) or
+            ``"bernoulli"`` (each independently with probability 1-p).
+        seed: the draw.
+
+    Kept entries are scaled by ``sqrt(n/k)`` per side for a fixed mask (k out of n; this
+    differs from ``1/sqrt(1-p)`` once k is rounded) and ``1/sqrt(1-p)`` for Bernoulli, so
+    compressed dot products are unbiased. No map is stored: the mask is regenerated from the
+    seed (``map_bytes == 0``).
+    """
+
+    kind = "dropout"
+
+    def __init__(self, p: float, factored: bool = False, mask: str = "fixed", seed: int = 0):
+        self.p = _check_rate(p)
+        if mask not in ("fixed", "bernoulli"):
+            raise ValueError(f"mask={mask!r}; choose 'fixed' or 'bernoulli'")
+        self.factored, self.mask, self.seed = bool(factored), mask, int(seed)
+
+    def config(self) -> dict:
+        return {"p": self.p, "factored": self.factored, "mask": self.mask, "seed": self.seed}
+
+    def _units(self, n: int, *key: object) -> tuple[Tensor, float]:
+        """Kept unit indices out of n (sorted) and the per-side scale."""
+        g = _generator(self.seed, "units", *key)
+        if self.mask == "fixed":
+            k = _side(n, self.p)
+            return torch.randperm(n, generator=g)[:k].sort().values, math.sqrt(n / k)
+        keep = (torch.rand(n, generator=g) < 1.0 - self.p).nonzero().flatten()
+        return keep, 1.0 / math.sqrt(1.0 - self.p)
+
+    def _draw(self, layout: Layout) -> None:
+        self.units: dict[str, tuple[Tensor, Tensor, float]] = {}
+        if self.factored:
+            for s in layout.factored:
+                s_out, a = self._units(s.n_out, s.module, "out")
+                s_in, b = self._units(s.n_in_aug, s.module, "in")
+                self.units[s.module] = (s_out, s_in, a * b)
+        rest = layout.rest() if self.factored else layout.params
+        self.flat = _FlatMask(rest, self.p, self.mask, self.seed)
+
+    @property
+    def dim(self) -> int:
+        _ = self.bound
+        return sum(len(o) * len(i) for o, i, _ in self.units.values()) + self.flat.dim
+
+    def compress(self, bg: BatchGrads) -> Tensor:
+        parts = []
+        if self.factored:
+            blocks = _layer_blocks(bg)
+            for s in self.bound.factored:
+                parts.append(self._layer(s, blocks.get(s.module, []), bg))
+        parts += self.flat.apply(bg)
+        return _cat(parts, bg)
+
+    def _layer(self, s: FactorSpec, blocks: list[LinearFactors], bg: BatchGrads) -> Tensor:
+        s_out, s_in, scale = self.units[s.module]
+        s_out, s_in = s_out.to(bg.device), s_in.to(bg.device)
+        out = torch.zeros(bg.size, len(s_out), len(s_in), device=bg.device)
+        for b in blocks:  # one per group; rows of S_out falling in this group
+            sel = (s_out >= b.rows.start) & (s_out < b.rows.stop)
+            d = b.delta[:, :, s_out[sel] - b.rows.start]
+            x = _gather_inputs(b, s_in, s.n_in)
+            out[:, sel] += torch.bmm(d.transpose(1, 2), x).float()
+        return out.reshape(bg.size, -1) * scale
+
+    def kept_indices(self) -> tuple[Tensor, Tensor]:
+        """Coordinates of the flat (d,) gradient that the output keeps, in output order, and
+        their scales: ``compress(bg) == bg.flat()[:, idx] * scale`` (for factored dropout this
+        is flat dropout with a Kronecker-structured mask)."""
+        layout = self.bound
+        info = {q.name: q for q in layout.params}
+        idx, scale = [], []
+        if self.factored:
+            for s in layout.factored:
+                s_out, s_in, sc = self.units[s.module]
+                w_in = s_in[s_in < s.n_in]
+                for o in s_out.tolist():
+                    cols = []
+                    if s.weight is not None:  # (O, I) storage, or (I, O) when transposed
+                        pos = w_in * s.n_out + o if s.transposed else o * s.n_in + w_in
+                        cols.append(info[s.weight].offset + pos)
+                    if s.bias is not None and bool((s_in == s.n_in).any()):
+                        cols.append(torch.tensor([info[s.bias].offset + o]))
+                    row = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
+                    idx.append(row)
+                    scale.append(torch.full((len(row),), sc))
+        for q in self.flat.params:
+            i = self.flat.index[q.name]
+            idx.append(q.offset + i)
+            scale.append(torch.full((len(i),), self.flat.scale))
+        return torch.cat(idx), torch.cat(scale)
+
+
+def _gather_inputs(b: LinearFactors, s_in: Tensor, n_in: int) -> Tensor:
+    """(B, T, |S_in|) kept input units of a block, the bias unit (index n_in) as ones."""
+    w_in = s_in[s_in < n_in]
+    x = b.x[:, :, w_in]
+    if len(w_in) < len(s_in):  # the bias unit is kept (it is always the last index)
+        x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+    return x
+
+
+# ----------------------------------------------------------------------------- Gaussian
+
+
+class Gaussian(Compressor):
+    """Gaussian random projection with iid ``N(0, 1/k)`` entries.
+
+    Args:
+        k: output size of the flat projection (``factored=False``).
+        factored: True is LoGra's ``(P_out delta)(P_in x)^T`` per factored layer, with
+            ``P_in`` of shape ``(k_in, n_in + bias)`` and ``P_out`` of ``(k_out, n_out)``; the
+            per-layer sizes are those of fixed-mask factored dropout at rate ``p``
+            (``k_side = round((1-p) n_side)``), so the two have the same ``dim``. Parameters
+            outside factored layers get a flat projection to ``round((1-p) d_rest)``.
+        p: the matching dropout rate, for ``factored=True`` (give k or p, not both).
+        seed: the draw.
+
+    The projection matrices must be stored: ``map_bytes`` counts them.
+    """
+
+    kind = "gaussian"
+
+    def __init__(
+        self, k: int | None = None, factored: bool = False, p: float | None = None, seed: int = 0
+    ):
+        if factored and (p is None or k is not None):
+            raise ValueError("Gaussian(factored=True) takes p, the matching dropout rate, not k")
+        if not factored and (k is None or p is not None):
+            raise ValueError("Gaussian(factored=False) takes k, the output size, not p")
+        if k is not None and (not isinstance(k, int) or k < 1):
+            raise ValueError(f"k={k!r}: the output size must be an integer >= 1")
+        self.k, self.factored, self.seed = k, bool(factored), int(seed)
+        self.p = None if p is None else _check_rate(p)
+
+    def config(self) -> dict:
+        return {"k": self.k, "factored": self.factored, "p": self.p, "seed": self.seed}
+
+    def _draw(self, layout: Layout) -> None:
+        self.proj: dict[str, tuple[Tensor, Tensor]] = {}
+        if not self.factored:
+            if self.k > layout.dim:
+                raise ValueError(f"k={self.k} exceeds the gradient dimension d={layout.dim}")
+            self.flat = _FlatGaussian(layout.params, self.k, self.seed)
+            return
+        for s in layout.factored:
+            k_out, k_in = _side(s.n_out, self.p), _side(s.n_in_aug, self.p)
+            g = _generator(self.seed, "gauss", s.module)
+            p_out = torch.randn(k_out, s.n_out, generator=g) / math.sqrt(k_out)
+            p_in = torch.randn(k_in, s.n_in_aug, generator=g) / math.sqrt(k_in)
+            self.proj[s.module] = (p_out, p_in)
+        rest = layout.rest()
+        d_rest = sum(q.numel for q in rest)
+        self.flat = _FlatGaussian(rest, _side(d_rest, self.p), self.seed)
+
+    @property
+    def dim(self) -> int:
+        _ = self.bound
+        return sum(o.shape[0] * i.shape[0] for o, i in self.proj.values()) + self.flat.dim
+
+    @property
+    def map_bytes(self) -> int:
+        _ = self.bound
+        proj = sum(o.numel() * 4 + i.numel() * 4 for o, i in self.proj.values())
+        return proj + self.flat.map_bytes
+
+    def compress(self, bg: BatchGrads) -> Tensor:
+        parts = []
+        if self.factored:
+            blocks = _layer_blocks(bg)
+            for s in self.bound.factored:
+                p_out, p_in = (t.to(bg.device) for t in self.proj[s.module])
+                out = torch.zeros(bg.size, p_out.shape[0], p_in.shape[0], device=bg.device)
+                for b in blocks.get(s.module, []):
+                    a = b.x_aug.float() @ p_in.T  # (B, T, k_in)
+                    c = b.delta.float() @ p_out[:, b.rows].T  # (B, T, k_out)
+                    out += torch.bmm(c.transpose(1, 2), a)
+                parts.append(out.reshape(bg.size, -1))
+        parts += self.flat.apply(bg)
+        return _cat(parts, bg)
+
+
+# ----------------------------------------------------------------------------- SJLT
+
+
+class SJLT(Compressor):
+    """Sparse Johnson-Lindenstrauss transform: each coordinate goes to c rows with random signs.
+
+    Block construction: the k rows are split into c blocks of k/c rows, and each coordinate is
+    hashed to one uniformly chosen row in every block with an independent sign, scaled by
+    ``1/sqrt(c)``. So each column has exactly c nonzeros in distinct rows, compressed dot
+    products are unbiased and their variance is that of :func:`dropinf.theory.sjlt_variance`.
+    The hashes are regenerated from the seed (``map_bytes == 0``).
+
+    Args:
+        k: output size; c: nonzeros per column (1 <= c <= k, c must divide k); seed: the draw.
+    """
+
+    kind = "sjlt"
+
+    def __init__(self, k: int, c: int = 1, seed: int = 0):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r}: the output size must be an integer >= 1")
+        if not isinstance(c, int) or not 1 <= c <= k or k % c:
+            raise ValueError(f"c={c!r}: nonzeros per column must be in [1, k={k}] and divide k")
+        self.k, self.c, self.seed = k, c, int(seed)
+
+    def config(self) -> dict:
+        return {"k": self.k, "c": self.c, "seed": self.seed}
+
+    def _draw(self, layout: Layout) -> None:
+        if self.k > layout.dim:
+            raise ValueError(f"k={self.k} exceeds the gradient dimension d={layout.dim}")
+        block = self.k // self.c
+        self.hash: dict[str, tuple[Tensor, Tensor]] = {}
+        for q in layout.params:
+            g = _generator(self.seed, "sjlt", q.name)
+            rows = torch.randint(block, (q.numel, self.c), generator=g)
+            rows += torch.arange(self.c) * block
+            signs = torch.randint(2, (q.numel, self.c), generator=g).float() * 2 - 1
+            self.hash[q.name] = (rows.flatten(), signs.flatten() / math.sqrt(self.c))
+
+    @property
+    def dim(self) -> int:
+        return self.k
+
+    def compress(self, bg: BatchGrads) -> Tensor:
+        z = torch.zeros(bg.size, self.k, device=bg.device)
+        for q in self.bound.params:
+            rows, signs = (t.to(bg.device) for t in self.hash[q.name])
+            vals = bg.param_grad(q).unsqueeze(-1) * signs.view(q.numel, self.c)
+            z.index_add_(1, rows, vals.reshape(bg.size, -1))
+        return z
+
+
+# ----------------------------------------------------------------------------- PCA
+
+
+class PCA(Compressor):
+    """Projection on the top-k principal directions of training gradients.
+
+    The directions are the top right singular vectors of a sample of (uncentred) per-sample
+    training gradients: those that keep the most of ``sum_i (g_i . v)^2``, which is what
+    preserves dot products. Fitting is an explicit step: ``PCA(k, n_fit, seed).fit(G)`` with G
+    the (n, d) exact gradients (``Identity``) of the training set, of which ``n_fit`` rows are
+    drawn with ``seed`` (all if fewer). Deterministic once fitted; ``map_bytes`` counts the
+    (k, d) components.
+    """
+
+    kind = "pca"
+
+    def __init__(self, k: int, n_fit: int = 1024, seed: int = 0):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r}: the output size must be an integer >= 1")
+        self.k, self.n_fit, self.seed = k, int(n_fit), int(seed)
+        self.components: Tensor | None = None
+
+    def config(self) -> dict:
+        fitted = None
+        if self.components is not None:
+            fitted = f"{zlib.crc32(self.components.numpy().tobytes()):08x}"
+        return {"k": self.k, "n_fit": self.n_fit, "seed": self.seed, "components": fitted}
+
+    def fit(self, grads: Tensor) -> PCA:
+        """Fit on exact per-sample gradients, (n, d) (a Tensor, array or ``Gradients``)."""
+        G = torch.as_tensor(grads).double()
+        n, d = G.shape
+        if self.k > min(n, d):
+            raise ValueError(
+                f"k={self.k} exceeds what {n} gradients of dimension {d} can span; fit on more "
+                "samples or lower k"
+            )
+        if n > self.n_fit:
+            G = G[torch.randperm(n, generator=_generator(self.seed, "pca"))[: self.n_fit]]
+        _, _, vh = torch.linalg.svd(G, full_matrices=False)
+        self.components = vh[: self.k].float().contiguous()
+        return self
+
+    def _draw(self, layout: Layout) -> None:
+        if self.components is None:
+            raise RuntimeError("PCA must be fitted before use: PCA(k).fit(identity_gradients)")
+        if self.components.shape[1] != layout.dim:
+            raise ValueError(
+                f"PCA was fitted on gradients of dimension {self.components.shape[1]}, but this "
+                f"model's is {layout.dim}"
+            )
+
+    @property
+    def dim(self) -> int:
+        return self.k
+
+    @property
+    def map_bytes(self) -> int:
+        return 0 if self.components is None else self.components.numel() * 4
+
+    def compress(self, bg: BatchGrads) -> Tensor:
+        V = self.components.to(bg.device)
+        z = torch.zeros(bg.size, self.k, device=bg.device)
+        for q in self.bound.params:
+            z += bg.param_grad(q) @ V[:, q.offset : q.stop].T
+        return z

@@ -123,7 +123,7 @@ def gradients(
             f"compressor must be a dropinf compressor such as dropinf.Identity(), got "
             f"{type(compressor).__name__}"
         )
-    compressor.bind(task.params)
+    compressor.bind(task)
     batches, indexed = _with_indices(loader)
     device = next((p.device for p in task.model.parameters()), torch.device("cpu"))
     rows, idx, losses = [], [], []

@@ -520,6 +520,7 @@ class FactorSpec:
     n_in: int
     n_out: int
     groups: int = 1
+    transposed: bool = False
 
     @property
     def n_in_aug(self) -> int:
@@ -562,5 +563,5 @@ def factor_specs(task: Task, plan: Plan | None = None) -> list[FactorSpec]:
         else:
             n_in = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
             n_out, groups = m.out_channels, m.groups
-        specs.append(FactorSpec(name, w, b, n_in, n_out, groups))
+        specs.append(FactorSpec(name, w, b, n_in, n_out, groups, kind == "conv1d"))
     return specs
