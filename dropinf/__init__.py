@@ -4,9 +4,12 @@ Sign convention everywhere: a positive influence score means the training point 
 the test point (removing it would raise the test loss).
 """
 
+from . import losses, models
 from .compressors import PCA, REGISTRY, SJLT, Compressor, Dropout, Gaussian, Identity, Layout, make
+from .curvature import Preconditioner
 from .gradients import Gradients, gradients
 from .persample import BatchGrads, PerSampleGrads
+from .scores import scores, self_influence, top_k
 from .task import Task
 
 __version__ = "0.1.0"
@@ -25,5 +28,11 @@ __all__ = [
     "PerSampleGrads",
     "Task",
     "gradients",
+    "losses",
+    "models",
+    "Preconditioner",
+    "scores",
+    "self_influence",
+    "top_k",
     "make",
 ]

@@ -134,7 +134,8 @@ class Compressor(ABC):
 
     @abstractmethod
     def compress(self, bg: BatchGrads) -> Tensor:
-        """(B, dim) compressed per-sample gradients of one batch (float32)."""
+        """(B, dim) compressed per-sample gradients of one batch (float32; Identity keeps a
+        float64 model's precision)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -207,7 +208,7 @@ class _FlatMask:
         for q in self.params:
             idx = self.index[q.name].to(bg.device)
             if len(idx):
-                out.append(bg.param_grad(q)[:, idx] * self.scale)
+                out.append(bg.param_grad(q)[:, idx].float() * self.scale)
         return out
 
 
@@ -231,7 +232,7 @@ class _FlatGaussian:
             return []
         z = torch.zeros(bg.size, self.dim, device=bg.device)
         for q in self.params:
-            z += bg.param_grad(q) @ self.blocks[q.name].to(bg.device).T
+            z += bg.param_grad(q).float() @ self.blocks[q.name].to(bg.device).T
         return [z]
 
 
@@ -322,9 +323,9 @@ class Dropout(Compressor):
         out = torch.zeros(bg.size, len(s_out), len(s_in), device=bg.device)
         for b in blocks:  # one per group; rows of S_out falling in this group
             sel = (s_out >= b.rows.start) & (s_out < b.rows.stop)
-            d = b.delta[:, :, s_out[sel] - b.rows.start]
-            x = _gather_inputs(b, s_in, s.n_in)
-            out[:, sel] += torch.bmm(d.transpose(1, 2), x).float()
+            d = b.delta[:, :, s_out[sel] - b.rows.start].float()
+            x = _gather_inputs(b, s_in, s.n_in).float()
+            out[:, sel] += torch.bmm(d.transpose(1, 2), x)
         return out.reshape(bg.size, -1) * scale
 
     def kept_indices(self) -> tuple[Tensor, Tensor]:
@@ -492,7 +493,7 @@ class SJLT(Compressor):
         z = torch.zeros(bg.size, self.k, device=bg.device)
         for q in self.bound.params:
             rows, signs = (t.to(bg.device) for t in self.hash[q.name])
-            vals = bg.param_grad(q).unsqueeze(-1) * signs.view(q.numel, self.c)
+            vals = bg.param_grad(q).float().unsqueeze(-1) * signs.view(q.numel, self.c)
             z.index_add_(1, rows, vals.reshape(bg.size, -1))
         return z
 
@@ -561,5 +562,5 @@ class PCA(Compressor):
         V = self.components.to(bg.device)
         z = torch.zeros(bg.size, self.k, device=bg.device)
         for q in self.bound.params:
-            z += bg.param_grad(q) @ V[:, q.offset : q.stop].T
+            z += bg.param_grad(q).float() @ V[:, q.offset : q.stop].T
         return z

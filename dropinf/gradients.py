@@ -41,6 +41,9 @@ class Gradients:
     def __len__(self) -> int:
         return self.data.shape[0]
 
+    def __getitem__(self, i) -> Tensor:
+        return self.data[i]
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         a = self.data.detach().cpu().numpy()
         return a if dtype is None else a.astype(dtype, copy=False)
@@ -103,6 +106,7 @@ def gradients(
     *,
     progress: bool = True,
     desc: str = "gradients",
+    dtype: torch.dtype = torch.float32,
 ) -> Gradients:
     """Per-sample gradients of every sample ``loader`` yields, compressed by ``compressor``.
 
@@ -112,8 +116,10 @@ def gradients(
             Batches are moved to the model's device.
         compressor: e.g. ``Identity()`` for the exact (n, d) per-sample gradients.
 
+        dtype: of the result (float64 keeps a float64 model's precision).
+
     Returns:
-        :class:`Gradients` with ``data`` of shape (n, compressor.dim), float32 on the CPU.
+        :class:`Gradients` with ``data`` of shape (n, compressor.dim), on the CPU.
 
     Raises:
         ValueError: empty loader, or a non-finite loss or gradient (naming the sample).
@@ -136,7 +142,7 @@ def gradients(
             n = z.shape[0]
             bidx = torch.arange(seen, seen + n) if bidx is None else bidx
             _check_finite(loss, z, bidx)
-            rows.append(z.float().cpu())
+            rows.append(z.to(dtype).cpu())
             idx.append(bidx)
             losses.append(loss.float().cpu())
             seen += n

@@ -66,3 +66,33 @@ def bert_classifier(
         attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(cfg)
+
+
+def fit_full_batch(
+    model: nn.Module, loss, batch, l2: float = 0.0, tol: float = 1e-10, max_iter: int = 500
+) -> float:
+    """Minimise ``mean(loss(model, batch)) + l2/2 |theta|^2`` with L-BFGS to a tight gradient
+    norm (convex models; the reference point for exact influence). Returns the final gradient
+    norm."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=0.0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def objective():
+        opt.zero_grad()
+        value = loss(model, batch).mean() + l2 / 2 * sum(p.pow(2).sum() for p in params)
+        value.backward()
+        return value
+
+    opt.step(objective)
+    objective()
+    return float(torch.cat([p.grad.flatten() for p in params]).norm())

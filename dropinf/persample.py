@@ -132,26 +132,35 @@ class BatchGrads:
 
     @property
     def device(self) -> torch.device:
+        return self._first.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float32, or float64 when the model computes in float64."""
+        return torch.float64 if self._first.dtype == torch.float64 else torch.float32
+
+    @property
+    def _first(self) -> Tensor:
         b = self.blocks[0]
-        return (b.g if isinstance(b, DenseGrad) else b.delta).device
+        return b.g if isinstance(b, DenseGrad) else b.delta
 
     def param_grad(self, info: ParamInfo, blocks: list[Block] | None = None) -> Tensor:
         """(B, numel) per-sample gradient of one parameter, summed over ``blocks`` (default all)."""
-        out = torch.zeros(self.size, info.numel, device=self.device)
+        out = torch.zeros(self.size, info.numel, device=self.device, dtype=self.dtype)
         for b in self.blocks if blocks is None else blocks:
             for name, start, g in b.contributions():
                 if name == info.name:
-                    out[:, start : start + g.shape[1]] += g.float()
+                    out[:, start : start + g.shape[1]] += g
         return out
 
     def flat(self) -> Tensor:
-        """(B, d) float32 per-sample gradients in the task's parameter order (``Task.params``)."""
+        """(B, d) per-sample gradients in the task's parameter order (``Task.params``)."""
         layout = {p.name: p for p in self.params}
-        out = torch.zeros(self.size, self.dim, device=self.device)
+        out = torch.zeros(self.size, self.dim, device=self.device, dtype=self.dtype)
         for b in self.blocks:
             for name, start, g in b.contributions():
                 o = layout[name].offset + start
-                out[:, o : o + g.shape[1]] += g.float()
+                out[:, o : o + g.shape[1]] += g
         return out
 
 

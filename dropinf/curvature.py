@@ -1,0 +1,219 @@
+"""Curvature (the C in ``score = g_test^T (C + lambda I)^{-1} g_train``), fitted once.
+
+One damping rule for every kind: **relative** damping, ``lambda = damping * trace(C) / dim``,
+so ``damping`` is a fraction of the average eigenvalue and means the same thing whatever the
+scale of the loss or the compression. ``identity`` is the exception that has no curvature:
+``C = 0`` and ``lambda = 1`` (the gradient dot product). For ``exact`` the training objective's
+own L2 regulariser ``l2 / 2 * |theta|^2`` is part of C (it is the model's curvature, not a
+damping): pass the coefficient the model was trained with.
+
+Sign convention: with a positive definite ``C + lambda I`` a positive score means the training
+point is helpful: removing it raises the test loss by about ``score / n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.func import grad, hessian, jvp
+
+from .persample import _Functional
+from .task import Task
+
+KINDS = ("identity", "fisher", "exact")
+EXACT_DENSE_MAX = 20_000  # above this many parameters, exact curvature uses conjugate gradient
+
+
+@dataclass
+class Preconditioner:
+    """A fitted ``(C + lambda I)^{-1}``, applied to the query side only.
+
+    Build with :meth:`fit` (from compressed training gradients) or :meth:`fit_exact` (from the
+    task and data, in the full parameter space). ``info`` reports what the fit saw: ``lambda``,
+    for ``exact`` the gradient norm at the parameters and the smallest eigenvalue of
+    ``C + lambda I`` (dense) or the conjugate-gradient residuals (matrix-free).
+    """
+
+    kind: str
+    damping: float
+    dim: int
+    lam: float = 1.0
+    eigvals: Tensor | None = None  # (dim,) float64, of C
+    eigvecs: Tensor | None = None  # (dim, dim) float64
+    hvp: object = None  # matrix-free exact curvature: v -> C v
+    cg_tol: float = 1e-8
+    cg_maxiter: int = 500
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, G_train: Tensor, kind: str = "fisher", damping: float = 1e-3) -> Preconditioner:
+        """``identity`` or ``fisher`` from (n, k) compressed training gradients.
+
+        ``fisher`` is the empirical Fisher ``F = G^T G / n`` of the compressed gradients,
+        eigendecomposed once in float64, with ``lambda = damping * trace(F) / k``.
+        """
+        G = torch.as_tensor(G_train)
+        if G.ndim != 2:
+            raise ValueError(f"G_train must be (n, k), got shape {tuple(G.shape)}")
+        if kind == "identity":
+            return cls("identity", 0.0, G.shape[1])
+        if kind != "fisher":
+            hint = " (use Preconditioner.fit_exact)" if kind == "exact" else ""
+            raise ValueError(f"kind={kind!r}; fit takes 'identity' or 'fisher'{hint}")
+        _check_damping(damping)
+        n, k = G.shape
+        F = torch.zeros(k, k, dtype=torch.float64)
+        for i in range(0, n, 4096):  # accumulate in float64 without a float64 copy of G
+            g = G[i : i + 4096].double()
+            F += g.T @ g
+        F /= n
+        return cls._from_matrix("fisher", F, damping, {"n": n})
+
+    @classmethod
+    def fit_exact(
+        cls,
+        task: Task,
+        loader: Iterable,
+        damping: float = 0.0,
+        l2: float = 0.0,
+        solver: str = "auto",
+        cg_tol: float = 1e-8,
+        cg_maxiter: int = 500,
+    ) -> Preconditioner:
+        """The Hessian of the mean training loss plus ``l2 I``, in the full parameter space.
+
+        ``solver``: ``"dense"`` (``torch.func.hessian``, float64, eigendecomposed), ``"cg"``
+        (conjugate gradient on Hessian-vector products, each a pass over ``loader``) or
+        ``"auto"`` (dense up to :data:`EXACT_DENSE_MAX` parameters). Scores then need the
+        uncompressed gradients (``Identity``). Refuses an indefinite ``C + lambda I``.
+        """
+        _check_damping(damping)
+        batches = list(loader)
+        if not batches:
+            raise ValueError("loader yielded no batch; the exact Hessian needs training data")
+        theta = torch.cat([p.detach().reshape(-1) for p in _selected(task)]).double()
+        d = theta.numel()
+        solver = ("dense" if d <= EXACT_DENSE_MAX else "cg") if solver == "auto" else solver
+        n = 0
+        with task.evaluating():
+            fs = [_flat_loss(task, b) for b in batches]
+            with torch.enable_grad():
+                g = torch.zeros(d, dtype=torch.float64)
+                for f, b in zip(fs, batches):
+                    g += grad(f)(theta)
+                    n += task.per_sample_losses(b).shape[0]
+            grad_norm = float((g / n + l2 * theta).norm())
+            info = {"n": n, "grad_norm": grad_norm, "l2": l2, "solver": solver}
+            if solver == "dense":
+                H = torch.zeros(d, d, dtype=torch.float64)
+                for f in fs:
+                    H += hessian(f)(theta)
+                H = (H + H.T) / 2 / n + l2 * torch.eye(d, dtype=torch.float64)
+                return cls._from_matrix("exact", H, damping, info)
+        if solver != "cg":
+            raise ValueError(f"solver={solver!r}; choose 'auto', 'dense' or 'cg'")
+
+        def hvp(v: Tensor) -> Tensor:
+            out = l2 * v
+            with task.evaluating(), torch.enable_grad():
+                for f in fs:
+                    out = out + jvp(grad(f), (theta,), (v,))[1] / n
+            return out
+
+        # trace(H) by Hutchinson with a fixed seed: only the damping's scale depends on it
+        gen = torch.Generator().manual_seed(0)
+        probes = [torch.randint(2, (d,), generator=gen).double() * 2 - 1 for _ in range(8)]
+        trace = sum(float(z @ hvp(z)) for z in probes) / len(probes)
+        lam = damping * trace / d
+        return cls(
+            "exact",
+            damping,
+            d,
+            lam=lam,
+            hvp=hvp,
+            cg_tol=cg_tol,
+            cg_maxiter=cg_maxiter,
+            info={**info, "trace_estimate": trace},
+        )
+
+    @classmethod
+    def _from_matrix(cls, kind: str, C: Tensor, damping: float, info: dict) -> Preconditioner:
+        k = C.shape[0]
+        lam = damping * float(torch.trace(C)) / k
+        eigvals, eigvecs = torch.linalg.eigh(C)
+        min_eig = float(eigvals.min()) + lam
+        info = {**info, "lambda": lam, "min_eig": min_eig}
+        if min_eig <= 0:
+            raise ValueError(
+                f"{kind} curvature plus damping is not positive definite (smallest eigenvalue "
+                f"{min_eig:.3g}); train to a minimum with weight decay (l2=...) or raise damping"
+            )
+        return cls(kind, damping, k, lam=lam, eigvals=eigvals, eigvecs=eigvecs, info=info)
+
+    def apply(self, Q: Tensor) -> Tensor:
+        """``(C + lambda I)^{-1} q`` for each row of Q: (m, dim) -> (m, dim), float32 (float64
+        for float64 input)."""
+        Q = torch.as_tensor(Q)
+        if Q.ndim != 2 or Q.shape[1] != self.dim:
+            raise ValueError(
+                f"gradients of shape {tuple(Q.shape)} do not match this {self.kind} "
+                f"preconditioner of dimension {self.dim}; use gradients from the same compressor"
+            )
+        dtype = torch.float64 if Q.dtype == torch.float64 else torch.float32
+        if self.kind == "identity":
+            return Q.to(dtype)
+        if self.hvp is not None:
+            return torch.stack([self._cg(q.double()) for q in Q]).to(dtype)
+        V, w = self.eigvecs, self.eigvals + self.lam
+        return (((Q.double() @ V) / w) @ V.T).to(dtype)
+
+    def _cg(self, b: Tensor) -> Tensor:
+        """Solve ``(C + lambda I) x = b`` by conjugate gradient; residuals go to ``info``."""
+        x, r = torch.zeros_like(b), b.clone()
+        p, rr = r.clone(), float(r @ r)
+        bnorm = float(b.norm()) or 1.0
+        iters = 0
+        while iters < self.cg_maxiter and rr**0.5 > self.cg_tol * bnorm:
+            Ap = self.hvp(p) + self.lam * p
+            pAp = float(p @ Ap)
+            if pAp <= 0:
+                raise ValueError(
+                    "exact curvature is not positive definite along a CG direction; train with "
+                    "weight decay (l2=...) or raise damping"
+                )
+            alpha = rr / pAp
+            x += alpha * p
+            r -= alpha * Ap
+            rr_new = float(r @ r)
+            p = r + (rr_new / rr) * p
+            rr = rr_new
+            iters += 1
+        self.info.setdefault("cg_residuals", []).append(rr**0.5 / bnorm)
+        self.info.setdefault("cg_iterations", []).append(iters)
+        return x
+
+
+def _check_damping(damping: float) -> None:
+    if not isinstance(damping, (int, float)) or damping < 0:
+        raise ValueError(f"damping={damping!r} must be a number >= 0 (a fraction of trace/dim)")
+
+
+def _selected(task: Task) -> list[Tensor]:
+    named = dict(task.model.named_parameters())
+    return [named[q.name] for q in task.params]
+
+
+def _flat_loss(task: Task, batch: object):
+    """theta (d,) float64 -> summed per-sample loss of ``batch`` at those parameters."""
+
+    def f(theta: Tensor) -> Tensor:
+        params = {
+            q.name: theta[q.offset : q.stop].view(q.shape).to(p.dtype)
+            for q, p in zip(task.params, _selected(task))
+        }
+        return task.per_sample_losses(batch, _Functional(task.model, params)).sum().double()
+
+    return f

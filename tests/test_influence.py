@@ -1,0 +1,162 @@
+"""Preconditioners and scores against closed forms, dense algebra and leave-one-out retraining."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+from scipy.stats import pearsonr
+from sklearn.datasets import load_breast_cancer
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+import dropinf as di
+from dropinf import models
+
+L2 = 1e-2
+
+
+def bce(model, batch):
+    x, y = batch
+    return F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y, reduction="none")
+
+
+@pytest.fixture(scope="module")
+def logreg():
+    """L2-regularised logistic regression on breast cancer, float64, trained to |grad| < 1e-9."""
+    X, y = load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(X))
+    tr, te = idx[:200], idx[200:240]
+    to = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    train, test = (to(X[tr]), to(y[tr])), (to(X[te]), to(y[te]))
+    torch.manual_seed(0)
+    model = nn.Linear(30, 1).double()
+    gnorm = models.fit_full_batch(model, bce, train, l2=L2)
+    assert gnorm < 1e-9
+    return model, train, test
+
+
+def closed_form_scores(model, train, test):
+    """numpy: H = X^T diag(s(1-s)) X / n + c I over (w, b); g_i = (s_i - y_i) [x_i, 1]."""
+    w = np.concatenate([model.weight.detach().numpy().ravel(), model.bias.detach().numpy()])
+
+    def feats(x):
+        return np.hstack([x.numpy(), np.ones((len(x), 1))])
+
+    Xtr, Xte = feats(train[0]), feats(test[0])
+    s = 1 / (1 + np.exp(-Xtr @ w))
+    H = Xtr.T @ (Xtr * (s * (1 - s))[:, None]) / len(Xtr) + L2 * np.eye(len(w))
+    g_tr = (s - train[1].numpy())[:, None] * Xtr
+    s_te = 1 / (1 + np.exp(-Xte @ w))
+    g_te = (s_te - test[1].numpy())[:, None] * Xte
+    return g_te @ np.linalg.solve(H, g_tr.T), g_tr, g_te
+
+
+def test_exact_influence_matches_the_closed_form(logreg):
+    model, train, test = logreg
+    task = di.Task(model, bce)
+    G_tr = di.gradients(task, [train], di.Identity(), progress=False, dtype=torch.float64)
+    G_te = di.gradients(task, [test], di.Identity(), progress=False, dtype=torch.float64)
+    expect, g_tr, _ = closed_form_scores(model, train, test)
+    np.testing.assert_allclose(G_tr.numpy(), g_tr, rtol=1e-10, atol=1e-12)
+    pre = di.Preconditioner.fit_exact(task, [train], l2=L2)
+    S = di.scores(G_te, G_tr, pre)
+    np.testing.assert_allclose(S.numpy(), expect, rtol=1e-6, atol=1e-9 * np.abs(expect).max())
+    assert pre.info["grad_norm"] < 1e-9 and pre.info["min_eig"] > 0
+    # the matrix-free solver agrees with the dense one
+    cg = di.Preconditioner.fit_exact(task, [train], l2=L2, solver="cg", cg_tol=1e-12)
+    S_cg = di.scores(G_te[:5], G_tr, cg)
+    np.testing.assert_allclose(
+        S_cg.numpy(), expect[:5], rtol=1e-6, atol=1e-9 * np.abs(expect).max()
+    )
+    assert max(cg.info["cg_residuals"]) <= 1e-12
+
+
+def test_leave_one_out_retraining_correlates_with_score_over_n(logreg):
+    """Retrain without each of 60 training points; the change in the summed test loss is
+    predicted by mean-over-test score / n (positive score = removing it raises the loss)."""
+    model, train, test = logreg
+    n = len(train[0])
+    task = di.Task(model, bce)
+    G_tr = di.gradients(task, [train], di.Identity(), progress=False, dtype=torch.float64)
+    G_te = di.gradients(task, [test], di.Identity(), progress=False, dtype=torch.float64)
+    pre = di.Preconditioner.fit_exact(task, [train], l2=L2)
+    predicted = di.scores(G_te, G_tr, pre).sum(0) / n
+    base = bce(model, test).sum().item()
+    removed = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:60]
+    actual = []
+    for j in removed.tolist():
+        keep = torch.arange(n) != j
+        m = copy.deepcopy(model)
+        models.fit_full_batch(m, bce, (train[0][keep], train[1][keep]), l2=L2)
+        actual.append(bce(m, test).sum().item() - base)
+    r = pearsonr(predicted[removed].numpy(), np.array(actual)).statistic
+    assert r >= 0.95, r
+
+
+@pytest.fixture(scope="module")
+def mlp_grads():
+    torch.manual_seed(0)
+    task = di.Task(models.mlp([6, 8, 3]).eval(), di.losses.cross_entropy)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    G = di.gradients(task, [(x[:30], y[:30])], di.Identity(), progress=False)
+    T = di.gradients(task, [(x[30:], y[30:])], di.Identity(), progress=False)
+    return G.data, T.data
+
+
+def test_fisher_equals_a_dense_solve(mlp_grads):
+    G, T = mlp_grads
+    pre = di.Preconditioner.fit(G, kind="fisher", damping=0.1)
+    Gd, Td = G.double(), T.double()
+    Fm = Gd.T @ Gd / len(G)
+    lam = 0.1 * torch.trace(Fm) / Fm.shape[0]
+    expect = Td @ torch.linalg.solve(Fm + lam * torch.eye(len(Fm), dtype=torch.float64), Gd.T)
+    assert pre.lam == pytest.approx(float(lam))
+    assert_close(di.scores(T, G, pre).double(), expect, rtol=1e-4)
+    ident = di.Preconditioner.fit(G, kind="identity")
+    assert_close(di.scores(T, G, ident), T @ G.T)
+
+
+def test_blocks_do_not_change_scores(mlp_grads):
+    G, T = mlp_grads
+    pre = di.Preconditioner.fit(G, kind="fisher", damping=0.05)
+    full = di.scores(T, G, pre)
+    assert_close(di.scores(T, G, pre, block_test=3, block_train=7), full)
+    si = di.self_influence(G, pre, block=4)
+    assert_close(si, torch.diagonal(di.scores(G, G, pre)))
+    for largest in (True, False):
+        idx, val = di.top_k(T, G, pre, k=5, largest=largest, block_test=4, block_train=6)
+        ref_val, ref_idx = full.topk(5, dim=1, largest=largest)
+        assert_close(val, ref_val)
+        assert torch.equal(idx, ref_idx)
+
+
+def test_bad_inputs(mlp_grads):
+    G, T = mlp_grads
+    pre = di.Preconditioner.fit(G, kind="fisher", damping=0.1)
+    with pytest.raises(ValueError, match="same compressor"):
+        di.scores(T[:, :10], G, pre)
+    with pytest.raises(ValueError, match="dimension"):
+        di.scores(T[:, :10], G[:, :10], pre)
+    with pytest.raises(ValueError, match="damping=-1"):
+        di.Preconditioner.fit(G, damping=-1)
+    with pytest.raises(ValueError, match="fit_exact"):
+        di.Preconditioner.fit(G, kind="exact")
+    with pytest.raises(ValueError, match="not positive definite"):
+        di.Preconditioner.fit(G[:, :5] * 0, kind="fisher", damping=0.0)
+
+
+def test_exact_refuses_an_indefinite_hessian():
+    """An MLP at initialisation (not a minimum, no weight decay) has negative curvature."""
+    torch.manual_seed(0)
+    m = models.mlp([4, 6, 3]).double()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    task = di.Task(m, di.losses.cross_entropy)
+    with pytest.raises(ValueError, match="not positive definite"):
+        di.Preconditioner.fit_exact(task, [(x, y)])
