@@ -264,8 +264,8 @@ def worker(model_name: str, method: str, args: argparse.Namespace) -> dict:
     }
     if method == "hook":
         bg, _ = ctx(batches[0])
-        held = [getattr(b, a) for b in bg.blocks for a in ("x", "ids", "delta") if hasattr(b, a)]
-        held += list(bg.dense.values())
+        attrs = ("x", "ids", "delta", "g")  # factors, or a dense (B, numel) gradient
+        held = [getattr(b, a) for b in bg.blocks for a in attrs if hasattr(b, a)]
         res["factor_mb"] = sum(t.numel() * t.element_size() for t in held) / 2**20
         res["flat_mb"] = bg.size * task.dim * 4 / 2**20
     if method in ("vmap", "loop"):  # agreement with the hook path on batch 0
@@ -278,6 +278,24 @@ def worker(model_name: str, method: str, args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def _busy_seconds() -> float:
+    """CPU seconds all processes have spent busy since boot (first line of /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    busy = v[0] + v[1] + v[2] + sum(v[5:8])  # user nice system irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished subprocesses (the workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_one(model_name: str, method: str, argv: list[str]) -> dict:
@@ -296,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(*args.worker, args)))
         return
 
-    t_start = time.perf_counter()
+    t_start, busy_start, own_start = time.perf_counter(), _busy_seconds(), _own_cpu_seconds()
     fwd = list(argv)
     results: dict[tuple[str, str], dict] = {}
     for m in args.models:
@@ -313,6 +331,10 @@ def main(argv: list[str] | None = None) -> None:
         f"CPU, eval mode"
     )
     print(
+        "ms/batch: median (samples/s and x train use it); min ms: fastest call, a check on noise "
+        "from other processes"
+    )
+    print(
         f"gpt2: {args.gpt2_layers} layers, n_embd {args.gpt2_width}, {args.gpt2_heads} heads, "
         f"vocab {args.gpt2_vocab}, seq {args.seq_len} (random right padding, masked mean CE); "
         f"mlp: 784-{args.mlp_hidden}-{args.mlp_hidden}-10 + biases, CE"
@@ -321,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         "peak MB: peak resident memory above the resident set just before the method ran "
         "(VmHWM - VmRSS in a fresh subprocess per row; includes allocator slack)"
     )
-    head = f"{'model':<6} {'d':>9} {'batch':>5}  {'method':<12} {'ms/batch':>9} {'samples/s':>10}"
+    head = f"{'model':<6} {'d':>9} {'batch':>5}  {'method':<12} {'ms/batch':>9} {'min ms':>8}"
+    head += f" {'samples/s':>10}"
     head += f" {'x train':>8} {'peak MB':>8}"
     print()
     print(head)
@@ -341,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
             mark = "" if r["exact_peak"] else "*"
             print(
                 f"{m:<6} {r['d']:>9,} {args.batch_size:>5}  {meth:<12} {r['ms']:>9.2f} "
-                f"{sps:>10,.0f} {ratio} {r['peak_mb']:>7.1f}{mark}"
+                f"{r['ms_min']:>8.2f} {sps:>10,.0f} {ratio} {r['peak_mb']:>7.1f}{mark}"
             )
             if "factor_mb" in r:
                 notes.append(
@@ -364,7 +387,17 @@ def main(argv: list[str] | None = None) -> None:
     print()
     for line in verdicts:
         print(line)
-    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+    wall = time.perf_counter() - t_start
+    others = (_busy_seconds() - busy_start) - (_own_cpu_seconds() - own_start)
+    print(
+        f"\ntotal wall time {wall:.0f} s; other processes used {others / wall:.2f} of "
+        f"{os.cpu_count()} CPUs on average meanwhile (/proc/stat minus this benchmark's CPU time)"
+    )
+    if others / wall > 0.25:
+        print(
+            "WARNING: other processes competed for the CPUs; timings (medians especially) are "
+            "unreliable: rerun on a quiet machine"
+        )
 
 
 if __name__ == "__main__":

@@ -156,7 +156,10 @@ def gradients(
 
 
 def _check_finite(loss: Tensor, z: Tensor, idx: Tensor) -> None:
-    bad = ~torch.isfinite(loss) | ~torch.isfinite(z).all(1)
+    # A row sum is non-finite whenever an entry is (or on overflow): check it first, cheaply.
+    if torch.isfinite(loss).all() and torch.isfinite(z.sum(1)).all():
+        return
+    bad = ~torch.isfinite(loss).cpu() | ~torch.isfinite(z).all(1).cpu()
     if bad.any():
         i = int(bad.nonzero()[0, 0])
         what = "loss" if not torch.isfinite(loss[i]) else "gradient"

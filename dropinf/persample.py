@@ -343,13 +343,13 @@ def _factors(
     B = calls[0].inp.shape[0]
 
     if kind in ("linear", "conv1d"):
-        x = torch.cat([c.inp.reshape(B, -1, c.inp.shape[-1]) for c in calls], 1)
-        d = torch.cat([c.grads[0].reshape(B, -1, c.grads[0].shape[-1]) for c in calls], 1)
+        x = _tokens([c.inp.reshape(B, -1, c.inp.shape[-1]) for c in calls])
+        d = _tokens([c.grads[0].reshape(B, -1, c.grads[0].shape[-1]) for c in calls])
         return [LinearFactors(name, x, d, w, b, slice(0, d.shape[-1]), transposed=kind == "conv1d")]
 
     if kind == "conv2d":
         xs, ds = zip(*[(_unfold(m, c.inp), c.grads[0].flatten(2).transpose(1, 2)) for c in calls])
-        x, d = torch.cat(xs, 1), torch.cat(ds, 1)
+        x, d = _tokens(list(xs)), _tokens(list(ds))
         g, (ci, co) = m.groups, (x.shape[-1] // m.groups, m.out_channels // m.groups)
         return [
             LinearFactors(
@@ -365,8 +365,8 @@ def _factors(
         ]
 
     if kind == "embedding":
-        ids = torch.cat([c.inp.reshape(B, -1) for c in calls], 1)
-        d = torch.cat([c.grads[0].reshape(B, -1, c.grads[0].shape[-1]) for c in calls], 1)
+        ids = _tokens([c.inp.reshape(B, -1) for c in calls])
+        d = _tokens([c.grads[0].reshape(B, -1, c.grads[0].shape[-1]) for c in calls])
         if m.padding_idx is not None:
             ids = ids.masked_fill(ids == m.padding_idx, -1)
         return [EmbeddingFactors(name, ids, d, w, m.num_embeddings)] if w else []
@@ -382,6 +382,11 @@ def _factors(
                     out.append(DenseGrad(pname, (g.sum(dims) if dims else g).reshape(B, -1)))
         return out
     raise AssertionError(kind)  # unreachable: make_plan only emits the kinds above
+
+
+def _tokens(parts: list[Tensor]) -> Tensor:
+    """Concatenate the calls of a layer used several times along the token axis (dim 1)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _unfold(m: nn.Conv2d, x: Tensor) -> Tensor:
