@@ -320,12 +320,19 @@ class Dropout(Compressor):
     def _layer(self, s: FactorSpec, blocks: list[LinearFactors], bg: BatchGrads) -> Tensor:
         s_out, s_in, scale = self.units[s.module]
         s_out, s_in = s_out.to(bg.device), s_in.to(bg.device)
-        out = torch.zeros(bg.size, len(s_out), len(s_in), device=bg.device)
-        for b in blocks:  # one per group; rows of S_out falling in this group
-            sel = (s_out >= b.rows.start) & (s_out < b.rows.stop)
-            d = b.delta[:, :, s_out[sel] - b.rows.start].float()
-            x = _gather_inputs(b, s_in, s.n_in).float()
-            out[:, sel] += torch.bmm(d.transpose(1, 2), x)
+        w_in = s_in[s_in < s.n_in]
+        bias_kept = len(w_in) < len(s_in)  # the bias unit is the last input index
+        parts = []
+        for b in blocks:  # one per group, in row order; rows of S_out falling in this group
+            sel = s_out[(s_out >= b.rows.start) & (s_out < b.rows.stop)] - b.rows.start
+            d = _columns(b.delta, sel)
+            g = torch.bmm(d.transpose(1, 2), _columns(b.x, w_in))  # (B, k_out_g, k_in_w)
+            if bias_kept:
+                g = torch.cat([g, d.sum(1).unsqueeze(-1)], -1)
+            parts.append(g)
+        if not parts:  # the layer did not reach the loss
+            return torch.zeros(bg.size, len(s_out) * len(s_in), device=bg.device)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out.reshape(bg.size, -1) * scale
 
     def kept_indices(self) -> tuple[Tensor, Tensor]:
@@ -356,13 +363,10 @@ class Dropout(Compressor):
         return torch.cat(idx), torch.cat(scale)
 
 
-def _gather_inputs(b: LinearFactors, s_in: Tensor, n_in: int) -> Tensor:
-    """(B, T, |S_in|) kept input units of a block, the bias unit (index n_in) as ones."""
-    w_in = s_in[s_in < n_in]
-    x = b.x[:, :, w_in]
-    if len(w_in) < len(s_in):  # the bias unit is kept (it is always the last index)
-        x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
-    return x
+def _columns(t: Tensor, idx: Tensor) -> Tensor:
+    """(B, T, len(idx)) float32 columns of a (B, T, n) factor (index_select: a contiguous copy)."""
+    B, T, n = t.shape
+    return t.reshape(B * T, n).index_select(1, idx).view(B, T, -1).float()
 
 
 # ----------------------------------------------------------------------------- Gaussian

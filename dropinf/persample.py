@@ -62,15 +62,20 @@ class LinearFactors:
             return self.x
         return torch.cat([self.x, self.x.new_ones(*self.x.shape[:-1], 1)], -1)
 
-    def contributions(self) -> Iterator[tuple[str, int, Tensor]]:
-        """(parameter name, start within the flattened parameter, (B, n) gradient part)."""
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.weight, self.bias) if p is not None)
+
+    def contributions(self, only: str | None = None) -> Iterator[tuple[str, int, Tensor]]:
+        """(parameter name, start within the flattened parameter, (B, n) gradient part), for
+        every parameter of the block or ``only`` the named one."""
         B = self.x.shape[0]
-        if self.weight is not None:
+        if self.weight is not None and only in (None, self.weight):
             gw = torch.bmm(self.delta.transpose(1, 2), self.x)  # (B, O, I)
             if self.transposed:
                 gw = gw.transpose(1, 2)
             yield self.weight, self.rows.start * self.x.shape[-1], gw.reshape(B, -1)
-        if self.bias is not None:
+        if self.bias is not None and only in (None, self.bias):
             yield self.bias, self.rows.start, self.delta.sum(1)
 
 
@@ -88,7 +93,11 @@ class EmbeddingFactors:
     weight: str
     num_embeddings: int
 
-    def contributions(self) -> Iterator[tuple[str, int, Tensor]]:
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.weight,)
+
+    def contributions(self, only: str | None = None) -> Iterator[tuple[str, int, Tensor]]:
         B, T, D = self.delta.shape
         keep = self.ids >= 0
         rows = torch.arange(B, device=self.ids.device).unsqueeze(1) * self.num_embeddings
@@ -105,7 +114,11 @@ class DenseGrad:
     param: str
     g: Tensor
 
-    def contributions(self) -> Iterator[tuple[str, int, Tensor]]:
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.param,)
+
+    def contributions(self, only: str | None = None) -> Iterator[tuple[str, int, Tensor]]:
         yield self.param, 0, self.g
 
 
@@ -148,8 +161,8 @@ class BatchGrads:
         """(B, numel) per-sample gradient of one parameter, summed over ``blocks`` (default all)."""
         out = torch.zeros(self.size, info.numel, device=self.device, dtype=self.dtype)
         for b in self.blocks if blocks is None else blocks:
-            for name, start, g in b.contributions():
-                if name == info.name:
+            if info.name in b.params:  # only the blocks that own it compute anything
+                for _, start, g in b.contributions(only=info.name):
                     out[:, start : start + g.shape[1]] += g
         return out
 

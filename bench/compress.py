@@ -1,0 +1,433 @@
+"""Cost of the compression step alone, on GPT-2-small-shaped linear layers, at matched dimension.
+
+Run from the repository root::
+
+    .venv/bin/python bench/compress.py                   # defaults, about 20-40 s on 2 idle cores
+    .venv/bin/python bench/compress.py --p 0.99          # k = 312: the dense Gaussian fits in 4 GB
+    .venv/bin/python bench/compress.py --threads 1 --methods dropout-factored gaussian-factored
+
+No model and no backward pass: the per-sample gradients of one batch are given in factored form
+directly. Two linear layers with bias, shaped like one GPT-2-small block, ``attn.proj`` (768 in,
+768 out) and ``mlp.fc`` (768 in, 3072 out), d = 2,952,960 parameters, get random inputs ``x``
+(B, T, n_in) and output gradients ``delta`` (B, T, n_out) (default B = 8 samples of T = 512 tokens),
+wrapped in a :class:`dropinf.persample.BatchGrads` over a hand-built :class:`dropinf.Layout`.
+Only ``comp.compress(bg)`` is timed (``time.perf_counter``; median and minimum over at least
+``--repeats`` calls and at least ``--min-time`` seconds, after ``--warmup`` calls);
+``comp.bind(layout)`` (drawing the masks or projections) is timed once, separately, and so is PCA's
+fit. Torch uses its default thread count unless ``--threads`` is given.
+
+Methods, all at the output dimension k of factored dropout at rate p (k = sum over the layers of
+``round((1-p) n_out) * round((1-p) (n_in + 1))``, about (1-p)^2 d):
+
+- ``dropout-factored``: ``Dropout(p, factored=True)``, ``delta[S_out]^T x[S_in]`` per layer.
+- ``gaussian-factored``: ``Gaussian(factored=True, p=p)`` (LoGra), the same k by construction.
+- ``gaussian-dense``: ``Gaussian(k=k)``, a stored (k, d) matrix; run only if it fits in
+  ``--budget-gb``, otherwise reported as not fitting, with the bytes it would need.
+- ``sjlt``: ``SJLT(k=k, c=--sjlt-c)`` (c must divide k).
+- ``pca``: ``PCA(k=k)`` fitted on random (n_fit, d) data (n_fit = max(k, --pca-n-fit)); run only
+  if the fit (data, its fp64 copy, the SVD factor) and the (k, d) components fit in the budget.
+- ``dropout-flat``: ``Dropout(1 - k/d)``, flat dropout keeping k of the d coordinates, for
+  reference.
+
+The flat methods (dense Gaussian, SJLT, PCA, flat dropout) ask for each parameter's full (B, numel)
+per-sample gradient (``BatchGrads.param_grad``, a ``bmm`` over tokens): that is part of their cost
+and is included, since without factors there is nothing else to compress (as the library computes
+it, whatever that costs). The factored methods never form it.
+
+Each method runs in a fresh subprocess (no shared allocator state). Peak memory: the subprocess
+builds the inputs and binds the compressor, resets the kernel's resident-set high-water mark
+(``/proc/self/clear_refs``) and reports ``VmHWM - VmRSS`` over the warm-up and timed calls: the
+peak resident memory above what was resident just before (process RSS, so allocator slack is
+included). ``map B`` is ``comp.map_bytes``, the map that must be stored because it cannot be
+regenerated from the seed; ``held B`` is what the bound compressor keeps in memory in tensors
+(masks, hashes, projections), regenerable or not. ``other%`` is the share of the machine's CPU time
+that other processes used while a row was timed (``/proc/stat`` busy time minus this process's):
+on a shared machine the small multi-threaded ops of factored dropout slow down by up to 10x when
+another process competes for the cores, so rows with more than a few percent are not to be trusted
+(a warning is printed above 10%).
+
+Not part of the test suite: it prints a table and whether the issue's targets are met (factored
+dropout at least 10x faster than factored Gaussian, and at least 100x less stored map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+METHODS = (
+    "dropout-factored",
+    "gaussian-factored",
+    "gaussian-dense",
+    "sjlt",
+    "pca",
+    "dropout-flat",
+)
+LAYERS = (("attn.proj", 768, 768), ("mlp.fc", 768, 3072))  # (module, n_in, n_out)
+SPEED_TARGET = 10.0  # factored Gaussian time / factored dropout time, from the issue
+MAP_TARGET = 100.0  # factored Gaussian stored map / factored dropout stored map
+BUSY = 0.10  # warn when other processes used more than this share of the CPUs during a row
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--p", type=float, default=0.9, help="dropout rate per side (fraction dropped)")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per sample (T)")
+    ap.add_argument("--batch", type=int, default=8, help="samples per batch (B)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed calls per method (median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per method first")
+    ap.add_argument(
+        "--min-time", type=float, default=1.0, help="keep timing until this many seconds"
+    )
+    ap.add_argument("--budget-gb", type=float, default=4.0, help="memory budget for stored maps")
+    ap.add_argument("--sjlt-c", type=int, default=1, help="SJLT nonzeros per column")
+    ap.add_argument("--pca-n-fit", type=int, default=256, help="PCA fit rows (at least k)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def layout():
+    """The hand-built layout of the two layers (nn.Linear storage: weight is (n_out, n_in))."""
+    from dropinf.compressors import Layout
+    from dropinf.persample import FactorSpec
+    from dropinf.task import ParamInfo
+
+    params, specs, off = [], [], 0
+    for name, n_in, n_out in LAYERS:
+        w, b = f"{name}.weight", f"{name}.bias"
+        params.append(ParamInfo(w, (n_out, n_in), off))
+        off += n_out * n_in
+        params.append(ParamInfo(b, (n_out,), off))
+        off += n_out
+        specs.append(FactorSpec(name, w, b, n_in, n_out))
+    return Layout(params=tuple(params), factored=tuple(specs))
+
+
+def batch(lay, args: argparse.Namespace):
+    """BatchGrads of random factors, deterministic in ``args.seed``."""
+    import torch
+
+    from dropinf.persample import BatchGrads, LinearFactors
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    B, T = args.batch, args.tokens
+    blocks = []
+    for s in lay.factored:
+        x = torch.randn(B, T, s.n_in, generator=gen)
+        delta = torch.randn(B, T, s.n_out, generator=gen)
+        blocks.append(LinearFactors(s.module, x, delta, s.weight, s.bias, rows=slice(0, s.n_out)))
+    return BatchGrads(params=list(lay.params), blocks=blocks, size=B)
+
+
+def matched_dim(lay, p: float) -> int:
+    import dropinf
+
+    return dropinf.Dropout(p, factored=True).bind(lay).dim
+
+
+def needs(method: str, k: int, d: int, args: argparse.Namespace) -> tuple[int, str]:
+    """Bytes a method must hold beyond the inputs, and what they are (0 for the cheap ones)."""
+    if method == "gaussian-dense":
+        return k * d * 4, f"the ({k:,}, {d:,}) fp32 projection"
+    if method == "pca":
+        n = max(k, args.pca_n_fit)
+        fit = n * d * 4 + n * d * 8 + min(n, d) * d * 8  # data, its fp64 copy, the SVD's vh
+        return k * d * 4 + fit, (
+            f"the ({k:,}, {d:,}) fp32 components plus the fit on ({n:,}, {d:,}) gradients "
+            "(fp32 data, fp64 copy, fp64 right singular vectors)"
+        )
+    return 0, ""
+
+
+def build(method: str, lay, k: int, args: argparse.Namespace):
+    """The compressor (unbound) and the seconds spent fitting it (PCA only)."""
+    import torch
+
+    import dropinf
+
+    p, seed = args.p, args.seed
+    if method == "dropout-factored":
+        return dropinf.Dropout(p, factored=True, seed=seed), 0.0
+    if method == "gaussian-factored":
+        return dropinf.Gaussian(factored=True, p=p, seed=seed), 0.0
+    if method == "gaussian-dense":
+        return dropinf.Gaussian(k=k, seed=seed), 0.0
+    if method == "sjlt":
+        return dropinf.SJLT(k=k, c=args.sjlt_c, seed=seed), 0.0
+    if method == "dropout-flat":
+        return dropinf.Dropout(1.0 - k / lay.dim, seed=seed), 0.0
+    if method == "pca":
+        n = max(k, args.pca_n_fit)
+        G = torch.randn(n, lay.dim, generator=torch.Generator().manual_seed(seed + 2))
+        comp = dropinf.PCA(k=k, n_fit=n, seed=seed)
+        t0 = time.perf_counter()
+        comp.fit(G)
+        fit_s = time.perf_counter() - t0
+        del G
+        return comp, fit_s
+    raise ValueError(method)
+
+
+def held_bytes(obj, seen: set[int] | None = None) -> int:
+    """Bytes of the tensors an object keeps (attributes, dicts, tuples, lists, nested objects)."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(held_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(held_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("dropinf.compressors"):
+        return sum(held_bytes(v, seen) for k, v in vars(obj).items() if k != "layout")
+    return 0
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _machine_busy_s() -> float | None:
+    """CPU-seconds the whole machine has spent busy since boot (/proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def worker(method: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    warnings.simplefilter("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    lay = layout()
+    k = matched_dim(lay, args.p)
+    bg = batch(lay, args)
+    comp, fit_s = build(method, lay, k, args)
+    t0 = time.perf_counter()
+    comp.bind(lay)
+    bind_s = time.perf_counter() - t0
+    gc.collect()
+    rss0 = _proc_status_kb("VmRSS")
+    exact_peak = _reset_peak()
+    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    shape, finite = None, True
+    for r in range(args.warmup):
+        z = comp.compress(bg)
+        if r == 0:
+            shape, finite = tuple(z.shape), bool(torch.isfinite(z).all())
+        del z
+    busy0, own0, wall0 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+    while len(times) < args.repeats or sum(times) < args.min_time:
+        t0 = time.perf_counter()
+        z = comp.compress(bg)
+        times.append(time.perf_counter() - t0)
+        if shape is None:
+            shape, finite = tuple(z.shape), bool(torch.isfinite(z).all())
+        del z
+    busy1, own1, wall1 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+    others = None  # share of the machine's CPU that other processes used while we timed
+    if busy0 is not None and busy1 is not None:
+        cap = (wall1 - wall0) * (os.cpu_count() or 1)
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / cap
+    if exact_peak:
+        peak_kb = _proc_status_kb("VmHWM") - rss0
+    else:  # high-water mark could not be reset: ru_maxrss is the whole process's peak
+        peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0, 0)
+    return {
+        "dim": comp.dim,
+        "shape": shape,
+        "finite": finite,
+        "ms": 1e3 * statistics.median(times),
+        "ms_min": 1e3 * min(times),
+        "calls": len(times),
+        "others": others,
+        "bind_s": bind_s,
+        "fit_s": fit_s,
+        "map_bytes": comp.map_bytes,
+        "held_bytes": held_bytes(comp),
+        "peak_mb": peak_kb / 1024,
+        "exact_peak": exact_peak,
+        "threads": torch.get_num_threads(),
+        "config": comp.fingerprint,
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_one(method: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", method]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": last[:160]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+
+    t_start = time.perf_counter()
+    lay = layout()
+    d, k = lay.dim, matched_dim(lay, args.p)
+    budget = int(args.budget_gb * 2**30)
+    results: dict[str, dict] = {}
+    for m in args.methods:
+        need, what = needs(m, k, d, args)
+        if need > budget:
+            results[m] = {"skip": f"does not fit: needs {fmt_bytes(need)} ({need:,} B) for {what}"}
+        elif m == "sjlt" and k % args.sjlt_c:
+            results[m] = {"skip": f"c={args.sjlt_c} does not divide k={k}"}
+        else:
+            results[m] = run_one(m, list(argv))
+
+    any_res = next((r for r in results.values() if "threads" in r), {})
+    shapes = ", ".join(f"{n} {i}x{o}" for n, i, o in LAYERS)
+    print(
+        f"compression step alone: layers {shapes} (in x out, + bias), d = {d:,}; "
+        f"B = {args.batch}, T = {args.tokens}; p = {args.p} per side -> k = {k:,} "
+        f"({d / k:.0f}x compression)"
+    )
+    print(
+        f"{args.warmup} warm-up, then >= {args.repeats} timed calls of compress(bg) and >= "
+        f"{args.min_time:g} s (median; min too), torch threads {any_res.get('threads', '?')}, "
+        f"CPU, fp32; memory budget {args.budget_gb:g} GB"
+    )
+    print(
+        "peak MB: resident memory above the resident set just before the calls (VmHWM - VmRSS, "
+        "fresh subprocess per row, includes allocator slack); map B: comp.map_bytes (must be "
+        "stored); held B: tensors the bound compressor keeps (masks/hashes, regenerable); "
+        "other%: share of the machine's CPU used by other processes while the row was timed"
+    )
+    head = (
+        f"{'method':<18} {'dim':>8} {'ms/batch':>9} {'min ms':>8} {'x drop-f':>8} {'bind s':>7} "
+        f"{'map B':>11} {'held B':>11} {'peak MB':>8} {'other%':>6}"
+    )
+    print()
+    print(head)
+    print("-" * len(head))
+    base = results.get("dropout-factored", {}).get("ms")
+    notes, busy = [], False
+    for m in args.methods:
+        r = results[m]
+        if "skip" in r or "error" in r:
+            print(f"{m:<18} {'-':>8} {'n/a':>9}")
+            notes.append(f"{m}: {r.get('skip') or 'error: ' + r.get('error', '?')}")
+            continue
+        ratio = f"{r['ms'] / base:8.1f}" if base else f"{'?':>8}"
+        mark = "" if r["exact_peak"] else "*"
+        other = f"{100 * r['others']:>6.0f}" if r["others"] is not None else f"{'?':>6}"
+        busy = busy or (r["others"] or 0.0) > BUSY
+        print(
+            f"{m:<18} {r['dim']:>8,} {r['ms']:>9.2f} {r['ms_min']:>8.2f} {ratio} "
+            f"{r['bind_s']:>7.2f} "
+            f"{fmt_bytes(r['map_bytes']):>11} {fmt_bytes(r['held_bytes']):>11} "
+            f"{r['peak_mb']:>7.1f}{mark} {other}"
+        )
+        if r["dim"] != k or r["shape"] != [args.batch, k] or not r["finite"]:
+            notes.append(
+                f"{m}: output {r['shape']} (finite: {r['finite']}), expected ({args.batch}, {k})"
+            )
+        if m == "pca":
+            notes.append(f"pca: fit (SVD) took {r['fit_s']:.2f} s, not included in ms/batch")
+    if busy:
+        notes.append(
+            f"WARNING: other processes used more than {100 * BUSY:.0f}% of the CPUs while some "
+            "rows were timed: those times are inflated (most for small multi-threaded ops, "
+            "i.e. factored dropout); rerun on an idle machine, or with --threads 1"
+        )
+    if any(not r.get("exact_peak", True) for r in results.values()):
+        notes.append("* high-water mark could not be reset: ru_maxrss delta (a lower bound)")
+    print()
+    for line in notes:
+        print(line)
+
+    print()
+    df, gf = results.get("dropout-factored", {}), results.get("gaussian-factored", {})
+    if "ms" in df and "ms" in gf:
+        q = gf["ms"] / df["ms"]
+        ok = "MET" if q >= SPEED_TARGET else "NOT MET"
+        print(
+            f"speed: factored Gaussian / factored dropout = {gf['ms']:.2f} / {df['ms']:.2f} ms = "
+            f"{q:.1f}x (target >= {SPEED_TARGET:g}x) -> {ok}"
+        )
+        dm, gm = df["map_bytes"], gf["map_bytes"]
+        if dm == 0:
+            ok = "MET" if gm > 0 else "NOT MET"
+            q_txt = "infinitely less" if gm > 0 else "no difference"
+        else:
+            q = gm / dm
+            ok = "MET" if q >= MAP_TARGET else "NOT MET"
+            q_txt = f"{q:.0f}x less"
+        print(
+            f"stored map: factored dropout stores {fmt_bytes(dm)}; factored Gaussian stores "
+            f"{fmt_bytes(gm)} ({gm:,} B): {q_txt} (target >= {MAP_TARGET:g}x) -> {ok}"
+        )
+        dh, gh = df["held_bytes"], gf["held_bytes"]
+        print(
+            f"  held in memory even so: factored dropout {fmt_bytes(dh)} (kept unit indices), "
+            f"factored Gaussian {fmt_bytes(gh)}: {gh / max(dh, 1):.0f}x"
+        )
+    else:
+        print("targets: not evaluated (need both dropout-factored and gaussian-factored rows)")
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
