@@ -63,6 +63,9 @@ import sys
 import time
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import machine_busy_s, own_cpu_s, proc_status_kb, reset_peak  # noqa: E402
+
 METHODS = (
     "dropout-factored",
     "gaussian-factored",
@@ -204,38 +207,6 @@ def held_bytes(obj, seen: set[int] | None = None) -> int:
 # ----------------------------------------------------------------------------- worker
 
 
-def _proc_status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _machine_busy_s() -> float | None:
-    """CPU-seconds the whole machine has spent busy since boot (/proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def worker(method: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -251,8 +222,8 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     comp.bind(lay)
     bind_s = time.perf_counter() - t0
     gc.collect()
-    rss0 = _proc_status_kb("VmRSS")
-    exact_peak = _reset_peak()
+    rss0 = proc_status_kb("VmRSS")
+    exact_peak = reset_peak()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     shape, finite = None, True
@@ -261,7 +232,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         if r == 0:
             shape, finite = tuple(z.shape), bool(torch.isfinite(z).all())
         del z
-    busy0, own0, wall0 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+    busy0, own0, wall0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
     while len(times) < args.repeats or sum(times) < args.min_time:
         t0 = time.perf_counter()
         z = comp.compress(bg)
@@ -269,13 +240,13 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         if shape is None:
             shape, finite = tuple(z.shape), bool(torch.isfinite(z).all())
         del z
-    busy1, own1, wall1 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+    busy1, own1, wall1 = machine_busy_s(), own_cpu_s(), time.perf_counter()
     others = None  # share of the machine's CPU that other processes used while we timed
     if busy0 is not None and busy1 is not None:
         cap = (wall1 - wall0) * (os.cpu_count() or 1)
         others = max(0.0, (busy1 - busy0) - (own1 - own0)) / cap
     if exact_peak:
-        peak_kb = _proc_status_kb("VmHWM") - rss0
+        peak_kb = proc_status_kb("VmHWM") - rss0
     else:  # high-water mark could not be reset: ru_maxrss is the whole process's peak
         peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0, 0)
     return {

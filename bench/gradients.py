@@ -45,6 +45,9 @@ import sys
 import time
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import machine_busy_s, own_cpu_s, proc_status_kb, reset_peak  # noqa: E402
+
 MODELS = ("gpt2", "mlp")
 METHODS = ("train", "hook", "hook+flat", "gradients()", "vmap", "loop")
 TARGET = 1.5  # hook path / training step, from the issue
@@ -213,23 +216,6 @@ def make_step(method: str, task, batches):
 # ----------------------------------------------------------------------------- worker
 
 
-def _proc_status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(model_name: str, method: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -238,8 +224,8 @@ def worker(model_name: str, method: str, args: argparse.Namespace) -> dict:
     step, ctx = make_step(method, task, batches)
     calls_per_step = args.n_batches if method == "gradients()" else 1
     gc.collect()
-    rss0 = _proc_status_kb("VmRSS")
-    exact_peak = _reset_peak()
+    rss0 = proc_status_kb("VmRSS")
+    exact_peak = reset_peak()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for r in range(args.warmup + args.repeats):
@@ -251,7 +237,7 @@ def worker(model_name: str, method: str, args: argparse.Namespace) -> dict:
         if r >= args.warmup:
             times.append(dt / calls_per_step)
     if exact_peak:
-        peak_kb = _proc_status_kb("VmHWM") - rss0
+        peak_kb = proc_status_kb("VmHWM") - rss0
     else:  # high-water mark could not be reset: ru_maxrss is the whole process's peak
         peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0, 0)
     res = {
@@ -280,24 +266,6 @@ def worker(model_name: str, method: str, args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def _busy_seconds() -> float:
-    """CPU seconds all processes have spent busy since boot (first line of /proc/stat)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    busy = v[0] + v[1] + v[2] + sum(v[5:8])  # user nice system irq softirq steal
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and its finished subprocesses (the workers)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def run_one(model_name: str, method: str, argv: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", model_name, method]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -314,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(*args.worker, args)))
         return
 
-    t_start, busy_start, own_start = time.perf_counter(), _busy_seconds(), _own_cpu_seconds()
+    t_start, busy_start, own_start = time.perf_counter(), machine_busy_s(), own_cpu_s(children=True)
     fwd = list(argv)
     results: dict[tuple[str, str], dict] = {}
     for m in args.models:
@@ -388,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     for line in verdicts:
         print(line)
     wall = time.perf_counter() - t_start
-    others = (_busy_seconds() - busy_start) - (_own_cpu_seconds() - own_start)
+    others = (machine_busy_s() - busy_start) - (own_cpu_s(children=True) - own_start)
     print(
         f"\ntotal wall time {wall:.0f} s; other processes used {others / wall:.2f} of "
         f"{os.cpu_count()} CPUs on average meanwhile (/proc/stat minus this benchmark's CPU time)"
