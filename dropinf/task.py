@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
@@ -169,7 +168,3 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> list[ParamI
             offset += p.numel()
     return out
 
-
-def model_params(model: nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Canonical name of every parameter (tied parameters appear once, under their first name)."""
-    return dict(model.named_parameters())
