@@ -115,7 +115,7 @@ def gradients(
         loader: an iterable of batches that ``task.loss`` accepts (a ``DataLoader`` or a list).
             Batches are moved to the model's device.
         compressor: e.g. ``Identity()`` for the exact (n, d) per-sample gradients.
-
+        progress: show a tqdm bar labelled ``desc``.
         dtype: of the result (float64 keeps a float64 model's precision).
 
     Returns:
@@ -131,7 +131,7 @@ def gradients(
         )
     compressor.bind(task)
     batches, indexed = _with_indices(loader)
-    device = next((p.device for p in task.model.parameters()), torch.device("cpu"))
+    device = task.device
     rows, idx, losses = [], [], []
     seen = 0
     with task.evaluating(), PerSampleGrads(task) as psg:

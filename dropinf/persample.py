@@ -42,7 +42,7 @@ class LinearFactors:
 
     ``module`` names the layer; ``weight``/``bias`` name its parameters (None if not selected).
     ``rows`` are the output rows of the weight, viewed as ``(out, -1)``, that this block covers
-    (a slice of them for one group of a grouped convolution), ``group`` its group index.
+    (a slice of them for one group of a grouped convolution).
     ``transposed`` is True when the weight is stored as (I, O) (Hugging Face ``Conv1D``).
     """
 
@@ -53,7 +53,6 @@ class LinearFactors:
     bias: str | None
     rows: slice
     transposed: bool = False
-    group: int = 0
 
     @property
     def x_aug(self) -> Tensor:
@@ -157,10 +156,10 @@ class BatchGrads:
         b = self.blocks[0]
         return b.g if isinstance(b, DenseGrad) else b.delta
 
-    def param_grad(self, info: ParamInfo, blocks: list[Block] | None = None) -> Tensor:
-        """(B, numel) per-sample gradient of one parameter, summed over ``blocks`` (default all)."""
+    def param_grad(self, info: ParamInfo) -> Tensor:
+        """(B, numel) per-sample gradient of one parameter, summed over the blocks that own it."""
         out = torch.zeros(self.size, info.numel, device=self.device, dtype=self.dtype)
-        for b in self.blocks if blocks is None else blocks:
+        for b in self.blocks:
             if info.name in b.params:  # only the blocks that own it compute anything
                 for _, start, g in b.contributions(only=info.name):
                     out[:, start : start + g.shape[1]] += g
@@ -209,10 +208,16 @@ class Plan:
     func: list[str]  # parameter names
     unsupported: dict[str, str]  # module name -> type name, for modules whose params use func
 
-    def describe(self) -> str:
-        lines = [f"hooks: {len(self.hooked)} modules", f"torch.func: {len(self.func)} parameters"]
-        lines += [f"  {m} ({t})" for m, t in self.unsupported.items()]
-        return "\n".join(lines)
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    """Canonical name of every parameter by identity (tied ones under their first name)."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _own(m: nn.Module, canon: dict[int, str], selected: set[str]) -> dict[str, str]:
+    """A module's own (direct) selected parameters: {attribute, e.g. "weight": name}."""
+    names = {a: canon.get(id(p)) for a, p in m._parameters.items() if p is not None}
+    return {a: n for a, n in names.items() if n in selected}
 
 
 def make_plan(task: Task) -> Plan:
@@ -223,12 +228,11 @@ def make_plan(task: Task) -> Plan:
     least one of its own parameters is selected and none of them is routed to ``torch.func``.
     """
     selected = {p.name for p in task.params}
-    canon = {id(p): n for n, p in task.model.named_parameters()}
+    canon = _param_names(task.model)
     owners: dict[str, list[tuple[str, nn.Module]]] = defaultdict(list)
     for mname, m in task.model.named_modules(remove_duplicate=False):
-        for p in m._parameters.values():
-            if p is not None and canon.get(id(p)) in selected:
-                owners[canon[id(p)]].append((mname, m))
+        for pname in _own(m, canon, selected).values():
+            owners[pname].append((mname, m))
     func: set[str] = set()
     unsupported: dict[str, str] = {}
     for pname, mods in owners.items():
@@ -243,8 +247,7 @@ def make_plan(task: Task) -> Plan:
         changed = False
         for mods in owners.values():
             for _, m in mods:
-                own = {canon.get(id(p)) for p in m._parameters.values() if p is not None}
-                own &= selected
+                own = set(_own(m, canon, selected).values())
                 if own & func and not own <= func:
                     func |= own
                     changed = True
@@ -252,7 +255,7 @@ def make_plan(task: Task) -> Plan:
     seen: set[int] = set()
     for mname, m in task.model.named_modules(remove_duplicate=False):
         kind = _hookable(m)
-        own = {canon.get(id(p)) for p in m._parameters.values() if p is not None} & selected
+        own = set(_own(m, canon, selected).values())
         if kind and own and not own & func and id(m) not in seen:
             hooked[mname] = kind
             seen.add(id(m))
@@ -338,18 +341,12 @@ class _Capture:
         return hook
 
 
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
-
-
 def _factors(
     name: str, kind: str, m: nn.Module, calls: list[_Call], selected: set[str], canon: dict
 ) -> list[Block]:
     """Turn the captured inputs and output gradients of one module into blocks."""
-    w = canon.get(id(m.weight)) if m.weight is not None else None
-    w = w if w in selected else None
-    b = canon.get(id(m.bias)) if getattr(m, "bias", None) is not None else None
-    b = b if b in selected else None
+    own = _own(m, canon, selected)
+    w, b = own.get("weight"), own.get("bias")
     calls = [c for c in calls if c.grads]  # a call whose output did not reach the loss adds 0
     if not calls:
         return []
@@ -372,7 +369,6 @@ def _factors(
                 w,
                 b,
                 slice(i * co, (i + 1) * co),
-                group=i,
             )
             for i in range(g)
         ]
@@ -456,7 +452,7 @@ class PerSampleGrads:
         """Per-sample gradients and the per-sample losses (B,) of one batch."""
         task, plan = self.task, self.plan
         out = BatchGrads(task.params)
-        device = _model_device(task.model)
+        device = task.device
         losses = None
         if plan.hooked:
             B = batch_size(batch)
@@ -486,12 +482,6 @@ class PerSampleGrads:
         return out, losses.detach()
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 class _Functional:
     """Stands in for the model inside ``torch.func``: calls it with substituted parameters."""
 
@@ -516,12 +506,7 @@ def _func_grads(task: Task, batch: object, names: list[str]) -> tuple[Tensor, di
 
     def one(p: dict[str, Tensor], sample: object) -> tuple[Tensor, Tensor]:
         batch1 = tree_map(lambda t, d: t if d is None else t.unsqueeze(0), sample, in_dims)
-        loss = task.loss(_Functional(task.model, p), batch1)
-        if loss.numel() != 1:
-            raise ValueError(
-                f"loss returned shape {tuple(loss.shape)} for one sample; expected (1,)"
-            )
-        loss = loss.reshape(())
+        loss = task.per_sample_losses(batch1, _Functional(task.model, p)).reshape(())
         return loss, loss
 
     with torch.enable_grad():
@@ -537,8 +522,8 @@ class FactorSpec:
     """A layer whose per-sample gradient compressors may form from its factors.
 
     The layer's (augmented) weight is an ``(n_out, n_in + has_bias)`` matrix: output units by
-    input units, the bias being the last input unit. A grouped convolution has ``groups`` blocks
-    of ``n_out / groups`` output rows each, all over the same ``n_in`` local input units.
+    input units, the bias being the last input unit. A grouped convolution is one such matrix
+    whose output rows are split among the groups, each over the same ``n_in`` local inputs.
     """
 
     module: str
@@ -546,7 +531,6 @@ class FactorSpec:
     bias: str | None
     n_in: int
     n_out: int
-    groups: int = 1
     transposed: bool = False
 
     @property
@@ -570,25 +554,22 @@ def factor_specs(task: Task, plan: Plan | None = None) -> list[FactorSpec]:
     modules = dict(task.model.named_modules(remove_duplicate=False))
     users: dict[str, int] = defaultdict(int)
     for name in plan.hooked:
-        for p in modules[name]._parameters.values():
-            if p is not None and canon.get(id(p)) in selected:
-                users[canon[id(p)]] += 1
+        for pname in _own(modules[name], canon, selected).values():
+            users[pname] += 1
     specs = []
     for name, kind in plan.hooked.items():
         if kind not in ("linear", "conv1d", "conv2d"):
             continue
         m = modules[name]
-        w = canon.get(id(m.weight)) if canon.get(id(m.weight)) in selected else None
-        b = getattr(m, "bias", None)
-        b = canon.get(id(b)) if b is not None and canon.get(id(b)) in selected else None
+        own = _own(m, canon, selected)
+        w, b = own.get("weight"), own.get("bias")
         if any(users[p] > 1 for p in (w, b) if p is not None):
             continue
         if kind == "linear":
-            n_in, n_out, groups = m.in_features, m.out_features, 1
+            n_in, n_out = m.in_features, m.out_features
         elif kind == "conv1d":
-            n_in, n_out, groups = m.weight.shape[0], m.weight.shape[1], 1
-        else:
-            n_in = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
-            n_out, groups = m.out_channels, m.groups
-        specs.append(FactorSpec(name, w, b, n_in, n_out, groups, kind == "conv1d"))
+            n_in, n_out = m.weight.shape
+        else:  # (C_out, C_in / groups, kh, kw)
+            n_in, n_out = m.weight[0].numel(), m.out_channels
+        specs.append(FactorSpec(name, w, b, n_in, n_out, kind == "conv1d"))
     return specs

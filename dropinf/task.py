@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
@@ -70,6 +71,11 @@ class Task:
         self.loss = loss
         self.params: list[ParamInfo] = _select_params(model, params)
         self.dim = self.params[-1].stop
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live (batches are moved there)."""
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
     @property
     def param_names(self) -> list[str]:
@@ -167,4 +173,3 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> list[ParamI
             out.append(ParamInfo(n, tuple(p.shape), offset))
             offset += p.numel()
     return out
-
