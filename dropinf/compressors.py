@@ -212,20 +212,25 @@ class _FlatMask:
         return out
 
 
-class _FlatGaussian:
-    """``P g`` with P of shape (k, d), iid N(0, 1/k), stored per parameter as (k, numel) blocks."""
+class _Projection:
+    """``z = M g`` for a (k, d) matrix stored per parameter as (k, numel) blocks (Gaussian, PCA)."""
 
-    def __init__(self, params: tuple[ParamInfo, ...], k: int, seed: int):
-        self.params, self.dim = params, k if params else 0
-        self.blocks = {
+    def __init__(self, params: tuple[ParamInfo, ...], blocks: dict[str, Tensor], k: int):
+        self.params, self.blocks, self.dim = params, blocks, k if params else 0
+
+    @classmethod
+    def gaussian(cls, params: tuple[ParamInfo, ...], k: int, seed: int) -> _Projection:
+        """iid N(0, 1/k) entries, drawn per parameter from (seed, name)."""
+        blocks = {
             q.name: torch.randn(k, q.numel, generator=_generator(seed, "gauss", q.name))
             / math.sqrt(k)
             for q in params
         }
+        return cls(params, blocks, k)
 
     @property
     def map_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.blocks.values())
+        return _nbytes(self.blocks.values())
 
     def apply(self, bg: BatchGrads) -> list[Tensor]:
         if not self.params:
@@ -234,6 +239,10 @@ class _FlatGaussian:
         for q in self.params:
             z += bg.param_grad(q).float() @ self.blocks[q.name].to(bg.device).T
         return [z]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _cat(parts: list[Tensor], bg: BatchGrads) -> Tensor:
@@ -410,7 +419,7 @@ class Gaussian(Compressor):
         if not self.factored:
             if self.k > layout.dim:
                 raise ValueError(f"k={self.k} exceeds the gradient dimension d={layout.dim}")
-            self.flat = _FlatGaussian(layout.params, self.k, self.seed)
+            self.flat = _Projection.gaussian(layout.params, self.k, self.seed)
             return
         for s in layout.factored:
             k_out, k_in = _side(s.n_out, self.p), _side(s.n_in_aug, self.p)
@@ -420,7 +429,7 @@ class Gaussian(Compressor):
             self.proj[s.module] = (p_out, p_in)
         rest = layout.rest()
         d_rest = sum(q.numel for q in rest)
-        self.flat = _FlatGaussian(rest, _side(d_rest, self.p), self.seed)
+        self.flat = _Projection.gaussian(rest, _side(d_rest, self.p), self.seed)
 
     @property
     def dim(self) -> int:
@@ -430,8 +439,7 @@ class Gaussian(Compressor):
     @property
     def map_bytes(self) -> int:
         _ = self.bound
-        proj = sum(o.numel() * 4 + i.numel() * 4 for o, i in self.proj.values())
-        return proj + self.flat.map_bytes
+        return _nbytes(t for pair in self.proj.values() for t in pair) + self.flat.map_bytes
 
     def compress(self, bg: BatchGrads) -> Tensor:
         parts = []
@@ -553,6 +561,8 @@ class PCA(Compressor):
                 f"PCA was fitted on gradients of dimension {self.components.shape[1]}, but this "
                 f"model's is {layout.dim}"
             )
+        views = {q.name: self.components[:, q.offset : q.stop] for q in layout.params}
+        self.proj = _Projection(layout.params, views, self.k)
 
     @property
     def dim(self) -> int:
@@ -560,11 +570,8 @@ class PCA(Compressor):
 
     @property
     def map_bytes(self) -> int:
-        return 0 if self.components is None else self.components.numel() * 4
+        return 0 if self.components is None else _nbytes([self.components])
 
     def compress(self, bg: BatchGrads) -> Tensor:
-        V = self.components.to(bg.device)
-        z = torch.zeros(bg.size, self.k, device=bg.device)
-        for q in self.bound.params:
-            z += bg.param_grad(q).float() @ V[:, q.offset : q.stop].T
-        return z
+        _ = self.bound
+        return self.proj.apply(bg)[0]
