@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.func import grad, hessian, jvp
 
 from .persample import _Functional
-from .task import Task
+from .task import Task, batch_size
 
 KINDS = ("identity", "fisher", "exact")
 EXACT_DENSE_MAX = 20_000  # above this many parameters, exact curvature uses conjugate gradient
@@ -91,20 +91,21 @@ class Preconditioner:
         uncompressed gradients (``Identity``). Refuses an indefinite ``C + lambda I``.
         """
         _check_damping(damping)
+        if solver not in ("auto", "dense", "cg"):
+            raise ValueError(f"solver={solver!r}; choose 'auto', 'dense' or 'cg'")
         batches = list(loader)
         if not batches:
             raise ValueError("loader yielded no batch; the exact Hessian needs training data")
         theta = torch.cat([p.detach().reshape(-1) for p in _selected(task)]).double()
         d = theta.numel()
         solver = ("dense" if d <= EXACT_DENSE_MAX else "cg") if solver == "auto" else solver
-        n = 0
+        n = sum(batch_size(b) for b in batches)
         with task.evaluating():
             fs = [_flat_loss(task, b) for b in batches]
             with torch.enable_grad():
                 g = torch.zeros(d, dtype=torch.float64)
-                for f, b in zip(fs, batches):
+                for f in fs:
                     g += grad(f)(theta)
-                    n += task.per_sample_losses(b).shape[0]
             grad_norm = float((g / n + l2 * theta).norm())
             info = {"n": n, "grad_norm": grad_norm, "l2": l2, "solver": solver}
             if solver == "dense":
@@ -113,8 +114,6 @@ class Preconditioner:
                     H += hessian(f)(theta)
                 H = (H + H.T) / 2 / n + l2 * torch.eye(d, dtype=torch.float64)
                 return cls._from_matrix("exact", H, damping, info)
-        if solver != "cg":
-            raise ValueError(f"solver={solver!r}; choose 'auto', 'dense' or 'cg'")
 
         def hvp(v: Tensor) -> Tensor:
             out = l2 * v
