@@ -1,4 +1,4 @@
-"""Cost of the compression step alone, on GPT-2-small-shaped linear layers, at matched dimension.
+"""Cost of the compression step, on GPT-2-small-shaped linear layers, at matched dimension.
 
 Run from the repository root::
 
@@ -6,15 +6,26 @@ Run from the repository root::
     .venv/bin/python bench/compress.py --p 0.99          # k = 312: the dense Gaussian fits in 4 GB
     .venv/bin/python bench/compress.py --threads 1 --methods dropout-factored gaussian-factored
 
-No model and no backward pass: the per-sample gradients of one batch are given in factored form
-directly. Two linear layers with bias, shaped like one GPT-2-small block, ``attn.proj`` (768 in,
-768 out) and ``mlp.fc`` (768 in, 3072 out), d = 2,952,960 parameters, get random inputs ``x``
-(B, T, n_in) and output gradients ``delta`` (B, T, n_out) (default B = 8 samples of T = 512 tokens),
-wrapped in a :class:`dropinf.persample.BatchGrads` over a hand-built :class:`dropinf.Layout`.
-Only ``comp.compress(bg)`` is timed (``time.perf_counter``; median and minimum over at least
-``--repeats`` calls and at least ``--min-time`` seconds, after ``--warmup`` calls);
-``comp.bind(layout)`` (drawing the masks or projections) is timed once, separately, and so is PCA's
-fit. Torch uses its default thread count unless ``--threads`` is given.
+Two stages (``--stage``):
+
+- ``factors`` (default): no model and no backward pass. Two linear layers with bias, shaped like
+  one GPT-2-small block, ``attn.proj`` (768 in, 768 out) and ``mlp.fc`` (768 in, 3072 out),
+  d = 2,952,960 parameters, get random inputs ``x`` (B, T, n_in) and output gradients ``delta``
+  (B, T, n_out) (default B = 8 samples of T = 512 tokens). Timed: what the library does to them,
+  i.e. the compressor's capture-time reducers (factored dropout gathers the kept units of each
+  factor, factored Gaussian projects each factor; see ``Compressor.reducers``) followed by
+  ``comp.compress``. Here the factors are read from memory that other rows have evicted from
+  the cache, which is the worst case for the gathers.
+- ``pipeline``: the same two layers as a model whose per-sample loss is ``sum_t <y_t, r_t>``,
+  so the output gradients are random too. Timed per batch: forward, backward with the capture
+  hooks and compression, where the reducers run inside the hooks while the factors are fresh;
+  minus the same forward and backward capturing the full factors without compressing (the
+  baseline, measured in the same subprocess). Differences of two medians are noisy: read them
+  on an idle machine.
+
+``comp.bind(layout)`` (drawing the masks or projections) is timed once, separately, and so is
+PCA's fit. Median and minimum over at least ``--repeats`` calls and at least ``--min-time``
+seconds, after ``--warmup`` calls; torch uses its default thread count unless ``--threads``.
 
 Methods, all at the output dimension k of factored dropout at rate p (k = sum over the layers of
 ``round((1-p) n_out) * round((1-p) (n_in + 1))``, about (1-p)^2 d):
@@ -95,6 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pca-n-fit", type=int, default=256, help="PCA fit rows (at least k)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--stage",
+        choices=("factors", "pipeline"),
+        default="factors",
+        help="factors: compression from captured factors alone; pipeline: the marginal cost of "
+        "compression inside forward + backward with the capture hooks",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -204,6 +222,75 @@ def held_bytes(obj, seen: set[int] | None = None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- timed steps
+
+
+def from_factors(comp, bg):
+    """What the library does to one batch's captured factors: the compressor's capture-time
+    reducers (factored methods: gather or project each factor), then ``compress``."""
+    from dropinf.persample import BatchGrads, ReducedFactors
+
+    reducers = comp.reducers(bg.device)
+    if not reducers:
+        return lambda: comp.compress(bg)
+
+    def step():
+        blocks = [
+            ReducedFactors(b.module, r.inputs(b.x), r.outputs(b.delta), b.params)
+            if (r := reducers.get(b.module))
+            else b
+            for b in bg.blocks
+        ]
+        return comp.compress(BatchGrads(bg.params, blocks, bg.size))
+
+    return step
+
+
+class TwoLayers:
+    """The two layers as a model: ``y_l = fc_l(x_l)``, per-sample loss ``sum_t <y_l, r_l>`` so
+    the output gradients are fixed random tensors ``r_l`` (B, T, n_out), like ``batch``'s."""
+
+    def __init__(self, args: argparse.Namespace):
+        import torch
+        from torch import nn
+
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        B, T = args.batch, args.tokens
+        self.model = nn.ModuleDict({n.replace(".", "_"): nn.Linear(i, o) for n, i, o in LAYERS})
+        self.batch = {
+            n: (
+                torch.randn(B, T, m.in_features, generator=gen),
+                torch.randn(B, T, m.out_features, generator=gen),
+            )
+            for n, m in self.model.items()
+        }
+
+    def loss(self, model, batch):
+        return sum((model[n](x) * r).sum((1, 2)) for n, (x, r) in batch.items())
+
+
+def in_pipeline(comp, args: argparse.Namespace):
+    """Per batch: forward, backward with the capture hooks, compression (reduced at capture
+    where the compressor can), and the same without compression as the baseline."""
+    import dropinf
+    from dropinf.persample import PerSampleGrads
+
+    two = TwoLayers(args)
+    task = dropinf.Task(two.model.eval(), two.loss)
+    comp.bind(task)
+    full, reduced = PerSampleGrads(task).__enter__(), PerSampleGrads(task, comp).__enter__()
+    return (lambda: comp.compress(reduced(two.batch)[0])), (lambda: full(two.batch)[0])
+
+
+def timed(fn, args: argparse.Namespace) -> list[float]:
+    times = []
+    while len(times) < args.repeats or sum(times) < args.min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 # ----------------------------------------------------------------------------- worker
 
 
@@ -221,25 +308,27 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     comp.bind(lay)
     bind_s = time.perf_counter() - t0
+    if args.stage == "pipeline":
+        comp, _ = build(method, lay, k, args)  # bound to the model's layout below (same draw)
+        step, baseline = in_pipeline(comp, args)
+    else:
+        step, baseline = from_factors(comp, bg), None
     gc.collect()
     rss0 = proc_status_kb("VmRSS")
     exact_peak = reset_peak()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    shape, finite = None, True
-    for r in range(args.warmup):
-        z = comp.compress(bg)
-        if r == 0:
-            shape, finite = tuple(z.shape), bool(torch.isfinite(z).all())
-        del z
+    z = step()
+    shape, finite = tuple(z.shape), bool(torch.isfinite(z).all())
+    del z
+    for _ in range(args.warmup - 1):
+        step()
     busy0, own0, wall0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
-    while len(times) < args.repeats or sum(times) < args.min_time:
-        t0 = time.perf_counter()
-        z = comp.compress(bg)
-        times.append(time.perf_counter() - t0)
-        if shape is None:
-            shape, finite = tuple(z.shape), bool(torch.isfinite(z).all())
-        del z
+    times = timed(step, args)
+    base = None
+    if baseline is not None:
+        for _ in range(args.warmup):
+            baseline()
+        base = 1e3 * statistics.median(timed(baseline, args))
     busy1, own1, wall1 = machine_busy_s(), own_cpu_s(), time.perf_counter()
     others = None  # share of the machine's CPU that other processes used while we timed
     if busy0 is not None and busy1 is not None:
@@ -253,8 +342,9 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         "dim": comp.dim,
         "shape": shape,
         "finite": finite,
-        "ms": 1e3 * statistics.median(times),
-        "ms_min": 1e3 * min(times),
+        "ms": 1e3 * statistics.median(times) - (base or 0.0),
+        "base_ms": base,
+        "ms_min": 1e3 * min(times) - (base or 0.0),
         "calls": len(times),
         "others": others,
         "bind_s": bind_s,
@@ -310,8 +400,13 @@ def main(argv: list[str] | None = None) -> None:
 
     any_res = next((r for r in results.values() if "threads" in r), {})
     shapes = ", ".join(f"{n} {i}x{o}" for n, i, o in LAYERS)
+    stage = (
+        "compression step alone (capture-time reducers + compress, from the factors)"
+        if args.stage == "factors"
+        else "marginal cost of compression in forward + backward with the capture hooks"
+    )
     print(
-        f"compression step alone: layers {shapes} (in x out, + bias), d = {d:,}; "
+        f"{stage}: layers {shapes} (in x out, + bias), d = {d:,}; "
         f"B = {args.batch}, T = {args.tokens}; p = {args.p} per side -> k = {k:,} "
         f"({d / k:.0f}x compression)"
     )
@@ -357,6 +452,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         if m == "pca":
             notes.append(f"pca: fit (SVD) took {r['fit_s']:.2f} s, not included in ms/batch")
+        if r.get("base_ms") is not None:
+            notes.append(
+                f"{m}: forward + backward + capture + compression {r['ms'] + r['base_ms']:.2f} ms "
+                f"per batch; without compression (full factors captured) {r['base_ms']:.2f} ms; "
+                "ms/batch is the difference"
+            )
     if busy:
         notes.append(
             f"WARNING: other processes used more than {100 * BUSY:.0f}% of the CPUs while some "

@@ -24,6 +24,7 @@ import json
 import math
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,7 +32,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .persample import BatchGrads, FactorSpec, LinearFactors, factor_specs
+from .persample import (
+    BatchGrads,
+    FactorReducer,
+    FactorSpec,
+    LinearFactors,
+    ReducedFactors,
+    factor_specs,
+)
 from .task import ParamInfo, Task
 
 REGISTRY: dict[str, type[Compressor]] = {}
@@ -131,6 +139,11 @@ class Compressor(ABC):
     def fingerprint(self) -> str:
         """Deterministic description saved beside results."""
         return json.dumps({"kind": self.kind, **self.config()}, sort_keys=True)
+
+    def reducers(self, device: torch.device) -> dict[str, FactorReducer]:
+        """Maps of layer factors that :class:`~dropinf.PerSampleGrads` applies at capture time,
+        by module name (none by default: the compressor reads the full factors)."""
+        return {}
 
     @abstractmethod
     def compress(self, bg: BatchGrads) -> Tensor:
@@ -249,12 +262,23 @@ def _cat(parts: list[Tensor], bg: BatchGrads) -> Tensor:
     return torch.cat(parts, 1) if parts else torch.zeros(bg.size, 0, device=bg.device)
 
 
-def _layer_blocks(bg: BatchGrads) -> dict[str, list[LinearFactors]]:
-    out: dict[str, list[LinearFactors]] = {}
+def _layer_blocks(bg: BatchGrads) -> dict[str, list[LinearFactors | ReducedFactors]]:
+    out: dict[str, list[LinearFactors | ReducedFactors]] = {}
     for b in bg.blocks:
-        if isinstance(b, LinearFactors):
+        if isinstance(b, LinearFactors | ReducedFactors):
             out.setdefault(b.module, []).append(b)
     return out
+
+
+def _reduced(blocks: list) -> Tensor | None:
+    """The product of a layer's reduced factors, or None if it was captured in full."""
+    if len(blocks) == 1 and isinstance(blocks[0], ReducedFactors):
+        return blocks[0].product()
+    return None
+
+
+def _gather_columns(idx: Tensor) -> Callable[[Tensor], Tensor]:
+    return lambda t: _columns(t, idx)
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -326,15 +350,34 @@ class Dropout(Compressor):
         parts += self.flat.apply(bg)
         return _cat(parts, bg)
 
-    def _layer(self, s: FactorSpec, blocks: list[LinearFactors], bg: BatchGrads) -> Tensor:
+    def reducers(self, device: torch.device) -> dict[str, FactorReducer]:
+        """Gather the kept input units (plus a column of ones for a kept bias unit) and the kept
+        output units as the factors are captured."""
+        out = {}
+        for s in self.bound.factored if self.factored else ():
+            s_out, s_in, _ = self.units[s.module]
+            w_in = s_in[s_in < s.n_in].to(device)
+            keep_in = _gather_columns(w_in)
+            if len(w_in) < len(s_in):  # the bias unit is kept: its input is 1
+
+                def keep_in(x: Tensor, w_in=w_in) -> Tensor:
+                    a = _columns(x, w_in)
+                    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
+
+            out[s.module] = FactorReducer(keep_in, _gather_columns(s_out.to(device)))
+        return out
+
+    def _layer(self, s: FactorSpec, blocks: list, bg: BatchGrads) -> Tensor:
         s_out, s_in, scale = self.units[s.module]
-        s_out, s_in = s_out.to(bg.device), s_in.to(bg.device)
-        w_in = s_in[s_in < s.n_in]
+        reduced = _reduced(blocks)
+        if reduced is not None:
+            return reduced.mul_(scale)
+        w_in = s_in[s_in < s.n_in].to(bg.device)
         bias_kept = len(w_in) < len(s_in)  # the bias unit is the last input index
         parts = []
         for b in blocks:  # one per group, in row order; rows of S_out falling in this group
             sel = s_out[(s_out >= b.rows.start) & (s_out < b.rows.stop)] - b.rows.start
-            d = _columns(b.delta, sel)
+            d = _columns(b.delta, sel.to(bg.device))
             g = torch.bmm(d.transpose(1, 2), _columns(b.x, w_in))  # (B, k_out_g, k_in_w)
             if bias_kept:
                 g = torch.cat([g, d.sum(1).unsqueeze(-1)], -1)
@@ -342,7 +385,7 @@ class Dropout(Compressor):
         if not parts:  # the layer did not reach the loss
             return torch.zeros(bg.size, len(s_out) * len(s_in), device=bg.device)
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        return out.reshape(bg.size, -1) * scale
+        return out.reshape(bg.size, -1).mul_(scale)
 
     def kept_indices(self) -> tuple[Tensor, Tensor]:
         """Coordinates of the flat (d,) gradient that the output keeps, in output order, and
@@ -373,9 +416,15 @@ class Dropout(Compressor):
 
 
 def _columns(t: Tensor, idx: Tensor) -> Tensor:
-    """(B, T, len(idx)) float32 columns of a (B, T, n) factor (index_select: a contiguous copy)."""
+    """(B, T, len(idx)) float32 columns of a (B, T, n) factor, as a contiguous copy.
+
+    ``gather`` with a broadcast index reads each row once and measured about twice as fast as
+    ``index_select`` along the last dimension on CPU.
+    """
     B, T, n = t.shape
-    return t.reshape(B * T, n).index_select(1, idx).view(B, T, -1).float()
+    rows = t.reshape(B * T, n)
+    out = torch.gather(rows, 1, idx.expand(B * T, len(idx)))
+    return out.view(B, T, -1).float()
 
 
 # ----------------------------------------------------------------------------- Gaussian
@@ -441,15 +490,36 @@ class Gaussian(Compressor):
         _ = self.bound
         return _nbytes(t for pair in self.proj.values() for t in pair) + self.flat.map_bytes
 
+    def reducers(self, device: torch.device) -> dict[str, FactorReducer]:
+        """Project both factors as they are captured: ``P_in x_aug`` and ``P_out delta``."""
+        out = {}
+        for s in self.bound.factored if self.factored else ():
+            p_out, p_in = (t.to(device) for t in self.proj[s.module])
+            w_t, b = p_in[:, : s.n_in].T, p_in[:, s.n_in] if s.bias is not None else None
+
+            def inputs(x: Tensor, w_t=w_t, b=b) -> Tensor:
+                a = x.float() @ w_t
+                return a if b is None else a.add_(b)
+
+            out[s.module] = FactorReducer(inputs, lambda d, p=p_out.T: d.float() @ p)
+        return out
+
     def compress(self, bg: BatchGrads) -> Tensor:
         parts = []
         if self.factored:
             blocks = _layer_blocks(bg)
             for s in self.bound.factored:
+                reduced = _reduced(blocks.get(s.module, []))
+                if reduced is not None:
+                    parts.append(reduced)
+                    continue
                 p_out, p_in = (t.to(bg.device) for t in self.proj[s.module])
                 out = torch.zeros(bg.size, p_out.shape[0], p_in.shape[0], device=bg.device)
                 for b in blocks.get(s.module, []):
-                    a = b.x_aug.float() @ p_in.T  # (B, T, k_in)
+                    # P_in x_aug without building x_aug: the bias unit's column is added after.
+                    a = b.x.float() @ p_in[:, : s.n_in].T  # (B, T, k_in)
+                    if s.bias is not None:
+                        a += p_in[:, s.n_in]
                     c = b.delta.float() @ p_out[:, b.rows].T  # (B, T, k_out)
                     out += torch.bmm(c.transpose(1, 2), a)
                 parts.append(out.reshape(bg.size, -1))

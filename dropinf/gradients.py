@@ -134,7 +134,7 @@ def gradients(
     device = task.device
     rows, idx, losses = [], [], []
     seen = 0
-    with task.evaluating(), PerSampleGrads(task) as psg:
+    with task.evaluating(), PerSampleGrads(task, compressor) as psg:
         for item in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
             bidx, batch = item if indexed else (None, item)
             bg, loss = psg(_to_device(batch, device))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -121,7 +121,43 @@ class DenseGrad:
         yield self.param, 0, self.g
 
 
-Block = LinearFactors | EmbeddingFactors | DenseGrad
+@dataclass(frozen=True)
+class FactorReducer:
+    """A compressor's maps of one layer's factors, applied as they are captured.
+
+    ``inputs``: (B, T, n_in) layer inputs -> (B, T, k_in), the bias unit (if the compressor keeps
+    it) included; ``outputs``: (B, T, n_out) output gradients -> (B, T, k_out). The compressed
+    per-sample gradient is then ``sum_t outputs(delta)_t inputs(x)_t^T``. Reducing at capture
+    time, while the factors are hot in cache, is cheaper than gathering or projecting them later,
+    and only the reduced factors are held until the backward pass ends.
+    """
+
+    inputs: Callable[[Tensor], Tensor]
+    outputs: Callable[[Tensor], Tensor]
+
+
+@dataclass
+class ReducedFactors:
+    """A layer's factors after its compressor's :class:`FactorReducer`: ``a`` (B, T, k_in),
+    ``c`` (B, T, k_out). Only the compressor that reduced them can use them."""
+
+    module: str
+    a: Tensor
+    c: Tensor
+    params: tuple[str, ...]
+
+    def product(self) -> Tensor:
+        """(B, k_out * k_in): ``sum_t c_t a_t^T`` per sample, row-major."""
+        return torch.bmm(self.c.transpose(1, 2), self.a).reshape(self.a.shape[0], -1)
+
+    def contributions(self, only: str | None = None) -> Iterator[tuple[str, int, Tensor]]:
+        raise ValueError(
+            f"layer {self.module!r} was compressed as it was captured; its exact gradient is "
+            "gone. Use PerSampleGrads(task) without a compressor for exact gradients"
+        )
+
+
+Block = LinearFactors | EmbeddingFactors | DenseGrad | ReducedFactors
 
 
 @dataclass
@@ -154,7 +190,9 @@ class BatchGrads:
     @property
     def _first(self) -> Tensor:
         b = self.blocks[0]
-        return b.g if isinstance(b, DenseGrad) else b.delta
+        if isinstance(b, DenseGrad):
+            return b.g
+        return b.c if isinstance(b, ReducedFactors) else b.delta
 
     def param_grad(self, info: ParamInfo) -> Tensor:
         """(B, numel) per-sample gradient of one parameter, summed over the blocks that own it."""
@@ -275,14 +313,14 @@ class _Tap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, anchor: Tensor, sink: list) -> Tensor:
-        ctx.sink = sink
+    def forward(ctx, y: Tensor, anchor: Tensor, sink: list, record: Callable | None) -> Tensor:
+        ctx.sink, ctx.record = sink, record
         return y.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        ctx.sink.append(g)
-        return g, None, None
+        ctx.sink.append(g if ctx.record is None else ctx.record(g))
+        return g, None, None, None
 
 
 @dataclass
@@ -294,8 +332,8 @@ class _Call:
 class _Capture:
     """Installs forward hooks on the planned modules for the duration of a ``with`` block."""
 
-    def __init__(self, task: Task, plan: Plan):
-        self.task, self.plan = task, plan
+    def __init__(self, task: Task, plan: Plan, reducers: dict[str, FactorReducer] | None = None):
+        self.task, self.plan, self.reducers = task, plan, reducers or {}
         self.calls: dict[str, list[_Call]] = defaultdict(list)
         self.anchor: Tensor | None = None
         self.size = 0
@@ -334,15 +372,29 @@ class _Capture:
                 # own copy so that its output gradient is per-sample, not summed over samples.
                 inp = inp.expand(B, *inp.shape[1:])
                 output = output.expand(B, *output.shape[1:])
+            reducer, record = self.reducers.get(name), None
+            if reducer is not None:  # keep only the compressor's view of both factors
+                inp = reducer.inputs(_token_inputs(module, inp))
+                n_out = output.shape[1] if isinstance(module, nn.Conv2d) else output.shape[-1]
+
+                def record(g: Tensor) -> Tensor:
+                    return reducer.outputs(_token_grads(module, g, n_out))
+
             call = _Call(inp)
             self.calls[name].append(call)
-            return _Tap.apply(output, self.anchor, call.grads)
+            return _Tap.apply(output, self.anchor, call.grads, record)
 
         return hook
 
 
 def _factors(
-    name: str, kind: str, m: nn.Module, calls: list[_Call], selected: set[str], canon: dict
+    name: str,
+    kind: str,
+    m: nn.Module,
+    calls: list[_Call],
+    selected: set[str],
+    canon: dict,
+    reduced: bool = False,
 ) -> list[Block]:
     """Turn the captured inputs and output gradients of one module into blocks."""
     own = _own(m, canon, selected)
@@ -352,13 +404,17 @@ def _factors(
         return []
     B = calls[0].inp.shape[0]
 
+    if reduced:  # already in token form and reduced by the compressor
+        a, c = _tokens([c.inp for c in calls]), _tokens([c.grads[0] for c in calls])
+        return [ReducedFactors(name, a, c, tuple(p for p in (w, b) if p is not None))]
+
     if kind in ("linear", "conv1d"):
-        x = _tokens([c.inp.reshape(B, -1, c.inp.shape[-1]) for c in calls])
-        d = _tokens([c.grads[0].reshape(B, -1, c.grads[0].shape[-1]) for c in calls])
+        x = _tokens([_token_inputs(m, c.inp) for c in calls])
+        d = _tokens([_token_grads(m, c.grads[0], c.grads[0].shape[-1]) for c in calls])
         return [LinearFactors(name, x, d, w, b, slice(0, d.shape[-1]), transposed=kind == "conv1d")]
 
     if kind == "conv2d":
-        xs, ds = zip(*[(_unfold(m, c.inp), c.grads[0].flatten(2).transpose(1, 2)) for c in calls])
+        xs, ds = zip(*[(_token_inputs(m, c.inp), _token_grads(m, c.grads[0], 0)) for c in calls])
         x, d = _tokens(list(xs)), _tokens(list(ds))
         g, (ci, co) = m.groups, (x.shape[-1] // m.groups, m.out_channels // m.groups)
         return [
@@ -393,6 +449,20 @@ def _factors(
     raise AssertionError(kind)  # unreachable: make_plan only emits the kinds above
 
 
+def _token_inputs(m: nn.Module, inp: Tensor) -> Tensor:
+    """(B, T, n_in) inputs of a linear-like layer: tokens, or a Conv2d's unfolded patches."""
+    if isinstance(m, nn.Conv2d):
+        return _unfold(m, inp)
+    return inp.reshape(inp.shape[0], -1, inp.shape[-1])
+
+
+def _token_grads(m: nn.Module, g: Tensor, n_out: int) -> Tensor:
+    """(B, T, n_out) output gradients, matching :func:`_token_inputs` (``n_out`` for linear)."""
+    if isinstance(m, nn.Conv2d):
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, n_out)
+
+
 def _tokens(parts: list[Tensor]) -> Tensor:
     """Concatenate the calls of a layer used several times along the token axis (dim 1)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
@@ -423,9 +493,13 @@ class PerSampleGrads:
 
     >>> with PerSampleGrads(task) as psg:
     ...     bg = psg(batch)        # BatchGrads; bg.flat() is (B, d)
+
+    With a ``compressor`` (bound to the task here), layers that it reduces factor by factor
+    (:meth:`~dropinf.Compressor.reducers`: factored dropout and Gaussian) are reduced as they are
+    captured and come back as :class:`ReducedFactors`, which only ``compressor.compress`` reads.
     """
 
-    def __init__(self, task: Task):
+    def __init__(self, task: Task, compressor=None):
         self.task = task
         self.plan = make_plan(task)
         if self.plan.unsupported:
@@ -436,10 +510,18 @@ class PerSampleGrads:
                 "which costs an extra forward and backward pass",
                 stacklevel=2,
             )
-        self._capture = _Capture(task, self.plan)
         self._canon = _param_names(task.model)
         self._selected = {p.name for p in task.params}
         self._modules = dict(task.model.named_modules(remove_duplicate=False))
+        self.reducers: dict[str, FactorReducer] = {}
+        if compressor is not None:
+            self.reducers = {
+                name: r
+                for name, r in compressor.bind(task).reducers(task.device).items()
+                # grouped convolutions split the factors per group: compressors handle those
+                if name in self.plan.hooked and getattr(self._modules[name], "groups", 1) == 1
+            }
+        self._capture = _Capture(task, self.plan, self.reducers)
 
     def __enter__(self) -> PerSampleGrads:
         self._capture.__enter__()
@@ -469,7 +551,13 @@ class PerSampleGrads:
             for name, kind in plan.hooked.items():
                 calls = self._capture.calls.get(name, [])
                 out.blocks += _factors(
-                    name, kind, self._modules[name], calls, self._selected, self._canon
+                    name,
+                    kind,
+                    self._modules[name],
+                    calls,
+                    self._selected,
+                    self._canon,
+                    reduced=name in self.reducers,
                 )
             self._capture.calls.clear()
         if plan.func:

@@ -333,3 +333,50 @@ def test_sizes_checked_against_the_model(case):
     other = di.Task(models.mlp([3, 2]), losses.cross_entropy)
     with pytest.raises(ValueError, match="already bound"):
         comp.bind(other)
+
+
+class Reusing(nn.Module):
+    """A Conv2d with groups=1 (reduced at capture), a Linear called twice, and a Linear fed an
+    input shared across the batch (shape (1, T, n), expanded per sample by the hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 3)
+        self.pos = nn.Linear(2, 3)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2).transpose(1, 2)  # (B, 25, 3)
+        h = torch.tanh(self.fc(torch.tanh(self.fc(h))))
+        h = h + self.pos(torch.linspace(-1, 1, 50).view(1, 25, 2))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: di.Dropout(0.5, factored=True, seed=1),
+        lambda: di.Dropout(0.6, factored=True, mask="bernoulli", seed=2),
+        lambda: di.Gaussian(factored=True, p=0.5, seed=3),
+    ],
+    ids=["dropout-fixed", "dropout-bernoulli", "gaussian"],
+)
+@pytest.mark.parametrize("model", ["reusing", "mixed", "gpt2"])
+def test_reduction_at_capture_equals_compressing_the_full_factors(make, model):
+    if model == "reusing":
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(5, 2, 5, 5, generator=g), torch.randint(0, 4, (5,), generator=g)
+        task, batches = di.Task(Reusing().eval(), losses.cross_entropy), [(x, y)]
+    else:
+        task, batches = CASES[model]()
+    comp = make().bind(task)
+    with PerSampleGrads(task) as psg:  # full factors, compressed afterwards
+        full = comp.compress(psg(batches[0])[0])
+    with PerSampleGrads(task, comp) as psg:
+        bg = psg(batches[0])[0]
+    expected = {"reusing": {"conv", "fc", "pos", "head"}, "mixed": {"fc1", "fc2"}}  # grouped conv
+    assert set(psg.reducers) == expected.get(model, {s.module for s in comp.bound.factored})
+    assert_close(comp.compress(bg), full)
+    with pytest.raises(ValueError, match="compressed as it was captured"):
+        bg.flat()
