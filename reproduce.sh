@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # dropinf: set up the environment (first use), then run the study or its tests.
-#   ./reproduce.sh                 set up if needed, run every notebook (cpu-quick profile)
+#   ./reproduce.sh [OPTIONS]       set up if needed, run every notebook, then build the paper
+#       --profile cpu-quick|gpu    (default cpu-quick); results go to results/<profile>/
+#       --only NAME[,NAME]         notebooks by stem or prefix: --only 01 or --only 01_theory
+#       -p KEY VALUE               override a notebook parameter: -p n_trials 50
+#       (all options: ./reproduce.sh run --help; it is `python -m dropinf run`)
+#   ./reproduce.sh paper           rebuild paper/paper.md from results/ without running anything
+#   ./reproduce.sh list            the notebooks and their parameters
 #   ./reproduce.sh test [ARGS...]  set up if needed, run the test suite (ARGS go to pytest)
 #   ./reproduce.sh setup           set up only
 set -euo pipefail
@@ -40,12 +46,7 @@ run_tests() {
 }
 
 run_study() {
-    shopt -s nullglob
-    local notebooks=(notebooks/[0-9]*.ipynb)
-    if [[ ${#notebooks[@]} -eq 0 ]]; then
-        echo "reproduce.sh: no notebooks in notebooks/ yet; nothing to reproduce" >&2
-        return 1
-    fi
+    # The runner says so and exits 1 when notebooks/ holds no notebook yet.
     "$VENV/bin/python" -m dropinf run "$@"
 }
 
@@ -54,6 +55,9 @@ case "$cmd" in
     setup) setup ;;
     test) shift; setup; run_tests "$@" ;;
     run) [[ $# -gt 0 ]] && shift; setup; run_study "$@" ;;
+    paper | list) shift; setup; "$VENV/bin/python" -m dropinf "$cmd" "$@" ;;
     -*) setup; run_study "$@" ;;
-    *) echo "usage: ./reproduce.sh [test [PYTEST_ARGS...] | setup | run [OPTIONS]]" >&2; exit 2 ;;
+    *) echo "usage: ./reproduce.sh [run [OPTIONS] | paper [OPTIONS] | list | test [PYTEST_ARGS...] | setup]" >&2
+       echo "       (./reproduce.sh run --help lists the run options)" >&2
+       exit 2 ;;
 esac

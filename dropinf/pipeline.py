@@ -1,0 +1,585 @@
+"""Run the study's notebooks with papermill, then assemble the paper from their results.
+
+``python -m dropinf run`` (what ``./reproduce.sh`` calls) executes ``notebooks/NN_*.ipynb`` in
+name order into ``results/<profile>/<stem>/`` (layout in :mod:`dropinf.results`), injecting
+``profile``, ``out_dir`` and the user's overrides into each notebook's ``parameters`` cell. A
+notebook that fails does not stop the others; the run ends with a table of notebooks, status
+and wall time, writes ``results/<profile>/run.json`` and exits non-zero if any failed.
+
+``python -m dropinf paper`` renders ``paper/paper.template.md`` into ``paper/paper.md``
+(placeholder grammar in :func:`render_template`); the run does this last unless ``--no-paper``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write, write_json
+from .results import PROFILES, manifest, repo_root
+
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+DEFAULT_PROFILE = "cpu-quick"
+DEFAULT_KERNEL = "dropinf"
+INJECTED = ("profile", "out_dir")  # set by the runner, never by -p
+
+Log = Callable[[str], None]
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it (shorter to read)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r} is not a profile; use one of {', '.join(PROFILES)}")
+    return profile
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+def find_notebooks(notebooks_dir: str | Path | None = None) -> list[Path]:
+    """The study's notebooks ``NN_*.ipynb`` in ``notebooks_dir`` (default notebooks/), sorted."""
+    d = Path(notebooks_dir) if notebooks_dir else repo_root() / "notebooks"
+    return sorted(d.glob(NOTEBOOK_GLOB))
+
+
+def select(notebooks: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
+    """The notebooks named by ``only`` (stems or stem prefixes: ``01``, ``01_theory``), in order.
+
+    ``None`` or empty selects all. Entries may also be file names (``01_theory.ipynb``). A name
+    matching no notebook is a ValueError listing the notebooks that exist.
+    """
+    if not only:
+        return list(notebooks)
+    names = [Path(n).name.removesuffix(".ipynb") for n in only]
+    unknown = [n for n in names if not n or not any(p.stem.startswith(n) for p in notebooks)]
+    if unknown:
+        have = ", ".join(p.stem for p in notebooks) or "none"
+        raise ValueError(f"--only: no notebook matches {', '.join(map(repr, unknown))}; "
+                         f"the notebooks are: {have}")
+    return [p for p in notebooks if any(p.stem.startswith(n) for n in names)]
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value typed as papermill's CLI does: True/False, None, int, float, else string."""
+    if text in ("True", "False"):
+        return text == "True"
+    if text == "None":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_params(pairs: Sequence[Sequence[str]] = (), yamls: Sequence[str] = ()) -> dict[str, Any]:
+    """Overrides from ``-y YAML`` strings (mappings) then ``-p KEY VALUE`` pairs (which win)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for text in yamls:
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"-y {text!r} is not valid YAML ({e}); "
+                             "write e.g. -y 'n_trials: 50'") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"-y {text!r} is not a mapping; write e.g. -y 'n_trials: 50'")
+        out.update(loaded)
+    for key, value in pairs:
+        out[key] = parse_value(value)
+    bad = [k for k in out if not isinstance(k, str) or not k.isidentifier()]
+    if bad:
+        raise ValueError(f"parameter names must be Python identifiers, got {bad}")
+    reserved = [k for k in INJECTED if k in out]
+    if reserved:
+        raise ValueError(f"{reserved} cannot be overridden: choose the profile with --profile; "
+                         "out_dir is results/<profile>/<notebook>, set by the runner")
+    return out
+
+
+def notebook_parameters(path: Path) -> dict[str, str]:
+    """``{name: default as source text}`` of the notebook's ``parameters`` cell (papermill)."""
+    import papermill
+
+    return {name: p["default"] for name, p in papermill.inspect_notebook(str(path)).items()}
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def check_kernel(kernel: str) -> None:
+    """Refuse a Jupyter kernel that is not installed, before any notebook runs."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(kernel)
+    except NoSuchKernel:
+        raise ValueError(f"Jupyter kernel {kernel!r} is not installed; `./reproduce.sh setup` "
+                         "registers 'dropinf' in .venv, or pass --kernel python3") from None
+
+
+@dataclass
+class NotebookRun:
+    """Outcome of one notebook: status ``ok`` or ``failed``, and where its executed copy is."""
+
+    name: str
+    status: str
+    wall_s: float
+    executed: str
+    params: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _kernel_config() -> dict[str, Any]:
+    """Encrypt the kernel's local channels where jupyter_client and zmq can (else the kernel
+    prints a warning about plain-text TCP for every notebook)."""
+    import zmq
+    from jupyter_client import KernelManager
+    from traitlets.config import Config
+
+    if not (KernelManager.class_traits().get("transport_encryption") and zmq.has("curve")):
+        return {}
+    return {"config": Config({"KernelManager": {"transport_encryption": "auto"}})}
+
+
+def _execute(path: Path, out_dir: Path, params: dict[str, Any], kernel: str,
+             progress: bool) -> NotebookRun:
+    import papermill
+
+    # The directory holds exactly one run: no figure or summary left from an earlier one.
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    executed = out_dir / path.name
+    error = None
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(path), str(executed), parameters=params,
+                                   kernel_name=kernel, progress_bar=progress, cwd=str(path.parent),
+                                   **_kernel_config())
+    except papermill.PapermillExecutionError as e:
+        error = f"{e.ename}: {e.evalue} (at In [{e.exec_count}])"
+    except Exception as e:  # a dead kernel, say: it must not stop the other notebooks
+        error = f"{type(e).__name__}: {e}"
+    return NotebookRun(path.stem, "failed" if error else "ok",
+                       round(time.perf_counter() - t0, 2), str(executed), params, error)
+
+
+def run_notebooks(profile: str = DEFAULT_PROFILE, only: Sequence[str] | None = None,
+                  params: dict[str, Any] | None = None, *,
+                  notebooks_dir: str | Path | None = None, results_dir: str | Path | None = None,
+                  kernel: str = DEFAULT_KERNEL, progress: bool = True,
+                  log: Log = _log, warn: Log = _warn) -> list[NotebookRun]:
+    """Execute the selected notebooks in order into ``results_dir/<profile>/<stem>/``.
+
+    Each gets ``profile``, ``out_dir`` (absolute) and those of ``params`` its parameters cell
+    declares; an override no selected notebook declares is warned about and dropped. Writes
+    ``results_dir/<profile>/run.json`` (``dropinf.results.manifest`` plus one entry per
+    notebook). Returns the outcomes; failures are in them, never raised.
+    """
+    check_profile(profile)
+    nb_dir = Path(notebooks_dir) if notebooks_dir else repo_root() / "notebooks"
+    found = find_notebooks(nb_dir)
+    if not found:
+        raise FileNotFoundError(f"no notebooks ({NOTEBOOK_GLOB}) in {_rel(nb_dir)}/ yet; "
+                                "nothing to reproduce")
+    notebooks = select(found, only)
+    params = dict(params or {})
+    check_kernel(kernel)
+    declared = {p.stem: notebook_parameters(p) for p in notebooks}
+    for stem, names in declared.items():
+        for name in INJECTED:
+            if name not in names:
+                warn(f"{stem} has no `{name}` in a cell tagged 'parameters'; it is injected anyway")
+    for key in params:
+        lacking = [s for s, names in declared.items() if key not in names]
+        if len(lacking) == len(declared):
+            warn(f"-p {key}: no selected notebook has this parameter; ignored "
+                 f"(theirs: {', '.join(sorted({n for v in declared.values() for n in v}))})")
+        elif lacking:
+            warn(f"-p {key}: not a parameter of {', '.join(lacking)}; not passed to it")
+
+    root = (Path(results_dir) if results_dir else repo_root() / "results").resolve() / profile
+    runs: list[NotebookRun] = []
+    t0 = time.perf_counter()
+    for i, path in enumerate(notebooks, 1):
+        mine = {k: v for k, v in params.items() if k in declared[path.stem]}
+        out_dir = root / path.stem
+        shown = " ".join(f"{k}={v!r}" for k, v in mine.items())
+        log(f"[{i}/{len(notebooks)}] {path.stem} ({profile}{', ' + shown if shown else ''}) "
+            f"-> {_rel(out_dir)}")
+        run = _execute(path, out_dir, {"profile": profile, "out_dir": str(out_dir), **mine},
+                       kernel, progress)
+        log(f"[{i}/{len(notebooks)}] {run.name}: {run.status} in {run.wall_s:.1f} s")
+        runs.append(run)
+
+    seeds = {s: params.get("seed", _literal(names["seed"])) for s, names in declared.items()
+             if "seed" in names}
+    write_json(root / "run.json", manifest(
+        profile, params, seeds, kernel=kernel, wall_s=round(time.perf_counter() - t0, 2),
+        notebooks=[asdict(r) for r in runs]))
+    return runs
+
+
+def summary_table(runs: Sequence[NotebookRun]) -> str:
+    """The end-of-run table, then for each failure its error and executed notebook."""
+    rows = [("notebook", "status", "time", "executed notebook")]
+    rows += [(r.name, r.status if r.status == "ok" else "FAILED", f"{r.wall_s:.1f} s",
+              _rel(Path(r.executed))) for r in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[3]]) for row in rows]
+    failed = [r for r in runs if r.status != "ok"]
+    if failed:
+        lines.append(f"\n{len(failed)} of {len(runs)} notebooks failed:")
+        for r in failed:
+            see = Path(r.executed)
+            lines += [f"  {r.name}: {r.error}",
+                      f"    see {_rel(see)}" if see.exists() else "    (no executed notebook)"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- paper
+
+# An HTML comment (a note to authors, dropped with any placeholder in it) or a placeholder.
+PLACEHOLDER = re.compile(r"<!--.*?-->\n?|\{\{(.*?)\}\}", re.S)
+STEM = r"(?P<stem>\d\d_\w+)"
+VALUE = re.compile(STEM + r"\.(?P<key>[\w-]+(?:\.[\w-]+)*)")
+FILE = re.compile(STEM + r"/(?P<kind>figures|tables)/(?P<name>[\w.-]+)")
+
+
+@dataclass
+class Paper:
+    """What :func:`build_paper` wrote, and the placeholders it could not fill."""
+
+    markdown: Path
+    figures: list[Path]
+    missing: list[str]
+    pdf: Path | None = None
+
+
+def _format(value: Any, spec: str) -> str:
+    if isinstance(value, float) and not spec:
+        return format(value, ".4g")
+    return format(value, spec) if spec else str(value)
+
+
+def _lookup(summary: dict[str, Any], key: str) -> Any:
+    """``summary[a][b]...`` for ``key = "a.b..."`` (integers index lists); KeyError names it."""
+    value: Any = summary
+    for i, part in enumerate(key.split(".")):
+        where = ".".join(key.split(".")[:i]) or "summary.json"
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            have = sorted(value) if isinstance(value, dict) else f"a {type(value).__name__}"
+            raise KeyError(f"{where} has no {part!r} (it has {have})")
+    if isinstance(value, dict):
+        raise KeyError(f"it is a mapping; name one of its keys: {sorted(value)}")
+    return value
+
+
+def markdown_table(csv_path: Path, spec: str = "") -> str:
+    """A CSV file as a Markdown pipe table; ``spec`` formats the cells that are numbers."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{csv_path} is empty")
+
+    def cell(text: str) -> str:
+        if spec:
+            try:
+                text = format(float(text), spec)
+            except ValueError:
+                pass
+        return text.replace("|", r"\|")
+
+    head, body = rows[0], rows[1:]
+    lines = ["| " + " | ".join(c.replace("|", r"\|") for c in head) + " |",
+             "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def provenance_table(results: Path) -> str:
+    """One row per notebook with results: commit, creation time, wall time, overrides, hardware."""
+    lines = ["| notebook | commit | created | wall time | parameters set | hardware |",
+             "|---|---|---|---|---|---|"]
+    for m_path in sorted(results.glob("*/manifest.json")):
+        m = json.loads(m_path.read_text())
+        git = m.get("git", {})
+        commit = (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
+        # papermill records what it injected in the executed notebook's metadata.
+        nb_path = m_path.parent / f"{m_path.parent.name}.ipynb"
+        injected = {}
+        if nb_path.exists():
+            meta = json.loads(nb_path.read_text()).get("metadata", {}).get("papermill", {})
+            injected = {k: v for k, v in meta.get("parameters", {}).items() if k not in INJECTED}
+        hw = m.get("hardware", {})
+        machine = ", ".join(hw.get("gpus") or []) or hw.get("cpu") or "unknown"
+        set_ = ", ".join(f"{k}={v!r}" for k, v in injected.items()) or "defaults"
+        lines.append(f"| {m_path.parent.name} | {commit} | {m.get('created', '?')} | "
+                     f"{m.get('wall_s', '?')} s | {set_} | {machine} |")
+    if len(lines) == 2:
+        return "(no notebook has run yet)"
+    return "\n".join(lines)
+
+
+def render_template(text: str, results: Path) -> tuple[str, list[str], list[tuple[Path, str]]]:
+    """Fill the placeholders of a paper template from ``results`` (``results/<profile>``).
+
+    HTML comments (notes to authors) are dropped first. Placeholders, ``{{ ... }}``:
+
+    - ``{{ 01_theory.max_abs_z }}``: a value of ``01_theory/summary.json``; dots walk into
+      nested mappings (and list indices); ``{{ 01_theory.max_abs_z | .2f }}`` formats it
+      (default ``.4g`` for floats).
+    - ``{{ 02_fidelity/tables/NAME }}``: ``tables/NAME.csv`` as a Markdown table
+      (``| .3g`` formats its numeric cells).
+    - ``{{ 01_theory/figures/NAME | caption }}``: an image of ``figures/NAME.png``, linked as
+      ``figures/<stem>/NAME.png`` (the caller copies it there).
+    - ``{{ provenance }}``: a table of each result's commit, time, parameters and hardware.
+
+    A notebook without ``summary.json`` renders as ``(not run: STEM)`` and is reported in the
+    missing list. A malformed placeholder, or a key, table or figure absent from a notebook
+    that did run, is a ValueError listing every such placeholder with its line.
+
+    Returns ``(markdown, missing placeholders, [(figure file, its link relative to the paper)])``.
+    """
+    missing: list[str] = []
+    errors: list[str] = []
+    copies: list[tuple[Path, str]] = []
+
+    def fill(m: re.Match) -> str:
+        if m.group(1) is None:  # a comment
+            return ""
+        inner = m.group(1).strip()
+        line = text.count("\n", 0, m.start()) + 1
+        ref, _, arg = (s.strip() for s in inner.partition("|"))
+        if ref == "provenance":
+            return provenance_table(results)
+        value_m, file_m = VALUE.fullmatch(ref), FILE.fullmatch(ref)
+        match = value_m or file_m
+        if not match:
+            errors.append(f"line {line}: malformed placeholder {{{{ {inner} }}}}; write "
+                          "STEM.KEY, STEM/figures/NAME, STEM/tables/NAME or provenance")
+            return m.group(0)
+        stem = match["stem"]
+        if not (results / stem / "summary.json").exists():
+            missing.append(ref)
+            return f"(not run: {stem})"
+        try:
+            if value_m:
+                summary = json.loads((results / stem / "summary.json").read_text())
+                return _format(_lookup(summary, value_m["key"]), arg)
+            kind, name = file_m["kind"], file_m["name"]
+            src = results / stem / kind / f"{name}.{'csv' if kind == 'tables' else 'png'}"
+            if not src.exists():
+                raise ValueError(f"{stem} ran but wrote no {kind}/{src.name}")
+            if kind == "tables":
+                return markdown_table(src, arg)
+            copies.append((src, f"figures/{stem}/{src.name}"))
+            return f"![{arg or name}]({copies[-1][1]})"
+        except KeyError as e:
+            errors.append(f"line {line}: {{{{ {inner} }}}}: {e.args[0]}")
+        except ValueError as e:
+            errors.append(f"line {line}: {{{{ {inner} }}}}: {e}")
+        return m.group(0)
+
+    out = PLACEHOLDER.sub(fill, text)
+    if errors:
+        raise ValueError("the paper template has placeholders that cannot be filled:\n  "
+                         + "\n  ".join(errors))
+    return out, missing, copies
+
+
+def build_paper(profile: str = DEFAULT_PROFILE, *, results_dir: str | Path | None = None,
+                template: str | Path | None = None, out_dir: str | Path | None = None,
+                pdf: bool = True, log: Log = _log) -> Paper:
+    """Render the paper template from ``results_dir/<profile>`` into ``out_dir/paper.md``.
+
+    Defaults: ``results/``, ``paper/paper.template.md`` and ``paper/`` (``paper/<profile>/``
+    for a profile other than cpu-quick). Referenced figures are copied to ``out_dir/figures/``
+    (cleared first: it holds generated files only). With ``pdf`` and ``pandoc`` on the PATH,
+    also ``out_dir/paper.pdf``; a missing or failing pandoc is reported, not raised.
+    """
+    check_profile(profile)
+    root = repo_root()
+    results = (Path(results_dir) if results_dir else root / "results") / profile
+    template = Path(template) if template else root / "paper" / "paper.template.md"
+    if out_dir is None:
+        out_dir = root / "paper" / ("" if profile == DEFAULT_PROFILE else profile)
+    out_dir = Path(out_dir)
+    if not template.exists():
+        raise FileNotFoundError(f"paper template {template} does not exist")
+
+    text, missing, copies = render_template(template.read_text(), results)
+    shutil.rmtree(out_dir / "figures", ignore_errors=True)
+    for src, link in copies:
+        (out_dir / link).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out_dir / link)
+    header = (f"<!-- Generated by `python -m dropinf paper --profile {profile}` from "
+              f"{template.name} and results/{profile}/. Do not edit: edit the template. -->\n\n")
+    md = atomic_write(out_dir / "paper.md", lambda f: f.write(header + text), mode="w")
+    paper = Paper(md, [out_dir / link for _, link in copies], missing)
+    log(f"paper: wrote {_rel(md)} with {len(copies)} figure(s)")
+    if missing:
+        stems = sorted({re.split(r"[./]", m)[0] for m in missing})
+        log(f"paper: {len(missing)} placeholder(s) left unfilled, notebooks not run: "
+            f"{', '.join(stems)}")
+    if pdf:
+        paper.pdf = _pandoc(md, log)
+    return paper
+
+
+def _pandoc(md: Path, log: Log) -> Path | None:
+    if shutil.which("pandoc") is None:
+        log("paper: pandoc not found, so no PDF (install pandoc and a LaTeX engine for one)")
+        return None
+    out = md.with_suffix(".pdf")
+    proc = subprocess.run(["pandoc", md.name, "-o", out.name, "--resource-path", "."],
+                          cwd=md.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(f"paper: pandoc failed, no PDF:\n{proc.stderr.strip()[-2000:]}")
+        return None
+    log(f"paper: wrote {_rel(out)}")
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+COMMANDS = ("run", "list", "paper")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dropinf",
+        description="Run the dropinf study's notebooks with papermill and build the paper.",
+        epilog="Without a command, `run` is meant: python -m dropinf --only 01 -p n_trials 50")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--profile", default=DEFAULT_PROFILE, choices=PROFILES,
+                        help="which data and model sizes (default %(default)s)")
+        sp.add_argument("--results", metavar="DIR", help="results root (default results/)")
+
+    def paper_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--template", metavar="FILE",
+                        help="paper template (default paper/paper.template.md)")
+        sp.add_argument("--paper-dir", metavar="DIR",
+                        help="where paper.md goes (default paper/, paper/<profile>/ for gpu)")
+        sp.add_argument("--no-pdf", action="store_true", help="do not call pandoc")
+
+    run = sub.add_parser("run", help="execute the notebooks, then build the paper")
+    common(run)
+    run.add_argument("--only", action="append", metavar="NAME[,NAME]",
+                     help="notebooks to run, by stem or prefix (01, 01_theory); repeatable")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
+                     metavar=("KEY", "VALUE"),
+                     help="override a notebook parameter (typed: int, float, True/False, None)")
+    run.add_argument("-y", "--yaml", action="append", default=[], metavar="YAML",
+                     help="overrides as a YAML mapping, e.g. -y 'n_trials: 50' (-p wins)")
+    run.add_argument("--kernel", default=DEFAULT_KERNEL,
+                     help="Jupyter kernel (default %(default)s, registered by reproduce.sh setup)")
+    run.add_argument("--notebooks", metavar="DIR", help="notebook directory (default notebooks/)")
+    run.add_argument("--no-paper", action="store_true", help="skip building the paper")
+    run.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    paper_opts(run)
+
+    ls = sub.add_parser("list", help="list the notebooks, their parameters and results")
+    common(ls)
+    ls.add_argument("--notebooks", metavar="DIR", help="notebook directory (default notebooks/)")
+
+    paper = sub.add_parser("paper", help="build paper/paper.md from results/<profile>/")
+    common(paper)
+    paper_opts(paper)
+    return p
+
+
+def _list(args: argparse.Namespace) -> int:
+    notebooks = find_notebooks(args.notebooks)
+    if not notebooks:
+        _log("no notebooks yet")
+        return 0
+    results = (Path(args.results) if args.results else repo_root() / "results") / args.profile
+    for path in notebooks:
+        summary = results / path.stem / "summary.json"
+        state = f"results in {_rel(summary.parent)}" if summary.exists() else "not run"
+        _log(f"{path.stem}  ({args.profile}: {state})")
+        for name, default in notebook_parameters(path).items():
+            _log(f"    {name} = {default}")
+    return 0
+
+
+def _paper(args: argparse.Namespace) -> None:
+    build_paper(args.profile, results_dir=args.results, template=args.template,
+                out_dir=args.paper_dir, pdf=not args.no_pdf)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dropinf [run|list|paper] ...``; returns the exit status.
+
+    0: all ran; 1: a notebook failed or there are none; 2: bad arguments.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "run")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list(args)
+        if args.command == "paper":
+            _paper(args)
+            return 0
+        only = [n for item in args.only or [] for n in item.split(",") if n]
+        params = parse_params(args.parameter, args.yaml)
+        runs = run_notebooks(args.profile, only, params, notebooks_dir=args.notebooks,
+                             results_dir=args.results, kernel=args.kernel,
+                             progress=not args.no_progress)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _log("\n" + summary_table(runs))
+    status = 1 if any(r.status != "ok" for r in runs) else 0
+    if not args.no_paper:
+        try:
+            _paper(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: paper not built: {e}", file=sys.stderr)
+            status = 1
+    return status

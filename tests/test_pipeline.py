@@ -1,0 +1,229 @@
+"""The papermill runner and the paper build, on tiny notebooks and fake results of our own."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dropinf import pipeline
+from dropinf.pipeline import build_paper, main, parse_params, parse_value, select
+
+# The native kernel of the running interpreter: always installed with ipykernel, unlike the
+# 'dropinf' kernel that reproduce.sh registers.
+KERNEL = "python3"
+HEAD = 'profile = "cpu-quick"\nout_dir = None\n'
+
+
+def write_nb(path: Path, params: str, *cells: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    first = nbformat.v4.new_code_cell(params)
+    first.metadata["tags"] = ["parameters"]
+    nb.cells = [first, *(nbformat.v4.new_code_cell(c) for c in cells)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+FINISH = """
+import os
+from dropinf.results import Run
+Run({name!r}, profile, out_dir=out_dir).finish({body})
+"""
+
+
+def test_run_injects_continues_after_failure_and_reports(tmp_path, capsys):
+    nbs, res = tmp_path / "nbs", tmp_path / "res"
+    write_nb(nbs / "01_ok.ipynb",
+             HEAD + 'seed = 0\nn = 3\nscale = 1.0\nflag = False\nlabel = "a"\nnothing = 1\n',
+             FINISH.format(name="01_ok", body='dict(n=n, scale=scale, flag=flag, label=label, '
+                           'nothing=nothing, out_dir=out_dir, cwd=os.getcwd(), types=[type(v)'
+                           '.__name__ for v in (n, scale, flag, label, nothing)])'))
+    write_nb(nbs / "02_fail.ipynb", HEAD + "seed = 0\n", 'raise ValueError("boom 42")', "x = 1")
+    write_nb(nbs / "03_after.ipynb", HEAD + "seed = 5\n",
+             FINISH.format(name="03_after", body='dict(has_n="n" in globals())'))
+    # Not selected by --only: must not run.
+    write_nb(nbs / "04_skip.ipynb", HEAD, 'raise RuntimeError("should not run")')
+    template = tmp_path / "t.md"
+    template.write_text("n = {{ 01_ok.n }}; x = {{ 02_fail.x }}\n\n{{ provenance }}\n")
+
+    rc = main(["--profile", "gpu", "--only", "01,02_fail", "--only", "03", "--notebooks",
+               str(nbs), "--results", str(res), "--kernel", KERNEL, "--no-progress",
+               "-p", "n", "7", "-p", "scale", "2.5", "-p", "flag", "True", "-p", "nothing",
+               "None", "-y", "{label: hello, typo: 1}", "--template", str(template),
+               "--paper-dir", str(tmp_path / "paper"), "--no-pdf"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+
+    root = res / "gpu"
+    s1 = json.loads((root / "01_ok" / "summary.json").read_text())
+    assert s1["profile"] == "gpu"                       # injected over the default cpu-quick
+    assert s1["out_dir"] == str((root / "01_ok").resolve())
+    assert Path(s1["cwd"]).resolve() == nbs.resolve()
+    assert (s1["n"], s1["scale"], s1["flag"], s1["label"], s1["nothing"]) == (
+        7, 2.5, True, "hello", None)
+    assert s1["types"] == ["int", "float", "bool", "str", "NoneType"]
+    # The failure did not stop 03, which was not given n (it does not declare it).
+    assert json.loads((root / "03_after" / "summary.json").read_text())["has_n"] is False
+    assert not (root / "04_skip").exists()
+    failed_nb = root / "02_fail" / "02_fail.ipynb"
+    errors = [o for c in nbformat.read(failed_nb, 4).cells if c.cell_type == "code"
+              for o in c.get("outputs", []) if o.output_type == "error"]
+    assert [(o.ename, o.evalue) for o in errors] == [("ValueError", "boom 42")]
+    assert not (root / "02_fail" / "summary.json").exists()
+
+    table = out[out.index("notebook  "):]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:4]}
+    assert [rows[s][1] for s in ("01_ok", "02_fail", "03_after")] == ["ok", "FAILED", "ok"]
+    assert "1 of 3 notebooks failed" in table
+    assert "02_fail: ValueError: boom 42 (at In [" in table
+    assert rows["02_fail"][-1] in table.split("see ")[-1]
+    assert Path(rows["02_fail"][-1]).resolve() == failed_nb.resolve()
+    assert "-p n: not a parameter of 02_fail, 03_after" in err
+    assert "-p typo: no selected notebook has this parameter" in err
+
+    run = json.loads((root / "run.json").read_text())
+    assert run["profile"] == "gpu" and run["kernel"] == KERNEL
+    assert run["params"] == {"n": 7, "scale": 2.5, "flag": True, "nothing": None,
+                             "label": "hello", "typo": 1}
+    assert run["seeds"] == {"01_ok": 0, "02_fail": 0, "03_after": 5}
+    assert [(r["name"], r["status"]) for r in run["notebooks"]] == [
+        ("01_ok", "ok"), ("02_fail", "failed"), ("03_after", "ok")]
+    assert run["notebooks"][0]["params"]["n"] == 7 and "n" not in run["notebooks"][2]["params"]
+    assert "boom 42" in run["notebooks"][1]["error"]
+    assert set(run["git"]) == {"commit", "dirty"} and run["packages"]["papermill"]
+
+    paper = (tmp_path / "paper" / "paper.md").read_text()
+    assert "n = 7; x = (not run: 02_fail)" in paper
+    prov = [line for line in paper.splitlines() if line.startswith("| 01_ok ")]
+    assert len(prov) == 1 and "n=7" in prov[0] and "label='hello'" in prov[0]
+
+
+def test_select_by_stem_and_prefix(tmp_path):
+    nbs = [tmp_path / f"{s}.ipynb" for s in ("01_theory", "02_fidelity", "10_extra")]
+    assert select(nbs, None) == nbs
+    assert select(nbs, ["02", "01_theory"]) == nbs[:2]          # notebook order, not --only's
+    assert select(nbs, ["notebooks/10_extra.ipynb"]) == nbs[2:]
+    with pytest.raises(ValueError, match=r"'03'.*01_theory, 02_fidelity, 10_extra"):
+        select(nbs, ["01", "03"])
+
+
+def test_cli_errors_before_running_anything(tmp_path, capsys):
+    nbs = tmp_path / "nbs"
+    args = ["--notebooks", str(nbs), "--results", str(tmp_path / "res"), "--no-paper"]
+    assert main(args) == 1
+    assert "no notebooks" in capsys.readouterr().err
+    write_nb(nbs / "01_a.ipynb", HEAD, 'raise RuntimeError("should not run")')
+    assert main(["run", "--only", "07", *args]) == 2
+    assert "no notebook matches '07'; the notebooks are: 01_a" in capsys.readouterr().err
+    assert main([*args, "--kernel", "no-such-kernel-x"]) == 2
+    assert "kernel 'no-such-kernel-x' is not installed" in capsys.readouterr().err
+    assert main([*args, "-p", "profile", "gpu"]) == 2
+    assert "--profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--profile", "tpu"])
+    assert e.value.code == 2
+    assert not (tmp_path / "res").exists()
+    with pytest.raises(ValueError, match="profile='tpu'"):
+        pipeline.run_notebooks("tpu", notebooks_dir=nbs)
+
+
+def test_parse_values_as_papermill_does():
+    from papermill.cli import _resolve_type  # the behaviour we promise to match
+
+    texts = ["7", "-3", "2.5", "1e-3", "nan", "True", "False", "None", "true", "abc", "0x1", ""]
+    assert [parse_value(t) for t in texts][:9] == [7, -3, 2.5, 1e-3, pytest.approx(float("nan"),
+                                                   nan_ok=True), True, False, None, "true"]
+    for t in texts:
+        got, want = parse_value(t), _resolve_type(t)
+        assert type(got) is type(want) and (got == want or got != got), t
+    assert parse_params([("a", "1")], ["{a: x, b: [1, 2]}"]) == {"a": 1, "b": [1, 2]}
+    for bad in (["[1, 2]"], ["a: [1"]):
+        with pytest.raises(ValueError, match="-y"):
+            parse_params([], bad)
+    with pytest.raises(ValueError, match="identifier"):
+        parse_params([("not-a-name", "1")])
+
+
+# --------------------------------------------------------------------------- paper
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    """results/ with one notebook (01_a) that ran: a summary, a table and a figure."""
+    d = tmp_path / "results" / "cpu-quick" / "01_a"
+    (d / "tables").mkdir(parents=True)
+    (d / "figures").mkdir()
+    (d / "summary.json").write_text(json.dumps(
+        {"notebook": "01_a", "x": 0.123456, "nested": {"k": 3}, "lst": [1, 2], "s": "hi",
+         "d": {"a": 1}}))
+    (d / "tables" / "t.csv").write_text("method,rho\ndropout,0.912345\na|b,0.5\n")
+    (d / "figures" / "f.png").write_bytes(b"\x89PNG fake")
+    return tmp_path / "results"
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    """Parse a Markdown pipe table back into cells (undoing the escaped pipes)."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
+    return [[c.replace(r"\|", "|") for c in re.split(r"(?<!\\) \| ", ln[2:-2])] for ln in lines]
+
+
+def test_paper_fills_values_tables_figures_and_marks_missing(results, tmp_path):
+    out = tmp_path / "paper"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "stale.png").write_bytes(b"old")
+    template = tmp_path / "t.md"
+    template.write_text(
+        "# T\nX {{ 01_a.x }} / {{01_a.x|.2f}} / {{ 01_a.nested.k }} / {{ 01_a.lst.1 }} "
+        "/ {{ 01_a.s }}\n\n{{ 01_a/tables/t | .2f }}\n\n{{ 01_a/figures/f | A caption }}\n"
+        "{{ 02_b.y }} and {{ 02_b/figures/g }}\n<!-- a note: {{ bogus }} -->\nend\n")
+    paper = build_paper(results_dir=results, template=template, out_dir=out, pdf=False,
+                        log=lambda m: None)
+    md = paper.markdown.read_text()
+    assert md.startswith("<!-- Generated by")
+    assert "X 0.1235 / 0.12 / 3 / 2 / hi\n" in md
+    with open(results / "cpu-quick" / "01_a" / "tables" / "t.csv", newline="") as f:
+        want = [[c if i == 0 else f"{float(c):.2f}" for i, c in enumerate(r)]
+                for r in list(csv.reader(f))[1:]]
+    assert _table_rows(md) == [["method", "rho"], *want]
+    assert "![A caption](figures/01_a/f.png)" in md
+    assert (out / "figures" / "01_a" / "f.png").read_bytes() == b"\x89PNG fake"
+    assert not (out / "figures" / "stale.png").exists()
+    assert paper.figures == [out / "figures" / "01_a" / "f.png"]
+    assert "(not run: 02_b) and (not run: 02_b)\nend\n" in md       # the comment is gone
+    assert paper.missing == ["02_b.y", "02_b/figures/g"]
+    assert "bogus" not in md and "{{" not in md
+
+
+def test_paper_errors_name_every_bad_placeholder(results, tmp_path):
+    template = tmp_path / "t.md"
+    template.write_text("{{ theory.x }}\n{{ 01_a.nope }}\n{{ 01_a.d }}\nok {{ 01_a.x }}\n"
+                        "{{ 01_a/tables/none }}\n{{ 01_a/figures/none }}\n{{ }}\n"
+                        "{{ 01_a.lst.5 }}\n{{ 01_a.s | .2f }}\n")
+    with pytest.raises(ValueError) as e:
+        build_paper(results_dir=results, template=template, out_dir=tmp_path / "p", pdf=False)
+    msg = str(e.value)
+    for line, text in [(1, "malformed placeholder {{ theory.x }}"), (2, "has no 'nope'"),
+                       (3, "is a mapping; name one of its keys: ['a']"),
+                       (5, "wrote no tables/none.csv"), (6, "wrote no figures/none.png"),
+                       (7, "malformed placeholder {{  }}"), (8, "lst has no '5'"),
+                       (9, "01_a.s | .2f")]:
+        assert re.search(rf"line {line}: .*{re.escape(text)}", msg), (line, msg)
+    assert "line 4" not in msg and "'x', 'nested'" not in msg
+    assert "'d', 'lst', 'nested', 'notebook', 's', 'x'" in msg      # what 01_a does have
+    assert not (tmp_path / "p" / "paper.md").exists()
+
+
+def test_repo_template_renders_with_no_results(tmp_path):
+    """The committed template is well formed: with no results every placeholder is 'not run'."""
+    paper = build_paper(results_dir=tmp_path / "none", out_dir=tmp_path / "p", pdf=False,
+                        log=lambda m: None)
+    md = paper.markdown.read_text()
+    assert "(not run: 01_theory)" in md and "{{" not in md
+    assert {m.split(".")[0].split("/")[0] for m in paper.missing} >= {"01_theory"}
