@@ -4,7 +4,7 @@ Sign convention everywhere: a positive influence score means the training point 
 the test point (removing it would raise the test loss).
 """
 
-from . import losses, models
+from . import losses, metrics, models, retrain
 from .compressors import PCA, REGISTRY, SJLT, Compressor, Dropout, Gaussian, Identity, Layout, make
 from .curvature import Preconditioner
 from .gradients import Gradients, gradients
@@ -29,7 +29,9 @@ __all__ = [
     "Task",
     "gradients",
     "losses",
+    "metrics",
     "models",
+    "retrain",
     "Preconditioner",
     "scores",
     "self_influence",
