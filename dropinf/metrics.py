@@ -327,8 +327,12 @@ def lds(
 
     Returns:
         :class:`Estimate` whose ``values`` are the (n_test,) per-test LDS; ``sem`` is
-        ``std / sqrt(n_test)`` and the interval a bootstrap over test points. Under no relation
-        each per-test value has a standard deviation of about ``1 / sqrt(m - 1)``.
+        ``std / sqrt(n_test)`` and the interval a bootstrap over test points.
+
+    Null spread: against outputs unrelated to the subsets each per-test value has variance
+    ``1 / (m - 1)``. Random scores against outputs that do follow the subsets add their chance
+    alignment with the true attribution, about ``(3 / pi)^2 / (n_train - 1)`` more, so a
+    random baseline's per-test sd is about ``sqrt(1 / (m - 1) + 0.91 / (n_train - 1))``.
     """
     S = _array(scores, "scores", 2)
     M = _numpy(masks)
