@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.func import grad, hessian, jvp
+from torch.func import grad, hessian, jvp, vjp, vmap
 
+from .losses import SplitLoss
 from .persample import _Functional
 from .task import Task, batch_size
 
-KINDS = ("identity", "fisher", "exact")
+KINDS = ("identity", "fisher", "exact", "ggn")
 EXACT_DENSE_MAX = 20_000  # above this many parameters, exact curvature uses conjugate gradient
 
 
@@ -61,7 +62,7 @@ class Preconditioner:
         if kind == "identity":
             return cls("identity", 0.0, G.shape[1])
         if kind != "fisher":
-            hint = " (use Preconditioner.fit_exact)" if kind == "exact" else ""
+            hint = " (use Preconditioner.fit_exact)" if kind in ("exact", "ggn") else ""
             raise ValueError(f"kind={kind!r}; fit takes 'identity' or 'fisher'{hint}")
         _check_damping(damping)
         n, k = G.shape
@@ -82,17 +83,30 @@ class Preconditioner:
         solver: str = "auto",
         cg_tol: float = 1e-8,
         cg_maxiter: int = 500,
+        kind: str = "exact",
     ) -> Preconditioner:
-        """The Hessian of the mean training loss plus ``l2 I``, in the full parameter space.
+        """Curvature of the mean training loss plus ``l2 I``, in the full parameter space.
 
-        ``solver``: ``"dense"`` (``torch.func.hessian``, float64, eigendecomposed), ``"cg"``
-        (conjugate gradient on Hessian-vector products, each a pass over ``loader``) or
-        ``"auto"`` (dense up to :data:`EXACT_DENSE_MAX` parameters). Scores then need the
-        uncompressed gradients (``Identity``). Refuses an indefinite ``C + lambda I``.
+        ``kind``: ``"exact"``, the Hessian; ``"ggn"``, the Gauss-Newton matrix ``J^T H_out J``
+        (J the Jacobian of the model output, H_out the Hessian of the loss in the output),
+        positive semi-definite; it needs a :class:`~dropinf.losses.SplitLoss` such as
+        ``losses.cross_entropy``. ``solver``: ``"dense"`` (float64 matrix, eigendecomposed),
+        ``"cg"`` (conjugate gradient on curvature-vector products, each a pass over
+        ``loader``) or ``"auto"`` (dense up to :data:`EXACT_DENSE_MAX` parameters). Scores
+        then need the uncompressed gradients (``Identity``). Refuses an indefinite
+        ``C + lambda I``.
         """
         _check_damping(damping)
         if solver not in ("auto", "dense", "cg"):
             raise ValueError(f"solver={solver!r}; choose 'auto', 'dense' or 'cg'")
+        if kind not in ("exact", "ggn"):
+            raise ValueError(f"kind={kind!r}; fit_exact takes 'exact' or 'ggn'")
+        if kind == "ggn" and not isinstance(task.loss, SplitLoss):
+            raise TypeError(
+                f"kind='ggn' needs the model output separated from the loss; task.loss is "
+                f"{task.loss!r}. Use a dropinf.losses.SplitLoss (losses.cross_entropy, "
+                "losses.causal_lm, ...) or wrap yours: SplitLoss(output=..., from_output=...)"
+            )
         batches = list(loader)
         if not batches:
             raise ValueError("loader yielded no batch; the exact Hessian needs training data")
@@ -108,18 +122,28 @@ class Preconditioner:
                     g += grad(f)(theta)
             grad_norm = float((g / n + l2 * theta).norm())
             info = {"n": n, "grad_norm": grad_norm, "l2": l2, "solver": solver}
+            if kind == "ggn":
+                products = [_ggn_product(task, b, theta) for b in batches]
+            else:
+                products = [lambda v, f=f: jvp(grad(f), (theta,), (v,))[1] for f in fs]
             if solver == "dense":
                 H = torch.zeros(d, d, dtype=torch.float64)
-                for f in fs:
-                    H += hessian(f)(theta)
+                if kind == "exact":
+                    for f in fs:
+                        H += hessian(f)(theta)
+                else:  # columns of G, a chunk of unit vectors at a time
+                    eye = torch.eye(d, dtype=torch.float64)
+                    for i in range(0, d, 256):
+                        for prod in products:
+                            H[:, i : i + 256] += vmap(prod)(eye[i : i + 256]).T
                 H = (H + H.T) / 2 / n + l2 * torch.eye(d, dtype=torch.float64)
-                return cls._from_matrix("exact", H, damping, info)
+                return cls._from_matrix(kind, H, damping, info)
 
         def hvp(v: Tensor) -> Tensor:
             out = l2 * v
             with task.evaluating(), torch.enable_grad():
-                for f in fs:
-                    out = out + jvp(grad(f), (theta,), (v,))[1] / n
+                for prod in products:
+                    out = out + prod(v) / n
             return out
 
         # trace(H) by Hutchinson with a fixed seed: only the damping's scale depends on it
@@ -128,7 +152,7 @@ class Preconditioner:
         trace = sum(float(z @ hvp(z)) for z in probes) / len(probes)
         lam = damping * trace / d
         return cls(
-            "exact",
+            kind,
             damping,
             d,
             lam=lam,
@@ -216,3 +240,25 @@ def _flat_loss(task: Task, batch: object):
         return task.per_sample_losses(batch, _Functional(task.model, params)).sum().double()
 
     return f
+
+
+def _ggn_product(task: Task, batch: object, theta: Tensor):
+    """v (d,) -> ``J^T H_out J v`` summed over the batch (float64), for a :class:`SplitLoss`."""
+    loss: SplitLoss = task.loss  # checked by the caller
+
+    def out(t: Tensor) -> Tensor:
+        params = {
+            q.name: t[q.offset : q.stop].view(q.shape).to(p.dtype)
+            for q, p in zip(task.params, _selected(task))
+        }
+        return loss.output(_Functional(task.model, params), batch).double()
+
+    def total(o: Tensor) -> Tensor:
+        return loss.from_output(o, batch).sum()
+
+    def prod(v: Tensor) -> Tensor:
+        o, jv = jvp(out, (theta,), (v,))
+        hjv = jvp(grad(total), (o,), (jv,))[1]
+        return vjp(out, theta)[1](hjv)[0]
+
+    return prod

@@ -160,3 +160,57 @@ def test_exact_refuses_an_indefinite_hessian():
     task = di.Task(m, di.losses.cross_entropy)
     with pytest.raises(ValueError, match="not positive definite"):
         di.Preconditioner.fit_exact(task, [(x, y)])
+
+
+def test_ggn_equals_the_hessian_for_logistic_regression(logreg):
+    """A model linear in its parameters has no second-order term: GGN == Hessian."""
+    model, train, _ = logreg
+    x, y = train
+    split = di.losses.SplitLoss(
+        lambda m, b: m(b[0]).squeeze(-1),
+        lambda z, b: F.binary_cross_entropy_with_logits(z, b[1], reduction="none"),
+    )
+    task = di.Task(model, split)
+    exact = di.Preconditioner.fit_exact(task, [(x[:100], y[:100]), (x[100:], y[100:])], l2=L2)
+    ggn = di.Preconditioner.fit_exact(task, [train], l2=L2, kind="ggn")
+    assert ggn.kind == "ggn"
+    V, w = ggn.eigvecs, ggn.eigvals
+    H = (exact.eigvecs * exact.eigvals) @ exact.eigvecs.T
+    torch.testing.assert_close((V * w) @ V.T, H, rtol=0, atol=1e-12 * H.abs().max().item())
+    with pytest.raises(TypeError, match="SplitLoss"):
+        di.Preconditioner.fit_exact(di.Task(model, bce), [train], kind="ggn")
+
+
+def test_ggn_of_an_mlp_against_per_sample_jacobians():
+    """G = (1/n) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i + l2 I, with J_i the Jacobian of sample i's
+    logits from torch.autograd.functional.jacobian; the matrix-free (CG) solver agrees."""
+    torch.manual_seed(0)
+    m = models.mlp([4, 5, 3]).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    task = di.Task(m, di.losses.cross_entropy)
+    # at initialisation the Hessian is indefinite, the GGN is not
+    pre = di.Preconditioner.fit_exact(task, [(x[:5], y[:5]), (x[5:], y[5:])], l2=1e-3, kind="ggn")
+    names = [q.name for q in task.params]
+    theta = [p.detach() for p in m.parameters()]
+
+    def logits(i):
+        def f(*ps):
+            return torch.func.functional_call(m, dict(zip(names, ps)), (x[i : i + 1],))[0]
+
+        return torch.cat(
+            [j.reshape(3, -1) for j in torch.autograd.functional.jacobian(f, tuple(theta))], 1
+        )
+
+    G = torch.zeros(task.dim, task.dim, dtype=torch.float64)
+    for i in range(len(x)):
+        J = logits(i)
+        p = torch.softmax(m(x[i : i + 1])[0], 0).detach()
+        G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    G = G / len(x) + 1e-3 * torch.eye(task.dim, dtype=torch.float64)
+    torch.testing.assert_close(
+        (pre.eigvecs * pre.eigvals) @ pre.eigvecs.T, G, rtol=0, atol=1e-12 * G.abs().max().item()
+    )
+    assert pre.info["min_eig"] > 0
+    cg = di.Preconditioner.fit_exact(task, [(x, y)], l2=1e-3, kind="ggn", solver="cg", cg_tol=1e-12)
+    q = torch.randn(2, task.dim, dtype=torch.float64)
+    torch.testing.assert_close(cg.apply(q), torch.linalg.solve(G, q.T).T, rtol=1e-8, atol=0)
