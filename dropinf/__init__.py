@@ -14,6 +14,16 @@ from .task import Task
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # dropinf.data is imported on first use, so that `python -m dropinf.data` runs it fresh.
+    if name == "data":
+        import importlib
+
+        return importlib.import_module(".data", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "PCA",
     "REGISTRY",
