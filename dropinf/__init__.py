@@ -10,6 +10,7 @@ from .curvature import Preconditioner
 from .gradients import Gradients, gradients
 from .persample import BatchGrads, PerSampleGrads
 from .scores import scores, self_influence, top_k
+from .store import CorruptStoreError, Store
 from .task import Task
 
 __version__ = "0.1.0"
@@ -33,9 +34,11 @@ __all__ = [
     "Layout",
     "BatchGrads",
     "Compressor",
+    "CorruptStoreError",
     "Gradients",
     "Identity",
     "PerSampleGrads",
+    "Store",
     "Task",
     "gradients",
     "losses",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .compressors import Compressor
 from .persample import PerSampleGrads
-from .task import Task
+from .store import GradientWriter, Store, hash_batch, loss_name, model_hash, sorted_positions
+from .task import Task, batch_size
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Gradients:
     index whatever the sampling order. ``param_names`` gives the order of the parameters whose
     gradients were taken (before compression), ``compressor`` the compressor's fingerprint.
     Gradients are of the per-sample loss; influence built from them is positive when helpful.
+    ``path``: the store directory when ``data`` is memory-mapped from one (see :meth:`load`).
     """
 
     data: Tensor
@@ -33,6 +38,16 @@ class Gradients:
     losses: Tensor
     param_names: list[str]
     compressor: str
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> Gradients:
+        """The gradients of a complete store, ``data`` memory-mapped (see
+        :meth:`dropinf.Store.gradient_arrays`); ``verify`` checks every chunk's checksum first."""
+        store = Store(path)
+        data, indices, losses = store.gradient_arrays(verify=verify)
+        g = store.manifest["gradients"]
+        return cls(data, indices, losses, g["param_names"], g["compressor"], store.path)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -72,14 +87,22 @@ class _Indexed(Dataset):
         return i, self.ds[i]
 
 
-def _with_indices(loader: Iterable) -> tuple[Iterable, bool]:
-    """Re-create a DataLoader whose batches carry dataset indices (same sampler and collate)."""
+def _with_indices(loader: Iterable) -> tuple[Iterable, Tensor | None]:
+    """Re-create a DataLoader whose batches carry dataset indices (same sampler and collate).
+
+    Returns the loader and, when it has a map-style dataset and a batch sampler, the (n,) dataset
+    indices in iteration order (else None). The sampler is drawn once, up front, and its batches
+    kept: the order is known before any data is loaded, so rows go straight to their sorted place
+    and a store can check the order on resume.
+    """
     if not isinstance(loader, DataLoader) or loader.batch_sampler is None:
-        return loader, False
+        return loader, None
     try:
         len(loader.dataset)
     except TypeError:  # iterable-style dataset: no indices to track
-        return loader, False
+        return loader, None
+    index_batches = [[int(i) for i in b] for b in loader.batch_sampler]
+    order = torch.tensor([i for b in index_batches for i in b], dtype=torch.long)
     collate = loader.collate_fn
 
     def collate_indexed(items):
@@ -88,11 +111,16 @@ def _with_indices(loader: Iterable) -> tuple[Iterable, bool]:
 
     return DataLoader(
         _Indexed(loader.dataset),
-        batch_sampler=loader.batch_sampler,
+        batch_sampler=index_batches,
         num_workers=loader.num_workers,
         collate_fn=collate_indexed,
         pin_memory=loader.pin_memory,
-    ), True
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+    ), order
 
 
 def _to_device(batch: object, device: torch.device) -> object:
@@ -104,6 +132,9 @@ def gradients(
     loader: Iterable,
     compressor: Compressor,
     *,
+    path: str | os.PathLike | None = None,
+    chunk_size: int = 1024,
+    overwrite: bool = False,
     progress: bool = True,
     desc: str = "gradients",
     dtype: torch.dtype = torch.float32,
@@ -115,11 +146,25 @@ def gradients(
         loader: an iterable of batches that ``task.loss`` accepts (a ``DataLoader`` or a list).
             Batches are moved to the model's device.
         compressor: e.g. ``Identity()`` for the exact (n, d) per-sample gradients.
+        path: a store directory (:mod:`dropinf.store`). The rows are written there in chunks and
+            returned memory-mapped, never all held in RAM. If ``path`` holds an unfinished run of
+            the same request (compressor, model, loss, parameters, dtype, data), it resumes after
+            the last complete chunk: batches of complete chunks are re-read only to check their
+            hash (no gradients), then the rest is computed, giving the same bytes as an
+            uninterrupted run. A store of another request is refused (ValueError naming the
+            field); a damaged chunk is reported (``CorruptStoreError``). A complete store is
+            checked the same way and returned. A shuffling ``DataLoader`` resumes only with a
+            seeded ``generator`` (its order is checked).
+        chunk_size: with ``path``, samples per chunk, rounded up to whole batches: the unit of
+            resumption, of fsync and manifest updates, and of rows held in RAM before a write.
+        overwrite: with ``path``, discard what the store holds and start afresh.
         progress: show a tqdm bar labelled ``desc``.
-        dtype: of the result (float64 keeps a float64 model's precision).
+        dtype: of the result (float64 keeps a float64 model's precision). A store takes float32,
+            float16, bfloat16 or float64.
 
     Returns:
-        :class:`Gradients` with ``data`` of shape (n, compressor.dim), on the CPU.
+        :class:`Gradients` with ``data`` of shape (n, compressor.dim), on the CPU, rows sorted by
+        dataset index when the loader exposes them (see :class:`Gradients`).
 
     Raises:
         ValueError: empty loader, or a non-finite loss or gradient (naming the sample).
@@ -129,30 +174,150 @@ def gradients(
             f"compressor must be a dropinf compressor such as dropinf.Identity(), got "
             f"{type(compressor).__name__}"
         )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of samples")
     compressor.bind(task)
-    batches, indexed = _with_indices(loader)
+    batches, order = _with_indices(loader)
+    if order is not None and len(order) == 0:
+        raise ValueError("loader yielded no batch; per-sample gradients need at least one sample")
+    if path is None:
+        sink = _Memory(order, compressor.dim, dtype)
+    else:
+        writer = Store(path).write_gradients(
+            compressor=compressor.fingerprint,
+            model=model_hash(task.model),
+            loss=loss_name(task.loss),
+            param_names=task.param_names,
+            k=compressor.dim,
+            dtype=dtype,
+            order=order,
+            overwrite=overwrite,
+        )
+        sink = _Chunks(writer, chunk_size)
     device = task.device
-    rows, idx, losses = [], [], []
     seen = 0
-    with task.evaluating(), PerSampleGrads(task, compressor) as psg:
+    with task.evaluating(), PerSampleGrads(task) as psg:
         for item in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            bidx, batch = item if indexed else (None, item)
+            bidx, batch = item if order is not None else (None, item)
+            if bidx is None and (m := batch_size(batch)) is not None:
+                bidx = torch.arange(seen, seen + m)
+            if sink.skip(bidx, batch):  # in a chunk already stored: its hash was checked
+                seen += len(bidx)
+                continue
             bg, loss = psg(_to_device(batch, device))
             z = compressor.compress(bg).detach()
-            n = z.shape[0]
-            bidx = torch.arange(seen, seen + n) if bidx is None else bidx
+            bidx = torch.arange(seen, seen + z.shape[0]) if bidx is None else bidx
             _check_finite(loss, z, bidx)
-            rows.append(z.to(dtype).cpu())
-            idx.append(bidx)
-            losses.append(loss.float().cpu())
-            seen += n
-    if not rows:
+            sink.add(bidx, batch, z.to(dtype).cpu(), loss.float().cpu())
+            seen += len(bidx)
+    if seen == 0:
         raise ValueError("loader yielded no batch; per-sample gradients need at least one sample")
-    data, indices, loss = torch.cat(rows), torch.cat(idx), torch.cat(losses)
-    if indexed:
-        order = torch.argsort(indices, stable=True)
-        data, indices, loss = data[order], indices[order], loss[order]
-    return Gradients(data, indices, loss, task.param_names, compressor.fingerprint)
+    data, indices, losses = sink.finish()
+    return Gradients(
+        data, indices, losses, task.param_names, compressor.fingerprint,
+        None if path is None else Path(path),
+    )
+
+
+class _Memory:
+    """Rows kept in RAM: preallocated and put in their sorted place when the order is known."""
+
+    def __init__(self, order: Tensor | None, k: int, dtype: torch.dtype):
+        self.t = 0
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] | None = [] if order is None else None
+        if order is None:
+            return
+        self.indices, self.pos = sorted_positions(order)
+        self.data = torch.empty(len(order), k, dtype=dtype)
+        self.losses = torch.empty(len(order))
+
+    def skip(self, bidx: Tensor | None, batch: object) -> bool:
+        return False
+
+    def add(self, bidx: Tensor, batch: object, z: Tensor, loss: Tensor) -> None:
+        if self.parts is not None:
+            self.parts.append((z, bidx, loss))
+        else:
+            p = self.pos[self.t : self.t + len(z)]
+            self.data[p], self.losses[p] = z, loss
+        self.t += len(z)
+
+    def finish(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.parts is not None:
+            data, idx, loss = (torch.cat(x) for x in zip(*self.parts))
+            return data, idx, loss
+        return self.data, self.indices, self.losses
+
+
+class _Chunks:
+    """Rows to a store in chunks of at least ``size`` samples (whole batches). On resume, the
+    batches of chunks already complete are only hashed and compared with the manifest."""
+
+    def __init__(self, writer: GradientWriter, size: int):
+        self.w, self.size = writer, size
+        self.stored = len(writer.chunks)  # complete before this run: re-read and checked only
+        self.checked = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.h, self.parts, self.rows, self.batches = hashlib.sha256(), [], 0, 0
+
+    def _take(self, bidx: Tensor, batch: object) -> None:
+        hash_batch(self.h, bidx, batch)
+        self.rows += len(bidx)
+        self.batches += 1
+
+    def skip(self, bidx: Tensor | None, batch: object) -> bool:
+        if self.checked >= self.stored:
+            return False
+        rec = self.w.chunks[self.checked]
+        if bidx is None:
+            raise ValueError(
+                f"cannot resume the store at {self.w.store.path}: a batch holds no tensor, so its "
+                "samples cannot be counted without computing its gradients; pass overwrite=True"
+            )
+        self._take(bidx, batch)
+        want = rec["stop"] - rec["start"]
+        if self.batches == rec["batches"] or self.rows >= want:
+            if (self.rows, self.batches, self.h.hexdigest()) != (
+                want, rec["batches"], rec["data_hash"]
+            ):
+                raise ValueError(
+                    f"store {self.w.store.path} holds gradients of other data: chunk "
+                    f"{rec['chunk']} (samples {rec['start']}..{rec['stop'] - 1} in loader order, "
+                    f"{rec['batches']} batches) was written from batches with data_hash "
+                    f"{rec['data_hash'][:16]}..., these give {self.h.hexdigest()[:16]}... and "
+                    f"{self.rows} samples in {self.batches} batches. The dataset's contents, the "
+                    "batch size or the order changed (random augmentation does this too). Use the "
+                    "same data and loader, another path, or overwrite=True to recompute."
+                )
+            self.checked += 1
+            self._reset()
+        return True
+
+    def add(self, bidx: Tensor, batch: object, z: Tensor, loss: Tensor) -> None:
+        self._take(bidx, batch)
+        self.parts.append((bidx, z, loss))
+        if self.rows >= self.size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.parts:
+            idx, z, loss = (torch.cat(x) for x in zip(*self.parts))
+            self.w.write_chunk(idx, z, loss, self.h.hexdigest(), self.batches)
+        self._reset()
+
+    def finish(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.checked < self.stored:
+            rec = self.w.chunks[self.stored - 1]
+            raise ValueError(
+                f"the loader ended before the {rec['stop']} samples that the store at "
+                f"{self.w.store.path} holds: the data changed. Use another path, or pass "
+                "overwrite=True to recompute."
+            )
+        self._flush()
+        self.w.finish()
+        return self.w.store.gradient_arrays(verify=False)
 
 
 def _check_finite(loss: Tensor, z: Tensor, idx: Tensor) -> None:

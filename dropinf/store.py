@@ -1,0 +1,618 @@
+"""A directory store: per-sample gradients as memory-mapped arrays written in resumable chunks, and
+fitted preconditioners and score matrices, all described by one JSON manifest.
+
+Layout (``manifest.json`` is the only source of truth: bytes it does not list are ignored)::
+
+    manifest.json       format; for the gradients: package version, compressor (fingerprint and
+                        parameters), model hash, loss, parameter names, dtype, n, k, data identity
+                        (order hash, per-chunk batch hashes, overall data hash), complete chunks
+                        with the sha256 of the bytes each put in each file, status
+    grads.bin           (n, k) rows in the storage dtype, raw C order (bfloat16 as its uint16 bits)
+    indices.bin         (n,) int64 dataset index of each row
+    losses.bin          (n,) float32 per-sample loss of each row
+    order.npy           (n,) int64 dataset indices in the loader's iteration order, when known
+    preconditioners/NAME.npz, scores/NAME.npy
+
+Row order: when the iteration order is known before the pass (``order``; a ``DataLoader`` over a
+map-style dataset), row i is the sample with the i-th smallest dataset index (ties in iteration
+order), whatever the sampling order; each row is written straight to that place. Otherwise rows
+are kept in the order written.
+
+Chunks: rows are written in chunks of consecutive rows in iteration order. A chunk is complete only
+when its bytes are written and fsynced *and* the manifest, replaced atomically, lists it with the
+sha256 of those bytes and the hash of the batches (indices and tensors) that produced it. A run
+interrupted at any point leaves at worst bytes of an unlisted chunk, which a resumed run rewrites.
+One writer per store at a time (there is no lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ._io import atomic_write, write_json
+from .curvature import Preconditioner
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+ORDER = "order.npy"
+# file -> (per-row shape suffix is (k,) for grads, () otherwise; fixed numpy dtype or None)
+FILES = {"grads.bin": None, "indices.bin": np.dtype(np.int64), "losses.bin": np.dtype(np.float32)}
+# storage dtype name -> (torch dtype, numpy dtype of the bytes); numpy has no bfloat16
+DTYPES = {
+    "float64": (torch.float64, np.dtype(np.float64)),
+    "float32": (torch.float32, np.dtype(np.float32)),
+    "float16": (torch.float16, np.dtype(np.float16)),
+    "bfloat16": (torch.bfloat16, np.dtype(np.uint16)),
+}
+_FIX = "Use another path, or pass overwrite=True to discard the store and recompute."
+_WHY = {
+    "format": " (written by another version of dropinf's store format)",
+    "dropinf_version": " (rows from two versions of the code would be mixed)",
+    "model": " (sha256 of the model's parameter and buffer names, shapes, dtypes and values)",
+    "loss": " (the task's loss function)",
+    "k": " (compressed dimension)",
+    "n": " (number of samples the loader yields)",
+    "order": (
+        " (hash of the dataset indices in the loader's iteration order: the loader yields other "
+        "samples or another order. A shuffling DataLoader repeats its order only with a seeded "
+        "generator, e.g. generator=torch.Generator().manual_seed(0). Rows are stored sorted by "
+        "dataset index whatever the order, so shuffling buys nothing here)"
+    ),
+}
+
+
+class CorruptStoreError(ValueError):
+    """A store file, or a chunk of it, does not match the checksum its manifest records."""
+
+
+def _version() -> str:
+    import dropinf
+
+    return dropinf.__version__
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def _feed(h, x: object) -> None:
+    """Add a tensor's (or array's) dtype, shape and bytes to hash ``h``; anything else by repr."""
+    if isinstance(x, Tensor):
+        t = x.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(x, np.ndarray) and x.dtype != object:
+        a = np.ascontiguousarray(x)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    else:
+        h.update(repr(x).encode())
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 of the model's state: every parameter's and buffer's name, dtype, shape and value."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        _feed(h, value)
+    return h.hexdigest()
+
+
+def loss_name(loss: object) -> str:
+    """A name for a loss function, stable across processes: module and qualified name, or the
+    repr of a callable object without memory addresses."""
+    if getattr(loss, "__qualname__", None):
+        return f"{loss.__module__}.{loss.__qualname__}"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(loss))
+
+
+def hash_batch(h, indices: Tensor, batch: object) -> None:
+    """Add one batch to hash ``h``: its structure, its samples' dataset indices and every leaf."""
+    leaves, spec = tree_flatten(batch)
+    h.update(str(spec).encode())
+    _feed(h, indices)
+    for leaf in leaves:
+        _feed(h, leaf)
+
+
+def _sha(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sorted_positions(order: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sorted indices, pos)`` for dataset indices in iteration order: row t of the pass
+    belongs at row ``pos[t]`` of the index-sorted result (stable: repeats keep their order)."""
+    idx, perm = torch.sort(order, stable=True)
+    pos = torch.empty_like(perm)
+    pos[perm] = torch.arange(len(perm))
+    return idx, pos
+
+
+# ----------------------------------------------------------------------------- raw rows
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    while buf:
+        done = os.pwrite(fd, buf, offset)
+        buf, offset = buf[done:], offset + done
+
+
+def _write_rows(path: Path, pos: np.ndarray, a: np.ndarray) -> None:
+    """Write row t of ``a`` at row ``pos[t]`` of the raw file ``path`` (one write per run of
+    consecutive rows), then fsync it."""
+    row = a.itemsize * int(np.prod(a.shape[1:]))
+    perm = np.argsort(pos, kind="stable")
+    p = pos[perm]
+    cuts = np.flatnonzero(np.diff(p) != 1) + 1
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for lo, hi in zip([0, *cuts], [*cuts, len(p)]):
+            run = np.ascontiguousarray(a[perm[lo:hi]])
+            _pwrite_all(fd, memoryview(run.reshape(-1).view(np.uint8)), int(p[lo]) * row)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _take(a: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """``a[pos]``, as a view when pos is a run of consecutive rows."""
+    if len(pos) and pos[-1] - pos[0] == len(pos) - 1 and (np.diff(pos) == 1).all():
+        return a[pos[0] : pos[-1] + 1]
+    return a[pos]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"name={name!r}: use letters, digits, '_', '.' or '-' (it names a file)")
+
+
+def _show(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 300 else s[:297] + "..."
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class Store:
+    """A store directory (created on first write). ``manifest`` is its parsed manifest.
+
+    Gradients: :meth:`write_gradients` starts or resumes writing (``dropinf.gradients(...,
+    path=...)`` uses it), :meth:`gradient_arrays` maps them, :meth:`verify` checks every complete
+    chunk. Also :meth:`save_preconditioner` / :meth:`load_preconditioner` and
+    :meth:`save_scores` / :meth:`load_scores`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"store path {self.path} is a file; give a directory")
+        self._pos: np.ndarray | None = None
+        if (self.path / MANIFEST).exists():
+            self.manifest = json.loads((self.path / MANIFEST).read_text())
+            return
+        if self.path.is_dir() and any(not self._ours(p) for p in self.path.iterdir()):
+            raise ValueError(
+                f"{self.path} is not empty and has no {MANIFEST}, so it is not a dropinf store; "
+                "give a new or empty directory"
+            )
+        self.manifest = self._empty()
+
+    def __repr__(self) -> str:
+        g = self.manifest.get("gradients") or {}
+        return f"Store({str(self.path)!r}, gradients={g.get('status')!r}, n={g.get('n')})"
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"format": FORMAT, "gradients": None, "preconditioners": {}, "scores": {}}
+
+    def _ours(self, p: Path) -> bool:
+        known = {MANIFEST, ORDER, *FILES, "preconditioners", "scores"}
+        return p.name in known or (p.name.startswith(".") and p.name.endswith(".tmp"))
+
+    def _commit(self) -> None:
+        write_json(self.path / MANIFEST, self.manifest)
+
+    def clear(self) -> None:
+        """Delete everything this store wrote (only files it knows), leaving an empty store."""
+        for rec in [*self.manifest.get("preconditioners", {}).values(),
+                    *self.manifest.get("scores", {}).values()]:
+            (self.path / rec["file"]).unlink(missing_ok=True)
+        for name in (MANIFEST, ORDER, *FILES):
+            (self.path / name).unlink(missing_ok=True)
+        for sub in ("preconditioners", "scores"):
+            if (self.path / sub).is_dir() and not any((self.path / sub).iterdir()):
+                (self.path / sub).rmdir()
+        self.manifest, self._pos = self._empty(), None
+
+    # ------------------------------------------------------------------------- gradients
+
+    def _gradients(self, complete: bool = False) -> dict:
+        g = self.manifest.get("gradients")
+        if g is None:
+            raise ValueError(f"store {self.path} holds no gradients; write them with "
+                             "dropinf.gradients(task, loader, compressor, path=...)")
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"store {self.path} has format {self.manifest.get('format')}; this "
+                             f"dropinf reads format {FORMAT}. Recompute it (overwrite=True)")
+        if complete and g["status"] != "complete":
+            raise ValueError(
+                f"store {self.path} is incomplete ({len(g['chunks'])} chunks, {g['status']}); "
+                "resume it by calling dropinf.gradients with the same task, loader, compressor "
+                "and path"
+            )
+        return g
+
+    def write_gradients(
+        self,
+        *,
+        compressor: str,
+        model: str,
+        loss: str,
+        param_names: list[str],
+        k: int,
+        dtype: str | torch.dtype = "float32",
+        order: Tensor | None = None,
+        overwrite: bool = False,
+    ) -> GradientWriter:
+        """Start writing (n, k) gradient rows here, or resume the store's unfinished run.
+
+        Args:
+            compressor: the compressor's ``fingerprint`` (JSON of its kind and parameters).
+            model: :func:`model_hash` of the model; ``loss``: a name for the loss function.
+            param_names: parameters whose gradients were taken, in gradient order.
+            k: row length. ``dtype``: storage dtype, float32 (default), float16, bfloat16 or
+                float64.
+            order: (n,) int64 dataset indices in the order rows will be written, if known: rows
+                are then stored sorted by dataset index. Without it, rows are kept in the order
+                written and n is known at :meth:`GradientWriter.finish`.
+            overwrite: discard whatever this store holds first.
+
+        Resuming: every field above must equal the manifest's, or a ValueError names the field
+        and both values. The complete chunks are verified against their checksums
+        (:class:`CorruptStoreError` names a bad one) and kept; the writer continues after them.
+        """
+        name = str(dtype).removeprefix("torch.")
+        if name not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} cannot be stored; choose one of {list(DTYPES)}")
+        if order is not None:
+            order = torch.as_tensor(order, dtype=torch.long)
+        request = {
+            "format": FORMAT,
+            "dropinf_version": _version(),
+            "compressor": compressor,
+            "model": model,
+            "loss": loss,
+            "param_names": list(param_names),
+            "k": int(k),
+            "dtype": name,
+            "n": None if order is None else len(order),
+            "order": None if order is None else _sha(order.numpy()),
+        }
+        if overwrite:
+            self.clear()
+        g = self.manifest.get("gradients")
+        if g is None:
+            self._create(request, order)
+        else:
+            for field, want in request.items():
+                have = self.manifest["format"] if field == "format" else g.get(field)
+                if field == "n" and (want is None or have is None):
+                    continue  # unknown until a run without ``order`` finishes
+                if have != want:
+                    raise ValueError(
+                        f"store {self.path} holds gradients with {field} = {_show(have)}, but "
+                        f"this call asks for {field} = {_show(want)}{_WHY.get(field, '')}. {_FIX}"
+                    )
+            self.verify()
+        return GradientWriter(self, order)
+
+    def _create(self, request: dict, order: Tensor | None) -> None:
+        try:
+            params = json.loads(request["compressor"])
+        except (TypeError, ValueError):
+            params = None
+        self.path.mkdir(parents=True, exist_ok=True)
+        if order is not None:
+            atomic_write(self.path / ORDER, lambda f: np.save(f, order.numpy()))
+        n = request["n"] or 0
+        for name in FILES:
+            with open(self.path / name, "wb") as f:  # preallocated (sparse) when n is known
+                f.truncate(n * self._row_bytes(name, request))
+        _fsync_dir(self.path)
+        self.manifest["format"] = FORMAT
+        self.manifest["gradients"] = {
+            **request,
+            "compressor_params": params,
+            "status": "in progress",
+            "data_hash": None,
+            "chunks": [],
+        }
+        self._commit()
+
+    @staticmethod
+    def _file_dtype(name: str, g: dict) -> np.dtype:
+        return FILES[name] if FILES[name] is not None else DTYPES[g["dtype"]][1]
+
+    def _row_bytes(self, name: str, g: dict) -> int:
+        return self._file_dtype(name, g).itemsize * (g["k"] if name == "grads.bin" else 1)
+
+    def _positions(self) -> np.ndarray | None:
+        """Where each row of the pass is stored (None: in the order written)."""
+        if self.manifest["gradients"]["order"] is None:
+            return None
+        if self._pos is None:
+            self._pos = sorted_positions(torch.from_numpy(np.load(self.path / ORDER)))[1].numpy()
+        return self._pos
+
+    def _map(self, name: str, rows: int, mode: str = "r") -> np.ndarray:
+        g = self.manifest["gradients"]
+        shape = (rows, g["k"]) if name == "grads.bin" else (rows,)
+        return np.memmap(self.path / name, dtype=self._file_dtype(name, g), mode=mode,
+                         shape=shape)
+
+    def verify(self, chunks: list[int] | None = None) -> None:
+        """Recompute the sha256 of complete chunks (default: all) from the files and compare
+        with the manifest. Raises :class:`CorruptStoreError` naming the first bad chunk and file.
+        """
+        g = self._gradients()
+        recs = g["chunks"] if chunks is None else [g["chunks"][c] for c in chunks]
+        if not recs:
+            return
+        rows = g["n"] if g["order"] is not None else g["chunks"][-1]["stop"]
+        for name in FILES:
+            need = rows * self._row_bytes(name, g)
+            have = (self.path / name).stat().st_size if (self.path / name).exists() else -1
+            if have < need:
+                raise CorruptStoreError(
+                    f"{self.path / name} is {'missing' if have < 0 else f'{have} bytes'}; the "
+                    f"manifest lists {rows} rows ({need} bytes) as written. {_FIX}"
+                )
+        pos = self._positions()
+        maps = {name: self._map(name, rows) for name in FILES}
+        for rec in recs:
+            a, b = rec["start"], rec["stop"]
+            p = np.arange(a, b) if pos is None else pos[a:b]
+            for name, mm in maps.items():
+                if _sha(_take(mm, p)) != rec["checksum"][name]:
+                    raise CorruptStoreError(
+                        f"chunk {rec['chunk']} (rows {rec['start']}..{rec['stop'] - 1} in loader "
+                        f"order) of {self.path / name} does not match its sha256 in the manifest: "
+                        f"the file was modified or damaged. Recompute from that chunk on with "
+                        f"Store(path).truncate({rec['chunk']}) and the same dropinf.gradients "
+                        f"call, or pass overwrite=True to recompute everything."
+                    )
+
+    def truncate(self, chunk: int) -> None:
+        """Forget chunk ``chunk`` and the ones after it, so a resumed run recomputes them."""
+        g = self._gradients()
+        if not 0 <= chunk <= len(g["chunks"]):
+            raise ValueError(f"chunk={chunk}; the store has chunks 0..{len(g['chunks']) - 1}")
+        g["chunks"] = g["chunks"][:chunk]
+        g.update(status="in progress", data_hash=None)
+        if g["order"] is None:
+            g["n"] = None
+        self._commit()
+
+    def gradient_arrays(self, verify: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """``(data (n, k), indices (n,), losses (n,))`` of a complete store.
+
+        ``data`` maps ``grads.bin`` copy-on-write: it never changes the file, and only the rows
+        read are brought into memory (an in-place write changes only this process's copy).
+        ``verify`` checks every chunk's checksum first (it reads every byte once).
+        """
+        g = self._gradients(complete=True)
+        if verify:
+            self.verify()
+        n = g["n"]
+        data = torch.from_numpy(self._map("grads.bin", n, mode="c"))
+        if g["dtype"] == "bfloat16":
+            data = data.view(torch.bfloat16)
+        indices = torch.from_numpy(np.array(self._map("indices.bin", n)))
+        losses = torch.from_numpy(np.array(self._map("losses.bin", n)))
+        return data, indices, losses
+
+    # ------------------------------------------------------------------------- preconditioners
+
+    def save_preconditioner(self, pre: Preconditioner, name: str) -> Path:
+        """Save a fitted ``identity``, ``fisher`` or dense ``exact``/``ggn`` preconditioner as
+        ``preconditioners/NAME.npz`` (atomic), recorded in the manifest with its checksum and the
+        data hash of this store's gradients (if any)."""
+        _check_name(name)
+        if pre.hvp is not None:
+            raise ValueError(
+                "a matrix-free (conjugate gradient) exact preconditioner cannot be saved: its "
+                "curvature is a closure over the task and data. Refit it, or fit "
+                "solver='dense' (up to about 20k parameters) to save it"
+            )
+        arrays = {} if pre.eigvals is None else {"eigvals": pre.eigvals.numpy(),
+                                                 "eigvecs": pre.eigvecs.numpy()}
+        file = f"preconditioners/{name}.npz"
+        atomic_write(self.path / file, lambda f: np.savez(f, **arrays))
+        g = self.manifest.get("gradients") or {}
+        self.manifest.setdefault("preconditioners", {})[name] = {
+            "file": file,
+            "sha256": _file_sha(self.path / file),
+            "kind": pre.kind,
+            "damping": pre.damping,
+            "dim": pre.dim,
+            "lam": pre.lam,
+            "info": pre.info,
+            "gradients_data_hash": g.get("data_hash"),
+            "dropinf_version": _version(),
+        }
+        self._commit()
+        return self.path / file
+
+    def load_preconditioner(self, name: str) -> Preconditioner:
+        """The preconditioner saved under ``name``, checked against its checksum."""
+        rec = self._record("preconditioners", name)
+        with np.load(self.path / rec["file"]) as z:
+            eig = {k: torch.from_numpy(z[k]) for k in ("eigvals", "eigvecs") if k in z}
+        return Preconditioner(rec["kind"], rec["damping"], rec["dim"], lam=rec["lam"],
+                              info=rec["info"], **eig)
+
+    # ------------------------------------------------------------------------- scores
+
+    def save_scores(self, S: Tensor, name: str, meta: dict | None = None) -> Path:
+        """Save a score matrix (e.g. (n_test, n_train), positive = helpful) as
+        ``scores/NAME.npy`` (atomic), recorded in the manifest with its checksum, shape, dtype
+        and ``meta`` (JSON: say which test set and preconditioner it came from)."""
+        _check_name(name)
+        a = torch.as_tensor(S).detach().cpu().numpy()
+        file = f"scores/{name}.npy"
+        atomic_write(self.path / file, lambda f: np.save(f, a))
+        self.manifest.setdefault("scores", {})[name] = {
+            "file": file,
+            "sha256": _file_sha(self.path / file),
+            "shape": list(a.shape),
+            "dtype": str(a.dtype),
+            "meta": meta or {},
+            "dropinf_version": _version(),
+        }
+        self._commit()
+        return self.path / file
+
+    def load_scores(self, name: str, verify: bool = True) -> Tensor:
+        """The score matrix saved under ``name``, memory-mapped copy-on-write (checked against
+        its checksum first with ``verify``)."""
+        rec = self._record("scores", name, verify)
+        return torch.from_numpy(np.load(self.path / rec["file"], mmap_mode="c"))
+
+    def _record(self, section: str, name: str, verify: bool = True) -> dict:
+        recs = self.manifest.get(section, {})
+        if name not in recs:
+            raise ValueError(f"store {self.path} has no {section} named {name!r}; it has "
+                             f"{sorted(recs)}")
+        rec = recs[name]
+        if verify and _file_sha(self.path / rec["file"]) != rec["sha256"]:
+            raise CorruptStoreError(f"{self.path / rec['file']} does not match its sha256 in the "
+                                    f"manifest: the file was modified or damaged; save it again")
+        return rec
+
+
+class GradientWriter:
+    """Writes chunks of gradient rows to a :class:`Store` (from :meth:`Store.write_gradients`).
+
+    ``chunks`` lists the complete chunks (each: ``chunk``, ``start``, ``stop`` in iteration
+    order, ``batches``, ``data_hash``, ``checksum`` per file); ``rows_done`` is where the next
+    chunk starts.
+    """
+
+    def __init__(self, store: Store, order: Tensor | None):
+        self.store = store
+        self.meta = store.manifest["gradients"]
+        self.order = order
+
+    @property
+    def chunks(self) -> list[dict]:
+        return self.meta["chunks"]
+
+    @property
+    def rows_done(self) -> int:
+        return self.chunks[-1]["stop"] if self.chunks else 0
+
+    def write_chunk(
+        self, indices: Tensor, rows: Tensor, losses: Tensor, data_hash: str, batches: int = 1
+    ) -> dict:
+        """Append rows ``rows_done .. rows_done + m`` of the pass and record them as complete.
+
+        Args:
+            indices: (m,) dataset indices (with ``order``: must be its next m entries).
+            rows: (m, k), converted to the storage dtype (round to nearest).
+            losses: (m,) per-sample losses, stored as float32.
+            data_hash: hash of the input that produced the rows (see :func:`hash_batch`), checked
+                when a resumed run re-reads it.
+            batches: how many batches the chunk spans.
+        """
+        g, start = self.meta, self.rows_done
+        if g["status"] == "complete":
+            raise ValueError(
+                f"store {self.store.path} is complete with n={g['n']} rows, but more rows "
+                f"arrived: the data changed (the loader yields more samples). {_FIX}"
+            )
+        m = len(indices)
+        if rows.ndim != 2 or rows.shape != (m, g["k"]) or losses.shape != (m,):
+            raise ValueError(
+                f"chunk shapes indices {tuple(indices.shape)}, rows {tuple(rows.shape)}, losses "
+                f"{tuple(losses.shape)} do not agree with (m,), (m, k={g['k']}), (m,)"
+            )
+        stop = start + m
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu()
+        pos = self.store._positions()
+        if pos is None:
+            p = np.arange(start, stop)
+        else:
+            if stop > g["n"] or not torch.equal(indices, self.order[start:stop]):
+                raise ValueError(
+                    f"indices of rows {start}..{stop - 1} do not follow the order the store was "
+                    "created with; write rows in exactly that order"
+                )
+            p = pos[start:stop]
+        tdt, ndt = DTYPES[g["dtype"]]
+        data = rows.detach().cpu().to(tdt).contiguous()
+        if g["dtype"] == "bfloat16":
+            data = data.view(torch.uint16)
+        arrays = {
+            "grads.bin": data.numpy().view(ndt),
+            "indices.bin": indices.numpy(),
+            "losses.bin": losses.detach().cpu().to(torch.float32).numpy(),
+        }
+        for name, a in arrays.items():
+            _write_rows(self.store.path / name, p, a)
+        rec = {
+            "chunk": len(self.chunks),
+            "start": start,
+            "stop": stop,
+            "batches": batches,
+            "data_hash": data_hash,
+            "checksum": {name: _sha(a) for name, a in arrays.items()},
+        }
+        self.chunks.append(rec)
+        self.store._commit()
+        return rec
+
+    def finish(self) -> None:
+        """Mark the store complete once every row is written (idempotent)."""
+        g, n = self.meta, self.rows_done
+        if g["status"] == "complete":
+            return
+        if n == 0:
+            raise ValueError("loader yielded no batch; per-sample gradients need at least one "
+                             "sample")
+        if g["n"] is not None and n != g["n"]:
+            raise ValueError(f"{n} rows written, but the store was created for n={g['n']}")
+        if g["order"] is None:  # drop bytes of an abandoned longer run, if any
+            for name in FILES:
+                os.truncate(self.store.path / name, n * self.store._row_bytes(name, g))
+        digest = hashlib.sha256("".join(c["data_hash"] for c in self.chunks).encode())
+        g.update(n=n, status="complete", data_hash=digest.hexdigest())
+        self.store._commit()
