@@ -155,8 +155,30 @@ def test_tensor_loader_seeded_order_covers_each_sample_once_per_epoch():
     assert set(first) == {"input_ids", "labels"} and torch.equal(first["labels"], y[:4])
     with pytest.raises(ValueError, match="seed"):
         data.tensor_loader((x, y), 5, shuffle=True)
-    with pytest.raises(TypeError, match="tuple of tensors"):
+    with pytest.raises(TypeError, match="tuple or dict of tensors"):
         data.tensor_loader([1, 2, 3], 5)
+    with pytest.raises(ValueError, match="first dimensions"):
+        data.tensor_loader((x, y[:5]), 5)
+
+
+def test_tensor_loader_gathers_the_batches_that_per_item_collation_would():
+    from torch.utils.data import default_collate
+
+    ds = data.TensorData({"a": torch.randn(9, 2), "b": torch.arange(9)})
+    idx = [4, 0, 7]
+    whole = data.collate(ds.__getitems__(idx))
+    each = default_collate([ds[i] for i in idx])
+    assert whole.keys() == each.keys() and all(torch.equal(whole[k], each[k]) for k in whole)
+    # dropinf.gradients re-reads a DataLoader item by item to track indices: same rows.
+    import dropinf as di
+    from dropinf import losses, models
+
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    task = di.Task(models.mlp([3, 2], seed=0), losses.cross_entropy)
+    shuffled = data.tensor_loader((x, y), 4, shuffle=True, seed=1)
+    g = di.gradients(task, shuffled, di.Identity(), progress=False)
+    ref = di.gradients(task, [(x, y)], di.Identity(), progress=False)
+    torch.testing.assert_close(g.data, ref.data)
 
 
 # --------------------------------------------------------------------------------------------
