@@ -40,20 +40,18 @@ Run({name!r}, profile, out_dir=out_dir).finish({body})
 
 def test_run_injects_continues_after_failure_and_reports(tmp_path, capsys):
     nbs, res = tmp_path / "nbs", tmp_path / "res"
-    write_nb(nbs / "01_ok.ipynb",
+    write_nb(nbs / "01_fail.ipynb", HEAD + "seed = 5\n", 'raise ValueError("boom 42")', "x = 1")
+    write_nb(nbs / "02_ok.ipynb",
              HEAD + 'seed = 0\nn = 3\nscale = 1.0\nflag = False\nlabel = "a"\nnothing = 1\n',
-             FINISH.format(name="01_ok", body='dict(n=n, scale=scale, flag=flag, label=label, '
+             FINISH.format(name="02_ok", body='dict(n=n, scale=scale, flag=flag, label=label, '
                            'nothing=nothing, out_dir=out_dir, cwd=os.getcwd(), types=[type(v)'
                            '.__name__ for v in (n, scale, flag, label, nothing)])'))
-    write_nb(nbs / "02_fail.ipynb", HEAD + "seed = 0\n", 'raise ValueError("boom 42")', "x = 1")
-    write_nb(nbs / "03_after.ipynb", HEAD + "seed = 5\n",
-             FINISH.format(name="03_after", body='dict(has_n="n" in globals())'))
     # Not selected by --only: must not run.
-    write_nb(nbs / "04_skip.ipynb", HEAD, 'raise RuntimeError("should not run")')
+    write_nb(nbs / "03_skip.ipynb", HEAD, 'raise RuntimeError("should not run")')
     template = tmp_path / "t.md"
-    template.write_text("n = {{ 01_ok.n }}; x = {{ 02_fail.x }}\n\n{{ provenance }}\n")
+    template.write_text("n = {{ 02_ok.n }}; x = {{ 01_fail.x }}\n\n{{ provenance }}\n")
 
-    rc = main(["--profile", "gpu", "--only", "01,02_fail", "--only", "03", "--notebooks",
+    rc = main(["--profile", "gpu", "--only", "01", "--only", "02_ok", "--notebooks",
                str(nbs), "--results", str(res), "--kernel", KERNEL, "--no-progress",
                "-p", "n", "7", "-p", "scale", "2.5", "-p", "flag", "True", "-p", "nothing",
                "None", "-y", "{label: hello, typo: 1}", "--template", str(template),
@@ -62,46 +60,47 @@ def test_run_injects_continues_after_failure_and_reports(tmp_path, capsys):
     assert rc == 1
 
     root = res / "gpu"
-    s1 = json.loads((root / "01_ok" / "summary.json").read_text())
-    assert s1["profile"] == "gpu"                       # injected over the default cpu-quick
-    assert s1["out_dir"] == str((root / "01_ok").resolve())
-    assert Path(s1["cwd"]).resolve() == nbs.resolve()
-    assert (s1["n"], s1["scale"], s1["flag"], s1["label"], s1["nothing"]) == (
+    # The failure did not stop 02, which got the profile, its out_dir and typed overrides.
+    s2 = json.loads((root / "02_ok" / "summary.json").read_text())
+    assert s2["profile"] == "gpu"                       # injected over the default cpu-quick
+    assert s2["out_dir"] == str((root / "02_ok").resolve())
+    assert Path(s2["cwd"]).resolve() == nbs.resolve()
+    assert (s2["n"], s2["scale"], s2["flag"], s2["label"], s2["nothing"]) == (
         7, 2.5, True, "hello", None)
-    assert s1["types"] == ["int", "float", "bool", "str", "NoneType"]
-    # The failure did not stop 03, which was not given n (it does not declare it).
-    assert json.loads((root / "03_after" / "summary.json").read_text())["has_n"] is False
-    assert not (root / "04_skip").exists()
-    failed_nb = root / "02_fail" / "02_fail.ipynb"
+    assert s2["types"] == ["int", "float", "bool", "str", "NoneType"]
+    assert not (root / "03_skip").exists()
+    failed_nb = root / "01_fail" / "01_fail.ipynb"
     errors = [o for c in nbformat.read(failed_nb, 4).cells if c.cell_type == "code"
               for o in c.get("outputs", []) if o.output_type == "error"]
     assert [(o.ename, o.evalue) for o in errors] == [("ValueError", "boom 42")]
-    assert not (root / "02_fail" / "summary.json").exists()
+    assert not (root / "01_fail" / "summary.json").exists()
 
     table = out[out.index("notebook  "):]
-    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:4]}
-    assert [rows[s][1] for s in ("01_ok", "02_fail", "03_after")] == ["ok", "FAILED", "ok"]
-    assert "1 of 3 notebooks failed" in table
-    assert "02_fail: ValueError: boom 42 (at In [" in table
-    assert rows["02_fail"][-1] in table.split("see ")[-1]
-    assert Path(rows["02_fail"][-1]).resolve() == failed_nb.resolve()
-    assert "-p n: not a parameter of 02_fail, 03_after" in err
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:3]}
+    assert [rows[s][1] for s in ("01_fail", "02_ok")] == ["FAILED", "ok"]
+    assert "1 of 2 notebooks failed" in table
+    assert "01_fail: ValueError: boom 42 (at In [" in table
+    assert rows["01_fail"][-1] in table.split("see ")[-1]
+    assert Path(rows["01_fail"][-1]).resolve() == failed_nb.resolve()
+    assert "-p n: not a parameter of 01_fail; not passed to it" in err
     assert "-p typo: no selected notebook has this parameter" in err
 
     run = json.loads((root / "run.json").read_text())
     assert run["profile"] == "gpu" and run["kernel"] == KERNEL
     assert run["params"] == {"n": 7, "scale": 2.5, "flag": True, "nothing": None,
                              "label": "hello", "typo": 1}
-    assert run["seeds"] == {"01_ok": 0, "02_fail": 0, "03_after": 5}
+    assert run["seeds"] == {"01_fail": 5, "02_ok": 0}
     assert [(r["name"], r["status"]) for r in run["notebooks"]] == [
-        ("01_ok", "ok"), ("02_fail", "failed"), ("03_after", "ok")]
-    assert run["notebooks"][0]["params"]["n"] == 7 and "n" not in run["notebooks"][2]["params"]
-    assert "boom 42" in run["notebooks"][1]["error"]
+        ("01_fail", "failed"), ("02_ok", "ok")]
+    assert run["notebooks"][0]["params"] == {"profile": "gpu",
+                                             "out_dir": str((root / "01_fail").resolve())}
+    assert run["notebooks"][1]["params"]["n"] == 7 and "typo" not in run["notebooks"][1]["params"]
+    assert "boom 42" in run["notebooks"][0]["error"]
     assert set(run["git"]) == {"commit", "dirty"} and run["packages"]["papermill"]
 
     paper = (tmp_path / "paper" / "paper.md").read_text()
-    assert "n = 7; x = (not run: 02_fail)" in paper
-    prov = [line for line in paper.splitlines() if line.startswith("| 01_ok ")]
+    assert "n = 7; x = (not run: 01_fail)" in paper
+    prov = [line for line in paper.splitlines() if line.startswith("| 02_ok ")]
     assert len(prov) == 1 and "n=7" in prov[0] and "label='hello'" in prov[0]
 
 
