@@ -1,0 +1,967 @@
+"""Notebook 01 (theory): the error of compressed dot products and of damped-Fisher influence.
+
+What ``notebooks/01_theory.ipynb`` computes, here so that it is tested:
+
+- Monte Carlo over masks of ``ahat . bhat`` for Bernoulli and fixed-size dropout, and over
+  Gaussian and SJLT projections of the same size, against the closed forms of
+  :mod:`dropinf.theory`, for synthetic pairs of controlled coherence and for real per-sample
+  gradients of an MLP trained on scikit-learn digits (:func:`check_pairs`), plus one point
+  end to end through :class:`dropinf.Dropout` (:func:`library_check`);
+- where dropout beats a Gaussian projection of the same size (:func:`crossover_coherence`,
+  :func:`ratio_table`, :func:`real_pair_table`);
+- the error of influence scores with compressed-space damped Fisher curvature against the
+  full-space Fisher scores, against p, damping and the effective dimension
+  (:func:`fisher_bias`);
+- the conclusion, written from those numbers (:func:`conclude`), and the figures.
+
+Dropout rate p is the fraction dropped; a compressor "at rate p" keeps ``k = round((1-p) d)``
+coordinates (Bernoulli: each with probability 1-p), and the Gaussian and SJLT it is compared
+with have that same k. Scores follow the package convention: positive = helpful.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as sps
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import theory as th
+from ..compressors import Dropout, Gaussian, Identity, _side
+from ..curvature import Preconditioner
+from ..gradients import gradients
+from ..losses import cross_entropy
+from ..models import fit_full_batch, mlp
+from ..scores import scores
+from ..task import Task
+
+LAWS = th.LAWS
+LAW_LABELS = {
+    "fixed": "dropout, fixed k-subset",
+    "bernoulli": "dropout, Bernoulli",
+    "gaussian": "Gaussian projection",
+    "sjlt": "SJLT (c=1)",
+}
+Z95 = float(sps.norm.isf(0.025))
+N_DIGITS = 1797  # samples in sklearn's load_digits
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of notebook 01; the defaults are the ``cpu-quick`` profile.
+
+    Synthetic pairs: dimension ``d``, one pair per level in ``coherences`` (see
+    :func:`dropinf.theory.coherent_pair`) with expected cosine ``rho``. Monte Carlo: ``n_trials``
+    draws per (pair, law, rate) for each rate in ``rates``. MLP: ``64-hidden-10`` on digits,
+    ``n_train`` / ``n_test`` points, trained to a stationary point of the mean loss plus
+    ``l2/2 |theta|^2`` with at most ``fit_iter`` L-BFGS iterations; ``n_real_pairs`` test-train
+    gradient pairs at spread coherence quantiles. End to end: ``library_trials`` seeds of
+    ``Dropout(library_rate)`` per mask law. Fisher: rates ``fisher_rates``, relative dampings
+    ``dampings``, ``n_mask_seeds`` draws of each compressor.
+    """
+
+    seed: int = 0
+    d: int = 1000
+    coherences: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    rho: float = 0.5
+    rates: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95)
+    n_trials: int = 2000
+    hidden: int = 16
+    n_train: int = 1000
+    n_test: int = 100
+    l2: float = 1e-3
+    fit_iter: int = 300
+    n_real_pairs: int = 3
+    library_rate: float = 0.5
+    library_trials: int = 300
+    fisher_rates: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.98)
+    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    n_mask_seeds: int = 3
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides) -> Config:
+        """The profile's configuration with ``overrides`` applied (None means the profile's)."""
+        if profile not in PROFILES:
+            raise ValueError(f"profile={profile!r} is not one of {sorted(PROFILES)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(**{**PROFILES[profile], **given})
+
+    def __post_init__(self) -> None:
+        for name in ("coherences", "rates", "fisher_rates", "dampings"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)):
+                value = (value,)
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={value!r} must be a list of numbers") from None
+            if not value:
+                raise ValueError(f"{name} is empty; give at least one value")
+            object.__setattr__(self, name, value)
+        _int(self, "seed", 0)
+        _int(self, "d", 8)
+        _int(self, "n_trials", 10)
+        _int(self, "hidden", 1)
+        _int(self, "n_train", 2)
+        _int(self, "n_test", 1)
+        _int(self, "fit_iter", 1)
+        _int(self, "n_real_pairs", 1)
+        _int(self, "library_trials", 10)
+        _int(self, "n_mask_seeds", 2)
+        if self.n_train + self.n_test > N_DIGITS:
+            raise ValueError(
+                f"n_train + n_test = {self.n_train + self.n_test} exceeds the {N_DIGITS} digits; "
+                "lower n_train or n_test"
+            )
+        for c in self.coherences:
+            if not 1.0 <= c <= self.d / 4:
+                raise ValueError(
+                    f"coherences contains {c:g}; each level must be in [1, d/4 = {self.d / 4:g}] "
+                    "(raise d for more coherent pairs)"
+                )
+        if not -1.0 <= self.rho <= 1.0:
+            raise ValueError(f"rho={self.rho!r} must be a cosine in [-1, 1]")
+        for name in ("rates", "fisher_rates"):
+            for p in getattr(self, name):
+                if not 0.0 < p < 1.0:
+                    raise ValueError(f"{name} contains {p!r}; dropout rates must be in (0, 1)")
+        if not 0.0 < self.library_rate < 1.0:
+            raise ValueError(f"library_rate={self.library_rate!r} must be in (0, 1)")
+        for x in self.dampings:
+            if not x > 0:
+                raise ValueError(
+                    f"dampings contains {x!r}; relative damping must be > 0 (the compressed "
+                    "Fisher of n < k gradients is singular)"
+                )
+        if not (isinstance(self.l2, (int, float)) and self.l2 >= 0):
+            raise ValueError(f"l2={self.l2!r} must be a number >= 0")
+
+
+PROFILES: dict[str, dict] = {
+    "cpu-quick": {},
+    "gpu": {
+        "d": 10_000,
+        "coherences": (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),
+        "n_trials": 10_000,
+        "hidden": 64,
+        "n_train": 1500,
+        "n_test": 200,
+        "n_real_pairs": 5,
+        "library_trials": 1000,
+        "n_mask_seeds": 5,
+    },
+}
+
+
+def _int(cfg: Config, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def rng_for(seed: int, *keys: object) -> np.random.Generator:
+    """The generator of one named random choice: the same (seed, keys) give the same stream."""
+    return np.random.default_rng([seed, *(zlib.crc32(str(k).encode()) for k in keys)])
+
+
+def seed_for(seed: int, *keys: object) -> int:
+    """An integer seed (for torch and the compressors) for one named random choice."""
+    return int(rng_for(seed, *keys).integers(2**31 - 1))
+
+
+def size_at_rate(d: int, p: float, law: str) -> float:
+    """Output size of ``law`` at dropout rate p: ``round((1-p) d)`` as :class:`Dropout` keeps,
+    or for Bernoulli the expected size ``(1-p) d`` (keep probability exactly 1-p)."""
+    return (1.0 - p) * d if law == "bernoulli" else _side(d, p)
+
+
+# --------------------------------------------------------------------------- Monte Carlo
+
+
+@dataclass
+class Pair:
+    """A pair of vectors to compress: ``a, b`` of shape (d,), float64."""
+
+    source: str  # "synthetic" or "mlp"
+    label: str
+    a: np.ndarray
+    b: np.ndarray
+
+    @property
+    def stats(self) -> th.PairStats:
+        return th.PairStats.of(self.a, self.b)
+
+
+def synthetic_pairs(cfg: Config) -> list[Pair]:
+    """One unit-norm pair per coherence level (exact coherence, expected cosine ``cfg.rho``)."""
+    out = []
+    for c in cfg.coherences:
+        a, b = th.coherent_pair(cfg.d, c, rho=cfg.rho, seed=rng_for(cfg.seed, "pair", c))
+        out.append(Pair("synthetic", f"coherence {c:g}", a, b))
+    return out
+
+
+def draw(a: np.ndarray, b: np.ndarray, law: str, p: float, n_trials: int,
+         rng: np.random.Generator) -> np.ndarray:
+    """``(n_trials,)`` independent draws of ``ahat . bhat`` for ``law`` at dropout rate p.
+
+    Masks are drawn in chunks of about 2^22 numbers, so memory stays bounded for any d.
+    """
+    k = size_at_rate(len(a), p, law)
+    if law in ("bernoulli", "fixed"):
+        chunk = max(1, 2**22 // len(a))
+        return np.concatenate([
+            th.sample_bernoulli(a, b, 1.0 - p, n, seed=rng) if law == "bernoulli"
+            else th.sample_fixed(a, b, k, n, seed=rng)
+            for n in np.diff(np.r_[np.arange(0, n_trials, chunk), n_trials])
+        ])
+    if law == "gaussian":
+        return th.sample_gaussian_span(a, b, k, n_trials, seed=rng)
+    if law == "sjlt":
+        return th.sample_sjlt(a, b, k, 1, n_trials, seed=rng)
+    raise ValueError(f"law={law!r}; choose one of {LAWS}")
+
+
+def summarize_draws(x: np.ndarray, mean: float, var: float) -> dict[str, float]:
+    """Monte Carlo mean and variance of draws x against the formulas, with standard errors.
+
+    ``se_mean = sqrt(s^2 / n)``; ``se_var`` is the standard deviation of the sample variance,
+    ``sqrt((m4 - s^4 (n-3)/(n-1)) / n)`` (:func:`dropinf.theory.var_of_sample_variance`) with
+    the sample's own variance s^2 and fourth central moment m4, so the error bars do not
+    assume the formula they test. ``z = (MC - formula) / se``; ``var_lo/var_hi`` is the 95%
+    normal interval of the variance.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    m, s2 = float(x.mean()), float(x.var(ddof=1))
+    m4 = float(np.mean((x - m) ** 4))
+    se_mean = math.sqrt(s2 / n)
+    se_var = math.sqrt(max(float(th.var_of_sample_variance(s2, m4, n)), 0.0))
+    return {
+        "mean_mc": m, "se_mean": se_mean, "z_mean": _z(m - mean, se_mean, abs(mean)),
+        "var_mc": s2, "se_var": se_var, "z_var": _z(s2 - var, se_var, var),
+        "var_lo": s2 - Z95 * se_var, "var_hi": s2 + Z95 * se_var,
+    }
+
+
+def _z(diff: float, se: float, scale: float) -> float:
+    if se > 0:
+        return diff / se
+    # no spread at all (e.g. k = d): only an exact match is consistent
+    return 0.0 if abs(diff) <= 1e-12 * max(scale, 1e-300) else math.inf
+
+
+def check_pairs(pairs: list[Pair], rates: tuple[float, ...], n_trials: int, seed: int,
+                laws: tuple[str, ...] = LAWS) -> pd.DataFrame:
+    """Monte Carlo against the closed forms for every (pair, law, rate).
+
+    One row each: source, pair, d, coherence, cosine, ``norm_prod = |a||b|``, law, p, k,
+    n_trials, ``mean_formula = a.b``, ``var_formula`` and the columns of
+    :func:`summarize_draws`. Each cell has its own stream ``(seed, pair, law, p)``.
+    """
+    rows = []
+    cells = [(pr, law, p) for pr in pairs for p in rates for law in laws]
+    for pr, law, p in tqdm(cells, desc="Monte Carlo", unit="cell"):
+        st = pr.stats
+        d = len(pr.a)
+        k = size_at_rate(d, p, law)
+        var = float(th.variance(st, law, k))
+        x = draw(pr.a, pr.b, law, p, n_trials, rng_for(seed, "mc", pr.label, law, p))
+        rows.append({
+            "source": pr.source, "pair": pr.label, "d": d,
+            "coherence": float(st.coherence), "cosine": float(st.cosine),
+            "norm_prod": math.sqrt(float(st.aa * st.bb)), "law": law, "p": p, "k": k,
+            "n_trials": n_trials, "mean_formula": float(st.ab), "var_formula": var,
+            **summarize_draws(x, float(st.ab), var),
+        })
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- MLP on digits
+
+
+@dataclass
+class DigitsMLP:
+    """A ``64-hidden-10`` MLP fitted on digits, with exact per-sample gradients.
+
+    ``G_train`` (n_train, d) and ``G_test`` (n_test, d): float64 per-sample gradients of the
+    cross-entropy at the fitted parameters (``Identity`` compressor).
+    """
+
+    task: Task
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    G_train: np.ndarray
+    G_test: np.ndarray
+    test_accuracy: float
+    grad_norm: float
+
+    @property
+    def d(self) -> int:
+        return self.G_train.shape[1]
+
+    def loader(self, split: str, batch: int = 256) -> list[tuple[Tensor, Tensor]]:
+        X, y = self.train if split == "train" else self.test
+        return [(X[i : i + batch], y[i : i + batch]) for i in range(0, len(X), batch)]
+
+
+def digits_mlp(cfg: Config) -> DigitsMLP:
+    """Split digits (pixels / 16) by ``cfg.seed``, fit the MLP, take exact gradients."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    perm = rng_for(cfg.seed, "split").permutation(len(X))
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.long)
+    tr, te = perm[: cfg.n_train], perm[cfg.n_train : cfg.n_train + cfg.n_test]
+    train, test = (X[tr], y[tr]), (X[te], y[te])
+    torch.manual_seed(seed_for(cfg.seed, "init"))
+    model = mlp([64, cfg.hidden, 10])
+    grad_norm = fit_full_batch(model, cross_entropy, train, l2=cfg.l2, max_iter=cfg.fit_iter)
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(test[0]).argmax(1) == test[1]).float().mean())
+    task = Task(model, cross_entropy)
+    data = DigitsMLP(task, train, test, np.empty((0, 0)), np.empty((0, 0)), acc, grad_norm)
+    data.G_train, data.G_test = (
+        gradients(task, data.loader(s), Identity(), progress=False).numpy().astype(np.float64)
+        for s in ("train", "test")
+    )
+    return data
+
+
+def real_pairs(data: DigitsMLP, n_pairs: int) -> tuple[list[Pair], list[tuple[int, int]]]:
+    """``n_pairs`` test-train gradient pairs whose coherence sits at the quantiles
+    ``linspace(0.1, 0.9, n_pairs)`` (0.5 for one pair) of all test-train pairs.
+
+    Returns the pairs and their ``(test index, train index)``.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        coh = th.PairStats.pairwise(data.G_test, data.G_train).coherence
+    coh = np.where(np.isfinite(coh), coh, np.nan)  # a zero gradient has no coherence
+    qs = [0.5] if n_pairs == 1 else np.linspace(0.1, 0.9, n_pairs)
+    pairs, index = [], []
+    for q in qs:
+        target = np.nanquantile(coh, q)
+        i, j = np.unravel_index(np.nanargmin(np.abs(coh - target)), coh.shape)
+        pairs.append(Pair("mlp", f"MLP test {i} / train {j}", data.G_test[i], data.G_train[j]))
+        index.append((int(i), int(j)))
+    return pairs, index
+
+
+def library_check(data: DigitsMLP, test_i: int, train_j: int, p: float, n_seeds: int,
+                  seed: int) -> pd.DataFrame:
+    """The same check end to end: ``dropinf.gradients`` with ``Dropout(p, mask=law, seed=s)``.
+
+    For each mask law, ``n_seeds`` compressors with consecutive seeds each give one draw of
+    the compressed dot product of test point ``test_i`` and training point ``train_j``
+    (computed by the library from the model, in float32); compared with the closed form for
+    the exact gradients. Rows as in :func:`check_pairs`, ``source == "library"``.
+    """
+    a, b = data.G_test[test_i], data.G_train[train_j]
+    st = th.PairStats.of(a, b)
+    batch = [(torch.stack([data.test[0][test_i], data.train[0][train_j]]),
+              torch.stack([data.test[1][test_i], data.train[1][train_j]]))]
+    rows = []
+    for law in ("fixed", "bernoulli"):
+        base = seed_for(seed, "library", law)
+        x = np.empty(n_seeds)
+        for s in tqdm(range(n_seeds), desc=f"Dropout({p}, {law})", unit="seed"):
+            z = gradients(data.task, batch, Dropout(p, mask=law, seed=base + s),
+                          progress=False).data.double()
+            x[s] = float(z[0] @ z[1])
+        k = size_at_rate(data.d, p, law)
+        var = float(th.variance(st, law, k))
+        rows.append({
+            "source": "library", "pair": f"MLP test {test_i} / train {train_j}", "d": data.d,
+            "coherence": float(st.coherence), "cosine": float(st.cosine),
+            "norm_prod": math.sqrt(float(st.aa * st.bb)), "law": law, "p": p, "k": k,
+            "n_trials": n_seeds, "mean_formula": float(st.ab), "var_formula": var,
+            **summarize_draws(x, float(st.ab), var),
+        })
+    return pd.DataFrame(rows)
+
+
+def z_table(checks: pd.DataFrame) -> pd.DataFrame:
+    """Long form: one row per checked statistic (mean or variance) with MC, formula, se, z."""
+    keep = ["source", "pair", "coherence", "law", "p", "k", "n_trials"]
+    parts = []
+    for stat in ("mean", "var"):
+        part = checks[keep].copy()
+        part["stat"] = stat
+        part["mc"] = checks[f"{stat}_mc"]
+        part["formula"] = checks[f"{stat}_formula"]
+        part["se"] = checks[f"se_{stat}"]
+        part["z"] = checks[f"z_{stat}"]
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- coherence
+
+
+def crossover_coherence(d: int, p: float, cosine: float, law: str = "fixed") -> float:
+    """Coherence at which ``law`` at rate p has the variance of a Gaussian projection of the
+    same size, for unit vectors with ``a . b = cosine``; below it the mask has less variance.
+
+    The mask's variance is affine in ``sum a^2 b^2 = coherence / d`` (the Gaussian's does not
+    depend on it), so this solves a linear equation between coherence ``cosine^2`` (its
+    smallest possible value) and d.
+    """
+    k = size_at_rate(d, p, law)
+    vg = float(th.variance(th.PairStats(1.0, 1.0, cosine, 1.0 / d, d), "gaussian",
+                           size_at_rate(d, p, "gaussian")))
+    lo, hi = cosine**2, float(d)
+    v_lo, v_hi = (float(th.variance(th.PairStats(1.0, 1.0, cosine, c / d, d), law, k))
+                  for c in (lo, hi))
+    return lo + (vg - v_lo) * (hi - lo) / (v_hi - v_lo)
+
+
+def ratio_table(checks: pd.DataFrame, law: str = "fixed") -> pd.DataFrame:
+    """Variance of ``law`` over Gaussian's at the same (pair, p): Monte Carlo with its 95%
+    interval (delta method on the log ratio) and formula. One row per (pair, p)."""
+    a = checks[checks.law == law].set_index(["source", "pair", "p"])
+    g = checks[checks.law == "gaussian"].set_index(["source", "pair", "p"])
+    out = a[["coherence", "cosine"]].copy()
+    out["ratio_formula"] = a.var_formula / g.var_formula
+    out["ratio_mc"] = a.var_mc / g.var_mc
+    se_log = np.sqrt((a.se_var / a.var_mc) ** 2 + (g.se_var / g.var_mc) ** 2)
+    out["ratio_lo"] = out.ratio_mc * np.exp(-Z95 * se_log)
+    out["ratio_hi"] = out.ratio_mc * np.exp(Z95 * se_log)
+    return out.reset_index()
+
+
+def mc_crossover(ratios: pd.DataFrame, p: float) -> float:
+    """Coherence where the Monte Carlo ratio crosses 1 at rate p, interpolating log ratio
+    linearly in log coherence between the synthetic levels; NaN if it does not cross."""
+    r = ratios[(ratios.source == "synthetic") & np.isclose(ratios.p, p)].sort_values("coherence")
+    return float(np.exp(zero_crossing(np.log(r.coherence), np.log(r.ratio_mc))))
+
+
+def zero_crossing(x, y) -> float:
+    """First x where y changes sign, by linear interpolation between neighbours; NaN if none."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    for i in range(len(x) - 1):
+        if y[i] <= 0 < y[i + 1] or y[i] >= 0 > y[i + 1]:
+            return float(x[i] + y[i] / (y[i] - y[i + 1]) * (x[i + 1] - x[i]))
+    return math.nan
+
+
+def pair_coherences(data: DigitsMLP) -> np.ndarray:
+    """Coherence of every test-train gradient pair with nonzero gradients, flattened."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        coh = th.PairStats.pairwise(data.G_test, data.G_train).coherence.ravel()
+    return coh[np.isfinite(coh)]
+
+
+def real_pair_table(data: DigitsMLP, rates: tuple[float, ...]) -> pd.DataFrame:
+    """Closed-form variances over *all* test-train gradient pairs, per rate: how often each
+    mask law beats a Gaussian projection of the same size, and the median variance ratio."""
+    st = th.PairStats.pairwise(data.G_test, data.G_train)
+    ok = (st.aa * st.bb) > 0
+    rows = []
+    for p in rates:
+        vg = th.variance(st, "gaussian", size_at_rate(data.d, p, "gaussian"))[ok]
+        row = {"p": p, "k": size_at_rate(data.d, p, "fixed"), "n_pairs": int(ok.sum())}
+        for law in ("fixed", "bernoulli"):
+            v = th.variance(st, law, size_at_rate(data.d, p, law))[ok]
+            row[f"{law}_wins"] = float(np.mean(v < vg))
+            row[f"{law}_median_ratio"] = float(np.median(v / vg))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def crossover_table(cfg: Config, ratios: pd.DataFrame, real: pd.DataFrame) -> pd.DataFrame:
+    """Per rate p: crossover coherence (closed form at cosine ``cfg.rho``, and Monte Carlo for
+    the fixed mask) and the share of real gradient pairs where the mask wins."""
+    rows = []
+    for p in cfg.rates:
+        row = {"p": p, "k": size_at_rate(cfg.d, p, "fixed"),
+               "crossover_fixed": crossover_coherence(cfg.d, p, cfg.rho, "fixed"),
+               "crossover_bernoulli": crossover_coherence(cfg.d, p, cfg.rho, "bernoulli"),
+               "crossover_fixed_mc": mc_crossover(ratios, p)}
+        r = real[np.isclose(real.p, p)]
+        if len(r):
+            row["mlp_fixed_wins"] = float(r.fixed_wins.iloc[0])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- damped Fisher
+
+
+def _compressed(data: DigitsMLP, comp) -> tuple[Tensor, Tensor]:
+    out = (gradients(data.task, data.loader(s), comp, progress=False).data.double()
+           for s in ("train", "test"))
+    return tuple(out)
+
+
+def fisher_bias(cfg: Config, data: DigitsMLP) -> pd.DataFrame:
+    """Error of compressed-space influence scores against the uncompressed ones.
+
+    Reference: ``S = G_test (F + lambda I)^{-1} G_train^T`` with the full-space empirical
+    Fisher ``F = G_train^T G_train / n`` and relative damping (``lambda = damping tr(F) / d``),
+    both from :class:`Preconditioner` and :func:`scores`; and the plain dot products
+    ``G_test G_train^T`` for identity curvature. Each compressor (flat fixed-mask ``Dropout``
+    at rate p, and ``Gaussian`` with the same k) is drawn ``cfg.n_mask_seeds`` times; its
+    scores use the compressed Fisher with the same relative damping (``lambda_hat = damping
+    tr(F_hat) / k``), as a user of the library would.
+
+    Returns one row per (compressor, curvature, p, damping) with ``rel_rmse`` (root mean
+    square over draws of ``|S_hat - S|_F``, over ``|S|_F``), its decomposition into
+    ``rel_bias`` (``|E S_hat - S|_F / |S|_F``, unbiased estimate from the draws, clipped at 0)
+    and ``rel_sd``, ``pearson`` (mean over draws of the correlation of the entries), and the
+    reference's ``lam`` and effective dimension ``d_lambda = tr(F (F + lambda I)^{-1})``.
+    Identity rows have ``damping`` NaN and ``d_lambda`` NaN.
+    """
+    Gtr, Gte = torch.from_numpy(data.G_train), torch.from_numpy(data.G_test)
+    refs: dict[float, tuple[np.ndarray, float, float]] = {}
+    for pre in damped(Preconditioner.fit(Gtr, "fisher", cfg.dampings[0]), cfg.dampings):
+        S = scores(Gte, Gtr, pre).numpy()
+        refs[pre.damping] = (S, pre.lam, th.effective_dimension(pre.eigvals.numpy(), pre.lam))
+    S_dot = data.G_test @ data.G_train.T
+
+    acc: dict[tuple, list[np.ndarray]] = {}
+    cells = [(p, kind, s) for p in cfg.fisher_rates for kind in ("dropout", "gaussian")
+             for s in range(cfg.n_mask_seeds)]
+    for p, kind, s in tqdm(cells, desc="compressed Fisher", unit="draw"):
+        cseed = seed_for(cfg.seed, "fisher", kind, p, s)
+        k = size_at_rate(data.d, p, "fixed")
+        comp = Dropout(p, seed=cseed) if kind == "dropout" else Gaussian(k=k, seed=cseed)
+        htr, hte = _compressed(data, comp)
+        acc.setdefault((kind, "identity", p, math.nan), []).append((hte @ htr.T).numpy())
+        for pre in damped(Preconditioner.fit(htr, "fisher", cfg.dampings[0]), cfg.dampings):
+            acc.setdefault((kind, "fisher", p, pre.damping), []).append(
+                scores(hte, htr, pre).numpy())
+
+    rows = []
+    for (kind, curv, p, damping), draws_ in acc.items():
+        S, lam, d_lam = (S_dot, math.nan, math.nan) if curv == "identity" else refs[damping]
+        rows.append({"compressor": kind, "curvature": curv, "p": p,
+                     "k": size_at_rate(data.d, p, "fixed"), "damping": damping, "lam": lam,
+                     "d_lambda": d_lam, **score_errors(draws_, S)})
+    df = pd.DataFrame(rows)
+    df["k_over_d_lambda"] = df.k / df.d_lambda
+    return df
+
+
+def damped(pre: Preconditioner, dampings: tuple[float, ...]) -> list[Preconditioner]:
+    """``pre`` refitted at each relative damping without a new eigendecomposition.
+
+    Relative damping makes ``lambda`` proportional to ``damping`` (``damping * tr(C) / dim``),
+    so only ``lam`` changes; this is ``Preconditioner.fit(G, kind, d)`` for each d, at the cost
+    of one fit.
+    """
+    if not pre.damping > 0:
+        raise ValueError(f"pre.damping={pre.damping!r}: need a fit with damping > 0 to rescale")
+    out = []
+    for dm in dampings:
+        lam = pre.lam * dm / pre.damping
+        info = {**pre.info, "lambda": lam, "min_eig": float(pre.eigvals.min()) + lam}
+        out.append(dataclasses.replace(pre, damping=dm, lam=lam, info=info))
+    return out
+
+
+def score_errors(draws_: list[np.ndarray], S: np.ndarray) -> dict[str, float]:
+    """How m >= 2 independent estimates ``draws_`` of the matrix S differ from it.
+
+    With ``e_i = |S_i - S|^2`` and the mean estimate ``Sbar``, ``E|Sbar - S|^2 = b^2 + v/m``
+    and ``E e_i = b^2 + v`` (b: bias norm, v: total variance), so
+    ``b^2 = (m |Sbar - S|^2 - mean e) / (m - 1)`` is unbiased. Returns, relative to
+    ``|S|_F``: ``rel_rmse = sqrt(mean e)``, ``rel_err_sd`` (spread of ``sqrt(e_i)``),
+    ``rel_bias = sqrt(b^2)`` (clipped at 0), ``rel_sd = sqrt(v)``; and, averaged over draws,
+    ``scale = <S_i, S> / |S|^2`` (the least-squares multiple of S in ``S_i``),
+    ``rel_err_rescaled = min_c |c S_i - S| / |S| = sqrt(1 - cos^2(S_i, S))`` (the error that
+    any ranking sees) and ``pearson`` (correlation of the entries).
+    """
+    m = len(draws_)
+    if m < 2:
+        raise ValueError(f"need at least 2 draws to separate bias from variance, got {m}")
+    norm2 = float(np.sum(S**2))
+    e = np.array([np.sum((x - S) ** 2) for x in draws_])
+    sbar = np.mean(draws_, axis=0)
+    b2 = (m * float(np.sum((sbar - S) ** 2)) - e.mean()) / (m - 1)
+    inner = np.array([np.sum(x * S) for x in draws_])
+    cos2 = inner**2 / (norm2 * np.array([np.sum(x * x) for x in draws_]))
+    pearson = [np.corrcoef(x.ravel(), S.ravel())[0, 1] for x in draws_]
+    return {
+        "rel_rmse": math.sqrt(e.mean() / norm2),
+        "rel_err_sd": float(np.std(np.sqrt(e / norm2), ddof=1)),
+        "rel_bias": math.sqrt(max(b2, 0.0) / norm2),
+        "rel_sd": math.sqrt(max(e.mean() - b2, 0.0) / norm2),
+        "scale": float(np.mean(inner / norm2)),
+        "rel_err_rescaled": float(np.mean(np.sqrt(np.clip(1.0 - cos2, 0.0, None)))),
+        "pearson": float(np.mean(pearson)),
+    }
+
+
+# --------------------------------------------------------------------------- conclusion
+
+
+def conclude(cfg: Config, checks: pd.DataFrame, crossovers: pd.DataFrame,
+             real: pd.DataFrame, real_coherence: np.ndarray, d_mlp: int,
+             fisher: pd.DataFrame) -> tuple[str, dict]:
+    """The notebook's conclusion as sentences written from the numbers, and those numbers.
+
+    ``real_coherence``: coherences of all test-train gradient pairs of the MLP
+    (:func:`pair_coherences`), whose gradients have dimension ``d_mlp``.
+    """
+    zs = np.concatenate([checks.z_mean.to_numpy(), checks.z_var.to_numpy()])
+    n = len(zs)
+    max_z = float(np.max(np.abs(zs)))
+    z_crit = float(sps.norm.isf(0.025 / n))  # P(max |z| > z_crit) ~ 5% under the formulas
+    nums: dict = {"max_abs_z": max_z, "n_z": n, "z_crit_5pct": z_crit}
+    s = [f"Monte Carlo agrees with every closed form: the largest standardized deviation is "
+         f"|z| = {max_z:.2f} over {n} checks (means and variances), "
+         + ("below" if max_z <= z_crit else "ABOVE")
+         + f" the {z_crit:.2f} that correct formulas exceed with 5% probability."]
+    if max_z > z_crit:
+        s[0] = s[0].replace("agrees with every closed form", "disagrees with a closed form")
+
+    lo_p, hi_p = min(cfg.rates), max(cfg.rates)
+    cx = crossovers.set_index("p")
+    k_lo, k_hi = cx.crossover_fixed[lo_p], cx.crossover_fixed[hi_p]
+    nums["crossover"] = {f"{p:g}": {"formula": float(r.crossover_fixed),
+                                    "mc": _num(r.crossover_fixed_mc)}
+                         for p, r in cx.iterrows()}
+    s.append(
+        f"At equal k, a fixed dropout mask has less variance than a Gaussian projection only "
+        f"while the coherence d*sum(a^2 b^2)/(|a|^2|b|^2) stays below a threshold that falls as "
+        f"the dropout rate rises (cosine {cfg.rho:g}): {k_lo:.3g} at p = {lo_p:g} and "
+        f"{k_hi:.3g} at p = {hi_p:g}"
+        + _mc_phrase(cx.crossover_fixed_mc[lo_p], cx.crossover_fixed_mc[hi_p])
+        + ". Evenly spread vectors have coherence 1, so at high dropout rates the mask loses "
+        "to the projection unless the large entries of a meet small entries of b "
+        "(coherence below 1)."
+    )
+
+    q10, q50, q90 = (float(np.nanquantile(real_coherence, q)) for q in (0.1, 0.5, 0.9))
+    nums["mlp_coherence"] = {"q10": q10, "median": q50, "q90": q90}
+    rr = real.set_index("p")
+    wins = {f"{p:g}": float(rr.fixed_wins[p]) for p in rr.index}
+    nums["mlp_fixed_wins"] = wins
+    ratio = {f"{p:g}": float(rr.fixed_median_ratio[p]) for p in rr.index}
+    nums["mlp_fixed_median_ratio"] = ratio
+    p_lo, p_hi = float(rr.index.min()), float(rr.index.max())
+    p_star = zero_crossing(rr.index, np.log(rr.fixed_median_ratio))
+    nums["mlp_median_pair_crossover_rate"] = _num(p_star)
+    s.append(
+        f"Real per-sample gradients of the MLP on digits (d = {d_mlp}) "
+        f"have median test-train coherence {q50:.3g} (10-90%: {q10:.3g} to {q90:.3g}). "
+        f"The fixed mask beats the Gaussian projection for {100 * wins[f'{p_lo:g}']:.0f}% of "
+        f"those pairs at p = {p_lo:g} (median variance ratio {ratio[f'{p_lo:g}']:.2f}) and for "
+        f"{100 * wins[f'{p_hi:g}']:.0f}% at p = {p_hi:g} (median ratio "
+        f"{ratio[f'{p_hi:g}']:.2f})"
+        + (f": for the median pair dropout is the better compressor below p = {p_star:.2f} and "
+           f"the worse one above." if np.isfinite(p_star) else
+           (": dropout is the worse compressor of these gradients at every rate measured."
+            if ratio[f"{p_lo:g}"] > 1 else
+            ": dropout is the better compressor of these gradients at every rate measured."))
+    )
+
+    s.append(_fisher_sentences(fisher, nums))
+    return " ".join(s), nums
+
+
+def _num(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+def _mc_phrase(lo: float, hi: float) -> str:
+    parts = [f"{x:.3g}" if np.isfinite(x) else "outside the levels measured" for x in (lo, hi)]
+    return f" (Monte Carlo interpolation: {parts[0]} and {parts[1]})"
+
+
+def _fisher_sentences(fisher: pd.DataFrame, nums: dict) -> str:
+    f = fisher[fisher.curvature == "fisher"]
+    ident = fisher[fisher.curvature == "identity"].set_index(["compressor", "p"])
+
+    def table(col: str) -> pd.DataFrame:
+        return f.pivot_table(index=["p", "damping"], columns="compressor", values=col)
+
+    err, resc, scale = table("rel_rmse"), table("rel_err_rescaled"), table("scale")
+    n_better = int((err.dropout < err.gaussian).sum())
+    share = (f.rel_bias**2 / f.rel_rmse**2).groupby(f.compressor).median()
+    p0, dmin, dmax = f.p.min(), f.damping.min(), f.damping.max()
+    fx = {"p": float(p0), "damping_min": float(dmin), "damping_max": float(dmax),
+          "dropout_better_cells": n_better, "cells": len(err),
+          "median_bias_share": {c: float(v) for c, v in share.items()}}
+    for name, t in (("rel_rmse", err), ("rel_err_rescaled", resc), ("scale", scale)):
+        fx[f"{name}_at_p"] = {c: {"damping_min": float(t.loc[(p0, dmin), c]),
+                                  "damping_max": float(t.loc[(p0, dmax), c])} for c in t.columns}
+    fx["identity_rel_rmse_at_p"] = {c: float(ident.rel_rmse[(c, p0)]) for c in err.columns}
+    nums["fisher"] = fx
+    e, r, sc = (fx[f"{n}_at_p"]["dropout"] for n in ("rel_rmse", "rel_err_rescaled", "scale"))
+    eg = fx["rel_rmse_at_p"]["gaussian"]
+    shrink_only = r["damping_min"] < 0.5 * e["damping_min"]
+    out = (
+        f"With damped Fisher curvature the compressed scores are biased: they are the influence "
+        f"of the sub-network the mask keeps, not of the network. At p = {p0:g} dropout's "
+        f"relative score error is {e['damping_min']:.2f} at damping {dmin:g} and "
+        f"{e['damping_max']:.2f} at damping {dmax:g}, against "
+        f"{fx['identity_rel_rmse_at_p']['dropout']:.2f} with identity curvature (where the mask "
+        f"is unbiased); the squared bias is a median {100 * share['dropout']:.0f}% of the mean "
+        f"squared error, and it is "
+        + ("largely" if shrink_only else "not merely")
+        + f" a shrinkage of all scores: after the best rescaling the error is "
+        f"{r['damping_min']:.2f} and {r['damping_max']:.2f} (least-squares scale "
+        f"{sc['damping_min']:.2f} and {sc['damping_max']:.2f}). A Gaussian projection of the "
+        f"same k is biased too ({eg['damping_min']:.2f} and {eg['damping_max']:.2f}); "
+    )
+    if n_better == 0:
+        out += f"dropout has the larger error in all {len(err)} (p, damping) settings."
+    elif n_better == len(err):
+        out += f"dropout has the smaller error in all {len(err)} (p, damping) settings."
+    else:
+        out += f"dropout has the smaller error in {n_better} of {len(err)} (p, damping) settings."
+    above, below = f[f.k_over_d_lambda >= 1], f[f.k_over_d_lambda < 1]
+    if len(above) and len(below):
+        lo = below.groupby("compressor").rel_rmse.median()
+        hi = above.groupby("compressor").rel_rmse.median()
+        best = above.loc[above.rel_rmse.idxmin()]
+        fx["median_rel_rmse_k_below_d_lambda"] = {c: float(v) for c, v in lo.items()}
+        fx["median_rel_rmse_k_above_d_lambda"] = {c: float(v) for c, v in hi.items()}
+        fx["best"] = {"compressor": best.compressor, "rel_rmse": float(best.rel_rmse),
+                      "k_over_d_lambda": float(best.k_over_d_lambda)}
+        out += (
+            f" The error falls as k grows past the effective dimension d_lambda: median "
+            f"{lo.get('dropout', math.nan):.2f} (dropout) and {lo.get('gaussian', math.nan):.2f} "
+            f"(Gaussian) where k < d_lambda, {hi.get('dropout', math.nan):.2f} and "
+            f"{hi.get('gaussian', math.nan):.2f} where k >= d_lambda"
+        )
+        out += (f"; k > d_lambda is necessary but not sufficient here (smallest error "
+                f"{best.rel_rmse:.2f}, {best.compressor} at k = {best.k_over_d_lambda:.1f} "
+                f"d_lambda)." if best.rel_rmse > 0.2 else ".")
+    return out
+
+
+# --------------------------------------------------------------------------- figures
+
+COLORS = {"fixed": "C0", "bernoulli": "C1", "gaussian": "C2", "sjlt": "C3"}
+STYLES = {"fixed": "-", "bernoulli": "--", "gaussian": "-", "sjlt": ":"}
+MARKERS = {"fixed": "o", "bernoulli": "s", "gaussian": "^", "sjlt": "v"}
+
+
+def relative_rms(var, norm_prod):
+    """RMS error of ``ahat . bhat`` (an unbiased estimate, so sqrt of its variance) over
+    ``|a||b|``: the scale-free error plotted on every panel."""
+    return np.sqrt(np.maximum(var, 0.0)) / norm_prod
+
+
+def plot_error_vs_p(checks: pd.DataFrame, pairs: list[Pair], ncols: int = 3):
+    """One panel per pair: relative RMS error of ``ahat . bhat`` against dropout rate p.
+
+    Lines: closed forms (Gaussian and SJLT at the same k as the fixed mask). Points: Monte
+    Carlo with 95% intervals (from the sample variance's standard error); stars: the same
+    through ``dropinf.Dropout`` end to end. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    nrows = -(-len(pairs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False,
+                             sharex=True)
+    laws = [w for w in LAWS if w in set(checks.law)]
+    offset = {w: (i - (len(laws) - 1) / 2) * 0.006 for i, w in enumerate(laws)}
+    for ax, pr in zip(axes.flat, pairs):
+        st, d = pr.stats, len(pr.a)
+        scale = math.sqrt(float(st.aa * st.bb))
+        grid = np.linspace(0.02, 0.98, 97)
+        for law in laws:
+            curve = [float(th.variance(st, law, size_at_rate(d, p, law))) for p in grid]
+            ax.plot(grid, relative_rms(np.array(curve), scale), STYLES[law], color=COLORS[law],
+                    lw=1.3, label=f"{LAW_LABELS[law]}: formula")
+            r = checks[(checks.pair == pr.label) & (checks.source == pr.source)
+                       & (checks.law == law)]
+            y = relative_rms(r.var_mc.to_numpy(), scale)
+            lo = relative_rms(r.var_lo.to_numpy(), scale)
+            hi = relative_rms(r.var_hi.to_numpy(), scale)
+            ax.errorbar(r.p + offset[law], y, yerr=[y - lo, hi - y], fmt=MARKERS[law], ms=4,
+                        color=COLORS[law], capsize=2, lw=1, label=f"{LAW_LABELS[law]}: Monte Carlo")
+        lib = checks[(checks.source == "library") & (checks.pair == pr.label)]
+        for _, r in lib.iterrows():
+            y = relative_rms(r.var_mc, scale)
+            lo, hi = relative_rms(r.var_lo, scale), relative_rms(r.var_hi, scale)
+            ax.errorbar([r.p + offset[r.law]], [y], yerr=[[y - lo], [hi - y]], fmt="*", ms=10,
+                        mfc="none", color=COLORS[r.law], capsize=2,
+                        label=f"{LAW_LABELS[r.law]}: dropinf.Dropout end to end")
+        ax.set_yscale("log")
+        kind = "synthetic" if pr.source == "synthetic" else "MLP gradients"
+        ax.set_title(f"{kind}: coherence {float(st.coherence):.3g}, cos {float(st.cosine):.2f}",
+                     fontsize=9)
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+    for ax in axes.flat[len(pairs):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("dropout rate p")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("RMS error of â·b̂  /  |a||b|")
+    handles, labels = _unique_legend(axes.flat)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02 - 0.025 * (len(labels) // 3)))
+    fig.suptitle("Error of compressed dot products against dropout rate p: masks keep "
+                 "k = round((1-p) d), projections have the same k\n(lines: closed form; points: "
+                 "Monte Carlo with 95% CI; log scale)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _unique_legend(axes) -> tuple[list, list]:
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    return list(seen.values()), list(seen.keys())
+
+
+def plot_coherence(cfg: Config, ratios: pd.DataFrame, real: pd.DataFrame,
+                   real_coherence: np.ndarray, d_mlp: int, rates: tuple[float, ...] | None = None):
+    """Left: variance of the fixed mask over a Gaussian projection of the same k, against
+    coherence (synthetic pairs; formula at cosine ``cfg.rho``, Monte Carlo with 95% CI).
+    Right: coherence of all MLP test-train gradient pairs with the crossover of each rate."""
+    import matplotlib.pyplot as plt
+
+    rates = rates or cfg.rates
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    kap = np.geomspace(1.0, max(cfg.coherences) * 1.5, 100)
+    for i, p in enumerate(rates):
+        k = size_at_rate(cfg.d, p, "fixed")
+        curve = [float(th.variance(th.PairStats(1.0, 1.0, cfg.rho, c / cfg.d, cfg.d), "fixed", k)
+                       / th.variance(th.PairStats(1.0, 1.0, cfg.rho, c / cfg.d, cfg.d),
+                                     "gaussian", k)) for c in kap]
+        color = plt.cm.viridis(i / max(len(rates) - 1, 1))
+        ax.plot(kap, curve, color=color, lw=1.3, label=f"p = {p:g}")
+        r = ratios[(ratios.source == "synthetic") & np.isclose(ratios.p, p)]
+        ax.errorbar(r.coherence, r.ratio_mc, fmt="o", ms=4, color=color, capsize=2, lw=1,
+                    yerr=[r.ratio_mc - r.ratio_lo, r.ratio_hi - r.ratio_mc])
+        ax.plot(r.coherence, r.ratio_formula, "_", ms=12, mew=1.5, color=color)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="coherence  d·Σa²b² / (|a|²|b|²)",
+           ylabel="Var(fixed mask) / Var(Gaussian), same k",
+           title=f"synthetic pairs, d = {cfg.d}: dropout better below 1")
+    ax.grid(alpha=0.3, which="both", lw=0.5)
+    ax.legend(fontsize=8, title_fontsize=8,
+              title=f"lines: formula at cos = {cfg.rho:g}\n—: formula at the pair's own cos\n"
+                    "points: Monte Carlo, 95% CI")
+
+    bins = np.geomspace(max(real_coherence.min(), 1e-2), real_coherence.max(), 50)
+    bx.hist(real_coherence, bins=bins, color="0.7")
+    rr = real.set_index("p")
+    for i, p in enumerate(rates):
+        if p not in rr.index:
+            continue
+        kstar = crossover_coherence(d_mlp, p, 0.0, "fixed")
+        color = plt.cm.viridis(i / max(len(rates) - 1, 1))
+        bx.axvline(kstar, color=color, ls="--", lw=1.2,
+                   label=f"p = {p:g}: crossover {kstar:.3g}; mask wins for "
+                         f"{100 * rr.fixed_wins[p]:.0f}% of pairs")
+    bx.set(xscale="log", xlabel="coherence of a test-train gradient pair",
+           ylabel="number of pairs",
+           title=f"MLP on digits (d = {d_mlp}): crossover at cos = 0")
+    bx.set_ylim(0, bx.get_ylim()[1] * (1.25 + 0.06 * len(rates)))
+    bx.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_fisher(fisher: pd.DataFrame):
+    """Relative error and bias of compressed influence scores (damped Fisher; identity
+    curvature for reference) against p, and the error against k / d_lambda."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    dampings = sorted(fisher.damping.dropna().unique())
+    cmap = {dm: plt.cm.plasma(i / max(len(dampings), 1)) for i, dm in enumerate(dampings)}
+    style = {"dropout": ("-", "o"), "gaussian": ("--", "s")}
+    for comp, (ls, mk) in style.items():
+        for curv, dm in [("identity", math.nan)] + [("fisher", x) for x in dampings]:
+            r = fisher[(fisher.compressor == comp) & (fisher.curvature == curv)]
+            r = r[r.damping.isna()] if curv == "identity" else r[r.damping == dm]
+            r = r.sort_values("p")
+            color = "k" if curv == "identity" else cmap[dm]
+            mfc = "none" if comp == "gaussian" else color
+            lab = f"{comp}, " + ("identity curvature" if curv == "identity"
+                                 else f"Fisher, damping {dm:g}")
+            axes[0].errorbar(r.p, r.rel_rmse, yerr=r.rel_err_sd, fmt=ls + mk, ms=4, mfc=mfc,
+                             color=color, capsize=2, lw=1.2, label=lab)
+            if curv == "fisher":
+                axes[1].plot(r.p, r.rel_bias, ls + mk, ms=4, color=color, mfc=mfc, lw=1.2)
+                axes[2].plot(r.k_over_d_lambda, r.rel_rmse, mk, ms=5, color=color, mfc=mfc)
+    axes[0].set(xlabel="dropout rate p (Gaussian: same k)",
+                ylabel="relative score error  |Ŝ - S|_F / |S|_F",
+                title="error of compressed influence (RMS; bars: ±1 sd over draws)")
+    axes[1].set(xlabel="dropout rate p (Gaussian: same k)",
+                ylabel="relative bias  |E Ŝ - S|_F / |S|_F",
+                title="bias of damped-Fisher scores\n(identity curvature: unbiased, not shown)")
+    axes[2].axvline(1.0, color="k", lw=0.8)
+    axes[2].set(xscale="log", xlabel="k / d_λ   (d_λ = tr F(F+λI)⁻¹ of the full-space Fisher)",
+                ylabel="relative score error",
+                title="error against k / d_λ (filled: dropout, hollow: Gaussian)")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+    axes[0].legend(fontsize=6.5, ncol=2)
+    fig.suptitle("Influence scores from compressed gradients against the uncompressed ones "
+                 "(S: positive = helpful; same relative damping on both)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_checks(checks: pd.DataFrame):
+    """Every Monte Carlo check at once. Left: Monte Carlo variance over the closed form with
+    its 95% interval, one point per (pair, law, p), grouped by law and sorted by p within a
+    group (marker: synthetic pair, MLP gradients or end to end). Right: the histogram of all
+    standardized deviations z against the standard normal density."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    markers = {"synthetic": "o", "mlp": "s", "library": "*"}
+    names = {"synthetic": "synthetic pair", "mlp": "MLP gradients", "library": "dropinf.Dropout"}
+    laws = [w for w in LAWS if w in set(checks.law)]
+    x0, ticks = 0, []
+    for law in laws:
+        r = checks[checks.law == law].sort_values(["p", "source", "pair"])
+        x = x0 + np.arange(len(r))
+        ticks.append((x0 + (len(r) - 1) / 2, LAW_LABELS[law]))
+        for src, m in markers.items():
+            sel = (r.source == src).to_numpy()
+            if not sel.any():
+                continue
+            q = r[sel]
+            ax.errorbar(x[sel], q.var_mc / q.var_formula, fmt=m, ms=7 if src == "library" else 3,
+                        color=COLORS[law], lw=0.8, capsize=1.5,
+                        yerr=[(q.var_mc - q.var_lo) / q.var_formula,
+                              (q.var_hi - q.var_mc) / q.var_formula])
+        x0 += len(r) + 4
+        ax.axvline(x0 - 2.5, color="0.8", lw=0.8)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=8)
+    ax.set(ylabel="Monte Carlo variance / closed form",
+           title="every (pair, law, p), sorted by p within a law: 95% CI")
+    ax.grid(alpha=0.3, lw=0.5, axis="y")
+    ax.legend([Line2D([], [], ls="", marker=m, color="0.3") for m in markers.values()],
+              list(names.values()), fontsize=7, loc="upper right")
+    z = np.concatenate([checks.z_mean.to_numpy(), checks.z_var.to_numpy()])
+    z = z[np.isfinite(z)]
+    bx.hist(z, bins=np.linspace(-5, 5, 41), density=True, color="0.7",
+            label=f"{len(z)} z-scores (means and variances)")
+    g = np.linspace(-5, 5, 201)
+    bx.plot(g, sps.norm.pdf(g), "k", lw=1.2, label="standard normal")
+    bx.set(xlabel="z = (Monte Carlo - formula) / standard error", ylabel="density",
+           title=f"standardized deviations: max |z| = {np.max(np.abs(z)):.2f}")
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
