@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,21 +220,21 @@ def draw(a: np.ndarray, b: np.ndarray, law: str, p: float, n_trials: int,
          rng: np.random.Generator) -> np.ndarray:
     """``(n_trials,)`` independent draws of ``ahat . bhat`` for ``law`` at dropout rate p.
 
-    Masks are drawn in chunks of about 2^22 numbers, so memory stays bounded for any d.
+    Drawn in chunks of about 2^22 random numbers, so memory stays bounded for any d.
     """
-    k = size_at_rate(len(a), p, law)
-    if law in ("bernoulli", "fixed"):
-        chunk = max(1, 2**22 // len(a))
-        return np.concatenate([
-            th.sample_bernoulli(a, b, 1.0 - p, n, seed=rng) if law == "bernoulli"
-            else th.sample_fixed(a, b, k, n, seed=rng)
-            for n in np.diff(np.r_[np.arange(0, n_trials, chunk), n_trials])
-        ])
-    if law == "gaussian":
-        return th.sample_gaussian_span(a, b, k, n_trials, seed=rng)
-    if law == "sjlt":
-        return th.sample_sjlt(a, b, k, 1, n_trials, seed=rng)
-    raise ValueError(f"law={law!r}; choose one of {LAWS}")
+    if law not in LAWS:
+        raise ValueError(f"law={law!r}; choose one of {LAWS}")
+    d = len(a)
+    k = size_at_rate(d, p, law)
+    samplers = {
+        "bernoulli": lambda n: th.sample_bernoulli(a, b, 1.0 - p, n, seed=rng),
+        "fixed": lambda n: th.sample_fixed(a, b, k, n, seed=rng),
+        "gaussian": lambda n: th.sample_gaussian_span(a, b, k, n, seed=rng),
+        "sjlt": lambda n: th.sample_sjlt(a, b, k, 1, n, seed=rng),
+    }
+    chunk = max(1, 2**22 // (2 * d))
+    sizes = np.diff(np.r_[np.arange(0, n_trials, chunk), n_trials])
+    return np.concatenate([samplers[law](int(n)) for n in sizes])
 
 
 def summarize_draws(x: np.ndarray, mean: float, var: float) -> dict[str, float]:
@@ -294,6 +295,22 @@ def check_pairs(pairs: list[Pair], rates: tuple[float, ...], n_trials: int, seed
 # --------------------------------------------------------------------------- MLP on digits
 
 
+@contextmanager
+def one_thread():
+    """Run torch on one CPU thread inside the block (restored after).
+
+    The MLP is tiny: extra threads only add synchronisation (and stall badly on a busy
+    machine), and one thread makes the fit independent of the machine's core count.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+
 @dataclass
 class DigitsMLP:
     """A ``64-hidden-10`` MLP fitted on digits, with exact per-sample gradients.
@@ -321,6 +338,11 @@ class DigitsMLP:
 
 def digits_mlp(cfg: Config) -> DigitsMLP:
     """Split digits (pixels / 16) by ``cfg.seed``, fit the MLP, take exact gradients."""
+    with one_thread():
+        return _digits_mlp(cfg)
+
+
+def _digits_mlp(cfg: Config) -> DigitsMLP:
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
@@ -380,10 +402,11 @@ def library_check(data: DigitsMLP, test_i: int, train_j: int, p: float, n_seeds:
     for law in ("fixed", "bernoulli"):
         base = seed_for(seed, "library", law)
         x = np.empty(n_seeds)
-        for s in tqdm(range(n_seeds), desc=f"Dropout({p}, {law})", unit="seed"):
-            z = gradients(data.task, batch, Dropout(p, mask=law, seed=base + s),
-                          progress=False).data.double()
-            x[s] = float(z[0] @ z[1])
+        with one_thread():
+            for s in tqdm(range(n_seeds), desc=f"Dropout({p}, {law})", unit="seed"):
+                z = gradients(data.task, batch, Dropout(p, mask=law, seed=base + s),
+                              progress=False).data.double()
+                x[s] = float(z[0] @ z[1])
         k = size_at_rate(data.d, p, law)
         var = float(th.variance(st, law, k))
         rows.append({
@@ -505,9 +528,8 @@ def crossover_table(cfg: Config, ratios: pd.DataFrame, real: pd.DataFrame) -> pd
 
 
 def _compressed(data: DigitsMLP, comp) -> tuple[Tensor, Tensor]:
-    out = (gradients(data.task, data.loader(s), comp, progress=False).data.double()
-           for s in ("train", "test"))
-    return tuple(out)
+    return tuple(gradients(data.task, data.loader(s), comp, progress=False).data.double()
+                 for s in ("train", "test"))
 
 
 def fisher_bias(cfg: Config, data: DigitsMLP) -> pd.DataFrame:
@@ -526,8 +548,14 @@ def fisher_bias(cfg: Config, data: DigitsMLP) -> pd.DataFrame:
     ``rel_bias`` (``|E S_hat - S|_F / |S|_F``, unbiased estimate from the draws, clipped at 0)
     and ``rel_sd``, ``pearson`` (mean over draws of the correlation of the entries), and the
     reference's ``lam`` and effective dimension ``d_lambda = tr(F (F + lambda I)^{-1})``.
-    Identity rows have ``damping`` NaN and ``d_lambda`` NaN.
+    Identity rows have ``damping`` NaN and ``d_lambda`` NaN. Runs on one torch thread
+    (:func:`one_thread`; the matrices are at most d x d).
     """
+    with one_thread():
+        return _fisher_bias(cfg, data)
+
+
+def _fisher_bias(cfg: Config, data: DigitsMLP) -> pd.DataFrame:
     Gtr, Gte = torch.from_numpy(data.G_train), torch.from_numpy(data.G_test)
     refs: dict[float, tuple[np.ndarray, float, float]] = {}
     for pre in damped(Preconditioner.fit(Gtr, "fisher", cfg.dampings[0]), cfg.dampings):
@@ -900,6 +928,8 @@ def plot_fisher(fisher: pd.DataFrame):
             if curv == "fisher":
                 axes[1].plot(r.p, r.rel_bias, ls + mk, ms=4, color=color, mfc=mfc, lw=1.2)
                 axes[2].plot(r.k_over_d_lambda, r.rel_rmse, mk, ms=5, color=color, mfc=mfc)
+    top = 1.1 * fisher.rel_rmse.max()
+    axes[0].set_ylim(0, top)  # a ±1 sd bar may run past the top at the largest p
     axes[0].set(xlabel="dropout rate p (Gaussian: same k)",
                 ylabel="relative score error  |Ŝ - S|_F / |S|_F",
                 title="error of compressed influence (RMS; bars: ±1 sd over draws)")
