@@ -93,7 +93,7 @@ def manifest(profile: str, params: dict[str, Any], seeds: dict[str, Any] | None 
     """Provenance of one result: code version, environment, profile, parameters, seeds, hardware."""
     return {"git": git_state(), "packages": package_versions(), "profile": profile,
             "params": params, "seeds": seeds or {}, "hardware": hardware(),
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **extra}
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
 
 
 def _as_dict(params: Any) -> dict[str, Any]:
