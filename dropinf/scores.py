@@ -1,8 +1,11 @@
 """Influence scores in blocks: ``score(test, train) = g_test^T (C + lambda I)^{-1} g_train``.
 
 Positive = helpful: removing a training point with a positive score raises that test point's
-loss (by about ``score / n``). Scoring runs in blocks over both sides, so peak memory is about
-``block_test * k + block_test * block_train`` numbers beyond the output, whatever n.
+loss (by about ``score / n``). Scoring runs in blocks over both sides, and each block's product
+is written straight into the output, so peak memory beyond the output is about
+``block_test * k`` numbers (the preconditioned queries), plus ``block_train * k`` when the
+training rows must be converted (float16/bfloat16 rows, or float64 queries against float32 rows),
+whatever n. Training rows may be memory-mapped (a store): each block is read once per test block.
 """
 
 from __future__ import annotations
@@ -45,9 +48,8 @@ def scores(
     for i in range(0, G_test.shape[0], block_test):
         q = pre.apply(G_test[i : i + block_test])
         for j in range(0, G_train.shape[0], block_train):
-            out[i : i + len(q), j : j + block_train] = (
-                q @ G_train[j : j + block_train].to(q.dtype).T
-            )
+            g = G_train[j : j + block_train].to(q.dtype)
+            torch.matmul(q, g.T, out=out[i : i + len(q), j : j + len(g)])
     return out
 
 

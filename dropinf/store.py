@@ -167,7 +167,7 @@ def _write_rows(path: Path, pos: np.ndarray, a: np.ndarray) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         for lo, hi in zip([0, *cuts], [*cuts, len(p)]):
-            run = np.ascontiguousarray(a[perm[lo:hi]])
+            run = np.ascontiguousarray(_take(a, perm[lo:hi]))  # a view when rows are in order
             _pwrite_all(fd, memoryview(run.reshape(-1).view(np.uint8)), int(p[lo]) * row)
         os.fsync(fd)
     finally:
