@@ -275,6 +275,8 @@ def synthetic(seed: int = 0) -> pd.DataFrame:
 
 def test_ratios_at_the_largest_common_size():
     df = synthetic()
+    # dropout's peak at "a" below the resolution: the dense Gaussian (only at "a") gets no ratio
+    df.loc[(df["size"] == "a") & (df["method"] == "dropout-factored"), "peak_mb"] = 0.0
     r = cost.ratios(df).set_index(["metric", "method"])
     val = df.set_index(["size", "method"])
     # SJLT ran at both sizes: compared at the largest
@@ -291,6 +293,8 @@ def test_ratios_at_the_largest_common_size():
     assert r.loc[("map_bytes", "gaussian-dense"), "ratio"] == math.inf
     assert r.loc[("map_bytes", "sjlt"), "ratio"] == 1.0  # both store nothing
     assert r.loc[("compress_ms", "dropout-factored"), "ratio"] == 1.0
+    assert math.isnan(r.loc[("peak_mb", "gaussian-dense"), "ratio"])
+    assert r.loc[("peak_mb", "sjlt"), "size"] == "b"
 
 
 def test_summary_holds_no_measurement():

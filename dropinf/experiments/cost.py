@@ -800,8 +800,9 @@ def slopes(df: pd.DataFrame) -> pd.DataFrame:
 
 def ratios(df: pd.DataFrame) -> pd.DataFrame:
     """Each method's cost over factored dropout's, per family and metric, at the largest size
-    where both were measured (map bytes: factored dropout stores none, so the ratio is inf
-    where the other method stores any)."""
+    where both were measured. Map bytes: factored dropout stores none, so the ratio is inf where
+    the other method stores any (1 where it stores none either); a peak of 0 (below the page
+    resolution of the resident set) gives no ratio (NaN)."""
     out = []
     for family, g in df.groupby("family", sort=False):
         for metric in METRICS:
@@ -814,7 +815,12 @@ def ratios(df: pd.DataFrame) -> pd.DataFrame:
                 last = both.loc[both["d"].idxmax()]
                 r = float(ref[last["size"]])
                 v = float(last[metric])
-                ratio = v / r if r > 0 else (math.inf if v > 0 else 1.0)
+                if r > 0:
+                    ratio = v / r
+                elif metric == "map_bytes":  # dropout stores nothing: any map is infinitely more
+                    ratio = math.inf if v > 0 else 1.0
+                else:  # a time or peak below the measurement's resolution: no ratio
+                    ratio = math.nan
                 out.append({"family": family, "metric": metric, "method": method,
                             "size": last["size"], "d": int(last["d"]), "value": v,
                             "dropout_value": r, "ratio": ratio})
