@@ -196,7 +196,7 @@ def gradients(
         sink = _Chunks(writer, chunk_size)
     device = task.device
     seen = 0
-    with task.evaluating(), PerSampleGrads(task) as psg:
+    with task.evaluating(), PerSampleGrads(task, compressor) as psg:
         for item in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
             bidx, batch = item if order is not None else (None, item)
             if bidx is None and (m := batch_size(batch)) is not None:

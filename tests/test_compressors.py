@@ -380,3 +380,18 @@ def test_reduction_at_capture_equals_compressing_the_full_factors(make, model):
     assert_close(comp.compress(bg), full)
     with pytest.raises(ValueError, match="compressed as it was captured"):
         bg.flat()
+
+
+def test_gradients_reduce_factors_at_capture(monkeypatch):
+    """di.gradients hands the compressor to the capture hooks (the cheap path is the used one)."""
+    task, batches = mixed_case()
+    calls = []
+    original = di.Dropout.reducers
+
+    def counting(self, device):
+        calls.append(device)
+        return original(self, device)
+
+    monkeypatch.setattr(di.Dropout, "reducers", counting)
+    grads(task, batches, di.Dropout(0.5, factored=True))
+    assert calls
