@@ -219,7 +219,7 @@ class _FlatMask:
     def apply(self, bg: BatchGrads) -> list[Tensor]:
         out = []
         for q in self.params:
-            idx = self.index[q.name].to(bg.device)
+            idx = _on(self, q.name, self.index[q.name], bg.device)
             if len(idx):
                 out.append(bg.param_grad(q)[:, idx].float() * self.scale)
         return out
@@ -250,8 +250,19 @@ class _Projection:
             return []
         z = torch.zeros(bg.size, self.dim, device=bg.device)
         for q in self.params:
-            z += bg.param_grad(q).float() @ self.blocks[q.name].to(bg.device).T
+            z += bg.param_grad(q).float() @ _on(self, q.name, self.blocks[q.name], bg.device).T
         return [z]
+
+
+def _on(owner: object, key: str, t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``: maps are drawn on the CPU, so copy them to an accelerator once per
+    device (cached on ``owner`` under ``key``), not once per batch."""
+    if t.device == device:
+        return t
+    cache = owner.__dict__.setdefault("_on_device", {})
+    if (key, device) not in cache:
+        cache[key, device] = t.to(device)
+    return cache[key, device]
 
 
 def _nbytes(tensors) -> int:
@@ -574,7 +585,9 @@ class SJLT(Compressor):
     def compress(self, bg: BatchGrads) -> Tensor:
         z = torch.zeros(bg.size, self.k, device=bg.device)
         for q in self.bound.params:
-            rows, signs = (t.to(bg.device) for t in self.hash[q.name])
+            rows, signs = (
+                _on(self, f"{q.name}:{i}", t, bg.device) for i, t in enumerate(self.hash[q.name])
+            )
             vals = bg.param_grad(q).float().unsqueeze(-1) * signs.view(q.numel, self.c)
             z.index_add_(1, rows, vals.reshape(bg.size, -1))
         return z
