@@ -327,9 +327,9 @@ def test_16bit_storage_error_in_scores_is_bounded_by_the_unit_roundoff(setup, tm
                        + gamma_k (sum |a_i b_i| + sum |a_hat_i b_hat_i|),
 
     the last term the float32 rounding of either dot product (gamma_k = k u32 / (1 - k u32)).
-    With a preconditioner P (symmetric, fit in float32 and applied to the query side in float64,
-    rounded to float32), a is replaced by P a in the second sum and b_hat by P b_hat in the
-    first, and the float32 rounding of P a adds u32 to gamma_k."""
+    With a preconditioner P (symmetric, fit once from the float32 rows, applied to the query
+    side in float64 and rounded to float32), a is replaced by P a in the second sum and b_hat by
+    P b_hat in the first, and the float32 rounding of P a adds u32 to gamma_k."""
     model, ds = setup
     ld = DataLoader(ds, batch_size=10)
     task = di.Task(model, losses.cross_entropy)
@@ -338,15 +338,18 @@ def test_16bit_storage_error_in_scores_is_bounded_by_the_unit_roundoff(setup, tm
     k = A.shape[1]
     u32 = 2.0**-24
     gamma = k * u32 / (1 - k * u32)
+    G16 = {}
+    for dt in U16:
+        G16[dt] = di.gradients(task, ld, di.Identity(), path=tmp_path / str(dt), dtype=dt,
+                               progress=False)
+        assert G16[dt].data.dtype == dt and torch.equal(G16[dt].data, G32.data.to(dt))
     for which in ("identity", "fisher"):
         pre = di.Preconditioner.fit(G32.data[8:], kind=which, damping=0.1)
         S32 = di.scores(G32.data[:8], G32.data[8:], pre).double()
         PA = pre.apply(A).double()
         mean_err = {}
         for dt, u in U16.items():
-            G = di.gradients(task, ld, di.Identity(), path=tmp_path / str(dt), dtype=dt,
-                             progress=False)
-            assert G.data.dtype == dt and torch.equal(G.data, G32.data.to(dt))
+            G = G16[dt]
             Ah, Bh = G.data[:8].double(), G.data[8:].double()
             S = di.scores(G.data[:8], G.data[8:], pre).double()
             PBh, PAh = pre.apply(Bh).double(), pre.apply(Ah).double()
