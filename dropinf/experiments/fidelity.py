@@ -18,8 +18,9 @@ What ``notebooks/02_fidelity.ipynb`` computes, here so that it is tested:
   conclusion written from the numbers (:func:`make_summary`), and the figure
   (:func:`plot_fidelity`).
 
-Matched dimension: for a nominal ratio r the factored dropout rate p (4 decimals) is the one
-whose factored-dropout dimension is closest to ``d / r`` (in log); k is that dimension exactly,
+Matched dimension: for a nominal ratio r the factored dropout rate p (a multiple of 1e-4, the
+smallest giving its dimension) is the one whose factored-dropout dimension is closest to
+``d / r`` (in log); k is that dimension exactly,
 and every other method is built with that same k (flat dropout at rate ``1 - k / d``, factored
 Gaussian at the same p, which has the same dimension by construction). Scores follow the
 package convention: positive = helpful.
