@@ -26,6 +26,7 @@ from .task import Task, batch_size
 
 KINDS = ("identity", "fisher", "exact", "ggn")
 EXACT_DENSE_MAX = 20_000  # above this many parameters, exact curvature uses conjugate gradient
+_COLUMNS = 16_384  # column block of the kernel form's float64 products
 
 
 @dataclass
@@ -34,27 +35,36 @@ class Preconditioner:
 
     Build with :meth:`fit` (from compressed training gradients) or :meth:`fit_exact` (from the
     task and data, in the full parameter space). ``info`` reports what the fit saw: ``lambda``,
-    for ``exact`` the gradient norm at the parameters and the smallest eigenvalue of
-    ``C + lambda I`` (dense) or the conjugate-gradient residuals (matrix-free).
+    for ``fisher`` the ``solver`` (dense or kernel form), for ``exact`` the gradient norm at the
+    parameters and the smallest eigenvalue of ``C + lambda I`` (dense) or the
+    conjugate-gradient residuals (matrix-free).
     """
 
     kind: str
     damping: float
     dim: int
     lam: float = 1.0
-    eigvals: Tensor | None = None  # (dim,) float64, of C
-    eigvecs: Tensor | None = None  # (dim, dim) float64
+    eigvals: Tensor | None = None  # (dim,) float64, of C; kernel form: (n,), C's nonzero ones
+    eigvecs: Tensor | None = None  # (dim, dim) float64; kernel form: (n, n), those of G G^T
+    rows: Tensor | None = None  # kernel form: the (n, dim) training gradients G, not copied
     hvp: object = None  # matrix-free exact curvature: v -> C v
     cg_tol: float = 1e-8
     cg_maxiter: int = 500
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, G_train: Tensor, kind: str = "fisher", damping: float = 1e-3) -> Preconditioner:
+    def fit(
+        cls, G_train: Tensor, kind: str = "fisher", damping: float = 1e-3, solver: str = "auto"
+    ) -> Preconditioner:
         """``identity`` or ``fisher`` from (n, k) compressed training gradients.
 
-        ``fisher`` is the empirical Fisher ``F = G^T G / n`` of the compressed gradients,
-        eigendecomposed once in float64, with ``lambda = damping * trace(F) / k``.
+        ``fisher`` is the empirical Fisher ``F = G^T G / n`` of the compressed gradients with
+        ``lambda = damping * trace(F) / k``, factorised once in float64. ``solver``: ``"dense"``
+        eigendecomposes the k x k matrix F; ``"kernel"`` keeps a reference to G and
+        eigendecomposes the n x n ``K = G G^T`` instead, applying the Woodbury identity
+        ``(F + lambda I)^{-1} q = (q - G^T (K + n lambda I)^{-1} G q) / lambda``, so no k x k
+        matrix is formed (it needs damping > 0, and G left unchanged while in use);
+        ``"auto"`` takes the kernel form when k > n. Both give the same scores.
         """
         G = torch.as_tensor(G_train)
         if G.ndim != 2:
@@ -65,13 +75,37 @@ class Preconditioner:
             hint = " (use Preconditioner.fit_exact)" if kind in ("exact", "ggn") else ""
             raise ValueError(f"kind={kind!r}; fit takes 'identity' or 'fisher'{hint}")
         _check_damping(damping)
+        if solver not in ("auto", "dense", "kernel"):
+            raise ValueError(f"solver={solver!r}; choose 'auto', 'dense' or 'kernel'")
         n, k = G.shape
+        if solver == "kernel" or (solver == "auto" and k > n):
+            return cls._fit_kernel(G, damping)
         F = torch.zeros(k, k, dtype=torch.float64)
         for i in range(0, n, 4096):  # accumulate in float64 without a float64 copy of G
             g = G[i : i + 4096].double()
             F += g.T @ g
         F /= n
-        return cls._from_matrix("fisher", F, damping, {"n": n})
+        return cls._from_matrix("fisher", F, damping, {"n": n, "solver": "dense"})
+
+    @classmethod
+    def _fit_kernel(cls, G: Tensor, damping: float) -> Preconditioner:
+        """The Fisher through ``K = G G^T = U diag(sigma) U^T``: F's nonzero eigenvalues are
+        ``sigma / n``, kept in ``eigvals`` (with U in ``eigvecs``), the rest are 0."""
+        n, k = G.shape
+        if not damping > 0:
+            raise ValueError(
+                f"damping={damping!r} with k={k} > n={n}: the Fisher of fewer gradients than "
+                "dimensions is singular; give damping > 0 (or solver='dense' to see it fail)"
+            )
+        K = torch.zeros(n, n, dtype=torch.float64)
+        for j in range(0, k, _COLUMNS):  # float64 products without a float64 copy of G
+            g = G[:, j : j + _COLUMNS].double()
+            K += g @ g.T
+        lam = damping * float(torch.trace(K)) / n / k
+        sigma, U = torch.linalg.eigh(K)
+        info = {"n": n, "solver": "kernel", "lambda": lam, "min_eig": lam}  # F has rank <= n < k
+        return cls("fisher", damping, k, lam=lam, eigvals=sigma.clamp_min(0.0) / n, eigvecs=U,
+                   rows=G, info=info)
 
     @classmethod
     def fit_exact(
@@ -190,8 +224,31 @@ class Preconditioner:
             return Q.to(dtype)
         if self.hvp is not None:
             return torch.stack([self._cg(q.double()) for q in Q]).to(dtype)
+        if self.rows is not None:
+            return self._apply_kernel(Q, dtype)
+        if self.eigvecs.shape[0] != self.dim:
+            raise ValueError(
+                f"this fisher preconditioner of dimension {self.dim} is in kernel form "
+                f"(eigenvectors of shape {tuple(self.eigvecs.shape)}) but has lost its training "
+                "rows; refit it with Preconditioner.fit(G_train)"
+            )
         V, w = self.eigvecs, self.eigvals + self.lam
         return (((Q.double() @ V) / w) @ V.T).to(dtype)
+
+    def _apply_kernel(self, Q: Tensor, dtype: torch.dtype) -> Tensor:
+        """Woodbury: ``(q - G^T (K + n lambda I)^{-1} G q) / lambda``, float64 over column
+        blocks, written into the (m, dim) output block by block."""
+        G, U = self.rows, self.eigvecs
+        n = G.shape[0]
+        A = torch.zeros(Q.shape[0], n, dtype=torch.float64)  # Q G^T
+        for j in range(0, self.dim, _COLUMNS):
+            A += Q[:, j : j + _COLUMNS].double() @ G[:, j : j + _COLUMNS].double().T
+        W = ((A @ U) / (n * (self.eigvals + self.lam))) @ U.T  # A (K + n lambda I)^{-1}
+        out = torch.empty(Q.shape[0], self.dim, dtype=dtype)
+        for j in range(0, self.dim, _COLUMNS):
+            q = Q[:, j : j + _COLUMNS].double()
+            out[:, j : j + _COLUMNS] = (q - W @ G[:, j : j + _COLUMNS].double()) / self.lam
+        return out
 
     def _cg(self, b: Tensor) -> Tensor:
         """Solve ``(C + lambda I) x = b`` by conjugate gradient; residuals go to ``info``."""

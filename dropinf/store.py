@@ -453,8 +453,8 @@ class Store:
                 "curvature is a closure over the task and data. Refit it, or fit "
                 "solver='dense' (up to about 20k parameters) to save it"
             )
-        arrays = {} if pre.eigvals is None else {"eigvals": pre.eigvals.numpy(),
-                                                 "eigvecs": pre.eigvecs.numpy()}
+        arrays = {name: t.numpy() for name in ("eigvals", "eigvecs", "rows")
+                  if (t := getattr(pre, name)) is not None}  # rows: the Fisher's kernel form
         file = f"preconditioners/{name}.npz"
         atomic_write(self.path / file, lambda f: np.savez(f, **arrays))
         g = self.manifest.get("gradients") or {}
@@ -476,7 +476,7 @@ class Store:
         """The preconditioner saved under ``name``, checked against its checksum."""
         rec = self._record("preconditioners", name)
         with np.load(self.path / rec["file"]) as z:
-            eig = {k: torch.from_numpy(z[k]) for k in ("eigvals", "eigvecs") if k in z}
+            eig = {k: torch.from_numpy(z[k]) for k in ("eigvals", "eigvecs", "rows") if k in z}
         return Preconditioner(rec["kind"], rec["damping"], rec["dim"], lam=rec["lam"],
                               info=rec["info"], **eig)
 

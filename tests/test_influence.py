@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 import dropinf as di
-from dropinf import models
+from dropinf import curvature, models
 
 L2 = 1e-2
 
@@ -214,3 +215,46 @@ def test_ggn_of_an_mlp_against_per_sample_jacobians():
     cg = di.Preconditioner.fit_exact(task, [(x, y)], l2=1e-3, kind="ggn", solver="cg", cg_tol=1e-12)
     q = torch.randn(2, task.dim, dtype=torch.float64)
     torch.testing.assert_close(cg.apply(q), torch.linalg.solve(G, q.T).T, rtol=1e-8, atol=0)
+
+
+
+@pytest.mark.parametrize("n, k", [(12, 40), (40, 12)])
+def test_fisher_kernel_form_equals_the_dense_form(n, k, monkeypatch):
+    """Woodbury through the n x n Gram matrix against the k x k eigendecomposition and a direct
+    solve, in float64, whether k exceeds n or not, in one column block and in several."""
+    g = torch.Generator().manual_seed(n)
+    G = torch.randn(n, k, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, k)
+    T = torch.randn(5, k, generator=g, dtype=torch.float64)
+    Fm = G.T @ G / n
+    for damping in (1e-3, 0.1, 10.0):
+        lam = damping * float(torch.trace(Fm)) / k
+        direct = torch.linalg.solve(Fm + lam * torch.eye(k, dtype=torch.float64), T.T).T
+        dense = di.Preconditioner.fit(G, "fisher", damping, solver="dense")
+        kern = di.Preconditioner.fit(G, "fisher", damping, solver="kernel")
+        auto = di.Preconditioner.fit(G, "fisher", damping)
+        assert kern.info["solver"] == "kernel" and dense.info["solver"] == "dense"
+        assert auto.info["solver"] == ("kernel" if k > n else "dense")
+        assert kern.lam == pytest.approx(dense.lam, rel=1e-12) and kern.rows is G
+        for pre in (dense, kern):
+            torch.testing.assert_close(pre.apply(T), direct, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(di.scores(T, G, kern), di.scores(T, G, dense), rtol=1e-8,
+                                   atol=1e-10)
+        torch.testing.assert_close(di.self_influence(G, kern), di.self_influence(G, dense),
+                                   rtol=1e-8, atol=1e-10)
+        # F's nonzero eigenvalues, hence the effective dimension, are the dense form's
+        top = [pre.eigvals.sort(descending=True).values[: min(n, k)] for pre in (dense, kern)]
+        torch.testing.assert_close(top[1], top[0], rtol=1e-8, atol=1e-10 * float(top[0][0]))
+    monkeypatch.setattr(curvature, "_COLUMNS", 5)
+    blocked = di.Preconditioner.fit(G, "fisher", 10.0, solver="kernel")
+    torch.testing.assert_close(blocked.apply(T), kern.apply(T), rtol=1e-12, atol=1e-14)
+
+
+def test_fisher_kernel_form_refuses_what_it_cannot_do():
+    G = torch.randn(4, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(ValueError, match="damping=0.0 with k=9 > n=4"):
+        di.Preconditioner.fit(G, "fisher", 0.0)
+    with pytest.raises(ValueError, match="solver='qr'"):
+        di.Preconditioner.fit(G, "fisher", 0.1, solver="qr")
+    lost = dataclasses.replace(di.Preconditioner.fit(G, "fisher", 0.1), rows=None)
+    with pytest.raises(ValueError, match="lost its training rows"):
+        lost.apply(G)

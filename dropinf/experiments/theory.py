@@ -592,14 +592,14 @@ def damped(pre: Preconditioner, dampings: tuple[float, ...]) -> list[Preconditio
 
     Relative damping makes ``lambda`` proportional to ``damping`` (``damping * tr(C) / dim``),
     so only ``lam`` changes; this is ``Preconditioner.fit(G, kind, d)`` for each d, at the cost
-    of one fit.
+    of one fit (dense or kernel form).
     """
     if not pre.damping > 0:
         raise ValueError(f"pre.damping={pre.damping!r}: need a fit with damping > 0 to rescale")
     out = []
     for dm in dampings:
         lam = pre.lam * dm / pre.damping
-        info = {**pre.info, "lambda": lam, "min_eig": float(pre.eigvals.min()) + lam}
+        info = {**pre.info, "lambda": lam, "min_eig": pre.info["min_eig"] - pre.lam + lam}
         out.append(dataclasses.replace(pre, damping=dm, lam=lam, info=info))
     return out
 
