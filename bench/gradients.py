@@ -45,8 +45,7 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import machine_busy_s, own_cpu_s, proc_status_kb, reset_peak  # noqa: E402
+from dropinf.experiments.measure import machine_busy_s, own_cpu_s, proc_status_kb, reset_peak
 
 MODELS = ("gpt2", "mlp")
 METHODS = ("train", "hook", "hook+flat", "gradients()", "vmap", "loop")

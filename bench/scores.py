@@ -46,8 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import machine_busy_s, own_cpu_s, proc_status_kb, reset_peak  # noqa: E402
+from dropinf.experiments.measure import machine_busy_s, own_cpu_s, proc_status_kb, reset_peak
 
 METHODS = ("matmul (RAM)", "matmul (mmap)", "scores identity", "scores fisher")
 OUT = Path(__file__).resolve().parent / "out"

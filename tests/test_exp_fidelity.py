@@ -18,7 +18,7 @@ from dropinf import PCA, data, retrain
 from dropinf.compressors import Layout
 from dropinf.curvature import Preconditioner
 from dropinf.experiments import fidelity as fid
-from dropinf.experiments.cost import threads
+from dropinf.experiments.common import threads
 from dropinf.losses import cross_entropy
 from dropinf.models import fit_full_batch, mlp
 from dropinf.scores import scores

@@ -14,16 +14,15 @@ import dropinf as di
 from dropinf import models
 from dropinf import theory as th
 from dropinf.experiments import language as L
+from dropinf.experiments.common import threads
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_language.ipynb"
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with threads(1):
+        yield
 
 
 def tiny_cfg(**kw) -> L.Config:

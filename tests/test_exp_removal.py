@@ -16,7 +16,7 @@ from dropinf import data as dd
 from dropinf import models
 from dropinf.compressors import Identity, Layout
 from dropinf.experiments import removal as rm
-from dropinf.experiments.cost import threads
+from dropinf.experiments.common import seed_for, threads
 from dropinf.gradients import gradients
 from dropinf.losses import cross_entropy
 
@@ -219,7 +219,7 @@ def test_plan_retrains_effects_and_tests_against_independent_computations():
     df = rm.retrain_all(cfg, plan, fake.train, fake.output, n, progress=False)
     assert len(df) == len(plan)
     for e, row in zip(plan, df.itertuples()):
-        seed = rm.seed_for(cfg.seed, "retrain", e["draw"])
+        seed = seed_for(cfg.seed, "retrain", e["draw"])
         assert row.retrain_seed == seed
         # the seed's noise cancels against the full model of the same draw
         np.testing.assert_allclose(row.delta_loss, fake.weight[e["removed"]].sum() / 10,

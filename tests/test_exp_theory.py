@@ -26,6 +26,7 @@ from scipy import stats as sps
 import dropinf as di
 from dropinf import theory as th
 from dropinf.experiments import theory as T
+from dropinf.experiments.common import seed_for
 
 Z = 5.0
 TINY = dict(n_trials=50, d=64, coherences=[1, 4], rates=[0.5, 0.9], hidden=4, n_train=60,
@@ -133,14 +134,6 @@ def test_config_profiles_and_overrides():
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         T.Config(**{field: value})
-
-
-def test_seed_streams():
-    a = T.rng_for(0, "mc", "x", 0.5).random(4)
-    np.testing.assert_array_equal(a, T.rng_for(0, "mc", "x", 0.5).random(4))
-    assert not np.allclose(a, T.rng_for(0, "mc", "x", 0.7).random(4))
-    assert not np.allclose(a, T.rng_for(1, "mc", "x", 0.5).random(4))
-    assert T.seed_for(0, "a") == T.seed_for(0, "a") != T.seed_for(0, "b")
 
 
 def test_size_at_rate_is_what_dropout_keeps(tiny):
@@ -268,7 +261,7 @@ def test_library_check_draws_are_compressed_dot_products(tiny):
     a, b = data.G_test[0], data.G_train[1]
     df = T.library_check(data, 0, 1, 0.5, 12, seed=3)
     for law in ("fixed", "bernoulli"):
-        base = T.seed_for(3, "library", law)
+        base = seed_for(3, "library", law)
         x = []
         for s in range(12):  # independently: the compressor's kept coordinates and scales
             idx, sc = di.Dropout(0.5, mask=law, seed=base + s).bind(data.task).kept_indices()

@@ -37,16 +37,11 @@ never to the summary (:func:`summary` holds only what a seed determines).
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
 import gc
 import math
-import os
-import resource
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +58,8 @@ from ..losses import causal_lm, cross_entropy
 from ..persample import BatchGrads, PerSampleGrads, ReducedFactors
 from ..scores import scores
 from ..task import Task
+from .common import check_int, from_profile, threads
+from .measure import OtherLoad, frozen_gc, peak_bytes, sync, time_calls
 
 METHODS = (
     "dropout-factored",
@@ -154,14 +151,7 @@ class Config:
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> Config:
         """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        if profile not in PROFILES:
-            raise ValueError(f"profile={profile!r} is not one of {sorted(PROFILES)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(**{**PROFILES[profile], **given})
+        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise lists (papermill passes JSON) to tuples
@@ -188,7 +178,7 @@ class Config:
                           ("batch_size", 1), ("warmup", 0), ("repeats", 1), ("sjlt_c", 1),
                           ("pca_min_fit", 1), ("n_train", 1), ("n_test", 1),
                           ("pipeline_max_k", 1), ("pipeline_repeats", 1), ("threads", 0)):
-            _int(self, name, low)
+            check_int(self, name, low)
         for shape in map(self.gpt2_shape, self.gpt2_shapes):
             if self.tokens > shape.n_positions:
                 raise ValueError(
@@ -238,12 +228,6 @@ PROFILES: dict[str, dict] = {
         "threads": 0,
     },
 }
-
-
-def _int(cfg: Config, name: str, low: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
 def _is_int(x: object, low: int) -> bool:
@@ -461,127 +445,6 @@ def compression_step(comp: Compressor, bg: BatchGrads) -> Callable[[], Tensor]:
     return step
 
 
-# --------------------------------------------------------------------------- measurements
-
-
-def proc_status_kb(key: str) -> int:
-    """A field of /proc/self/status in kB, e.g. ``VmRSS`` or ``VmHWM`` (peak resident)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current resident set; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_memory() -> None:
-    """Return the allocator's free pages to the kernel (glibc ``malloc_trim``), so that the
-    resident set is what is live and a step's new allocations show in the peak."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all processes have spent busy since boot (/proc/stat), NaN if unknown."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return float("nan")
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process, all threads."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class Timing:
-    """Median and minimum seconds per call over ``calls`` timed calls."""
-
-    median: float
-    min: float
-    calls: int
-
-
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-               min_time: float = 0.0) -> Timing:
-    """``warmup`` untimed calls, then at least ``repeats`` timed calls and ``min_time`` seconds
-    (device work included: CUDA is synchronised around each call)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    while len(times) < repeats or sum(times) < min_time:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), min(times), len(times))
-
-
-class OtherLoad:
-    """Context manager: the share of the machine's CPU time (all cores) that other processes
-    used inside the block, ``share`` in [0, 1]; NaN if unknown or if the block lasted under
-    ``min_wall`` seconds (/proc/stat counts in 10 ms ticks, too coarse for shorter blocks)."""
-
-    def __init__(self, min_wall: float = 0.2):
-        self.min_wall, self.share = min_wall, float("nan")
-
-    def __enter__(self) -> OtherLoad:
-        self._t = (machine_busy_s(), own_cpu_s(), time.perf_counter())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        busy0, own0, wall0 = self._t
-        wall = time.perf_counter() - wall0
-        if wall >= self.min_wall:
-            other = machine_busy_s() - busy0 - (own_cpu_s() - own0)
-            self.share = min(1.0, max(0.0, other / (wall * (os.cpu_count() or 1))))
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device, timed: bool = False):
-    """Peak memory of one call of ``fn`` above what was in use just before, in bytes; with
-    ``timed``, ``(bytes, Timing of that one call)``.
-
-    CUDA: ``max_memory_allocated`` (tensors only). CPU: the process's resident-set high-water mark
-    (``VmHWM``, reset through /proc/self/clear_refs) above the resident set after returning free
-    pages to the kernel; allocator slack counts. NaN where the mark cannot be reset.
-    """
-    _release_free_memory()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = proc_status_kb("VmRSS") if reset_peak() else None
-    timing = time_calls(fn, device, 0, 1)
-    if device.type == "cuda":
-        peak = float(torch.cuda.max_memory_allocated(device) - base)
-    else:
-        peak = float("nan") if base is None else 1024.0 * (proc_status_kb("VmHWM") - base)
-    return (peak, timing) if timed else peak
-
-
 def run_pipeline(bench: Bench, method: str, k: int, cfg: Config, train: list, test: list,
                  fit_batches: list) -> Tensor:
     """The whole influence pipeline with a fresh compressor: draw (and for PCA fit) it, featurise
@@ -607,7 +470,7 @@ def _time_fit(method: str, k: int, bench: Bench, cfg: Config, fit_batches: list
         t0 = time.perf_counter()
         fit_pca(comp, bench.task, fit_batches)
         fit_s = time.perf_counter() - t0
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     comp.bind(bench.task)
     bind_s = time.perf_counter() - t0
@@ -625,22 +488,9 @@ def measure_size(size: Size, cfg: Config, bar: tqdm | None = None) -> list[dict]
         return _measure_size(size, cfg, bar)
 
 
-@contextmanager
-def _frozen_gc() -> Iterator[None]:
-    """Objects that exist now are left out of garbage collections inside the block: a full
-    collection over every object of torch and transformers (imported by the first GPT-2) takes
-    up to a second, and the measurements collect before each peak."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def _measure_size(size: Size, cfg: Config, bar: tqdm | None) -> list[dict]:
     bench = build(size, cfg, cfg.seed)
-    with _frozen_gc():
+    with frozen_gc():
         rows = _measure_bench(bench, cfg, bar)
     return [{c: r.get(c, math.nan) for c in COLUMNS} for r in rows]
 
@@ -751,18 +601,6 @@ def measure(cfg: Config, progress: bool = True) -> pd.DataFrame:
         for size in sizes:
             rows += measure_size(size, cfg, bar)
     return pd.DataFrame(rows, columns=list(COLUMNS))
-
-
-@contextmanager
-def threads(n: int) -> Iterator[None]:
-    """torch's intra-op CPU threads set to n (0: leave as is) inside the block."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- analysis

@@ -29,7 +29,6 @@ package convention: positive = helpful.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import time
@@ -49,8 +48,7 @@ from ..gradients import gradients
 from ..losses import cross_entropy
 from ..scores import scores
 from ..task import Task
-from .cost import threads
-from .theory import rng_for, seed_for
+from .common import check_int, from_profile, rng_for, seed_for, threads
 
 METHODS = ("dropout", "dropout_factored", "gaussian", "gaussian_factored", "sjlt", "pca")
 REFERENCES = ("exact", "ggn", "identity")
@@ -128,14 +126,7 @@ class Config:
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> Config:
         """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        if profile not in PROFILES:
-            raise ValueError(f"profile={profile!r} is not one of {sorted(PROFILES)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(**{**PROFILES[profile], **given})
+        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         for name in ("models", "methods", "references"):
@@ -161,8 +152,8 @@ class Config:
                           ("top_k", 1), ("n_boot", 0), ("n_loo", 0), ("n_subsets", 3),
                           ("retrain_seeds", 1), ("retrain_iter", 1), ("width", 1),
                           ("epochs", 1), ("batch_size", 1)):
-            _int(self, name, low)
-        _int(self, "threads", 0)
+            check_int(self, name, low)
+        check_int(self, "threads", 0)
         if self.top_k > self.n_train:
             raise ValueError(f"top_k={self.top_k} exceeds n_train={self.n_train}")
         if self.n_loo > self.n_train:
@@ -207,12 +198,6 @@ PROFILES: dict[str, dict] = {
         "threads": 0,
     },
 }
-
-
-def _int(cfg: Config, name: str, low: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
 # --------------------------------------------------------------------------- models

@@ -25,7 +25,7 @@ What ``notebooks/06_language.ipynb`` computes, here so that it is tested:
   coordinates followed by an SJLT down to k (:data:`VARIANT`, :func:`sjlt_rows`).
 
 Sign convention: positive score = helpful (removing the document raises the test loss). Every
-random choice comes from ``cfg.seed`` through named streams (:func:`~.theory.seed_for`).
+random choice comes from ``cfg.seed`` through named streams (:func:`~.common.seed_for`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ from ..models import GPT2_LADDER, gpt2_ladder, train
 from ..persample import PerSampleGrads
 from ..task import Task
 from . import cost
-from .theory import crossover_coherence, rng_for, seed_for
+from .common import check_int, from_profile, rng_for, seed_for
+from .measure import time_calls
+from .theory import crossover_coherence
 
 REFERENCE = "identity"
 VARIANT = "dropout-sjlt"
@@ -140,14 +142,7 @@ class Config:
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> Config:
         """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        if profile not in PROFILES:
-            raise ValueError(f"profile={profile!r} is not one of {sorted(PROFILES)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(**{**PROFILES[profile], **given})
+        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         for name in ("corpora", "methods", "removal_methods", "packages", "layers"):
@@ -204,9 +199,7 @@ class Config:
                           ("batch_size", 1), ("grad_batch", 1), ("n_mask_seeds", 1),
                           ("top_k", 1), ("oversample", 1), ("n_targets", 1),
                           ("n_retrain_seeds", 1), ("timing_repeats", 1), ("threads", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ValueError(f"{name}={v!r} must be an integer >= {low}")
+            check_int(self, name, low)
         for name in ("pretrain_lr", "lr", "damping", "dense_max_mb"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0):
@@ -820,7 +813,7 @@ def _cost_row(cfg: Config, lm: LM, method: str, comp: Compressor, k: int, seed: 
         def step() -> Tensor:
             return sjlt_rows(first().cpu(), k, s2)
 
-    t = cost.time_calls(step, torch.device(cfg.device), 1, cfg.timing_repeats)
+    t = time_calls(step, torch.device(cfg.device), 1, cfg.timing_repeats)
     return {"corpus": lm.corpus, "method": method, "ratio": ratio, "k": k, "status": "ok",
             "batch": bg.size, "compress_ms": 1e3 * t.median, "compress_ms_min": 1e3 * t.min,
             "calls": t.calls, "map_bytes": comp.map_bytes, "fit_s": fit_s,

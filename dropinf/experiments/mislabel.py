@@ -25,7 +25,6 @@ signature of a wrong label. Package sign convention: positive = helpful.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -45,8 +44,7 @@ from ..losses import SplitLoss, cross_entropy, sequence_classification
 from ..scores import self_influence
 from ..task import Task
 from . import fidelity as fid
-from .cost import threads
-from .theory import seed_for
+from .common import check_int, from_profile, seed_for, threads
 
 # Method names, labels and colours are notebook 02's (dropinf.experiments.fidelity).
 METHODS = ("identity", *fid.METHODS)
@@ -131,14 +129,7 @@ class Config:
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> Config:
         """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        if profile not in PROFILES:
-            raise ValueError(f"profile={profile!r} is not one of {sorted(PROFILES)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(**{**PROFILES[profile], **given})
+        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         for name in ("datasets", "methods", "hidden"):
@@ -159,9 +150,9 @@ class Config:
                           ("pca_n_fit", 2), ("epochs", 1), ("batch_size", 1), ("text_layers", 1),
                           ("text_n_train", 8), ("text_max_length", 4), ("text_epochs", 1),
                           ("text_batch_size", 1)):
-            _int(self, name, low)
+            check_int(self, name, low)
         if self.n_train is not None:
-            _int(self, "n_train", 20)
+            check_int(self, "n_train", 20)
         if not self.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
                                   for h in self.hidden):
             raise ValueError(f"hidden={self.hidden!r} must be a non-empty list of widths >= 1")
@@ -200,12 +191,6 @@ PROFILES: dict[str, dict] = {
         "threads": 0,
     },
 }
-
-
-def _int(cfg: Config, name: str, low: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
 def _device(cfg: Config) -> torch.device:

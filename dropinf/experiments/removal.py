@@ -30,7 +30,6 @@ numbers), at the cost of the removed points' forward passes.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +51,7 @@ from ..losses import cross_entropy
 from ..retrain import subset_outputs
 from ..scores import scores
 from ..task import Task
-from .cost import threads
-from .theory import rng_for, seed_for
+from .common import check_int, from_profile, rng_for, seed_for, threads
 
 METHODS = (
     "identity",
@@ -136,14 +134,7 @@ class Config:
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> Config:
         """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        if profile not in PROFILES:
-            raise ValueError(f"profile={profile!r} is not one of {sorted(PROFILES)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(**{**PROFILES[profile], **given})
+        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise lists (papermill passes JSON) to tuples
@@ -179,7 +170,7 @@ class Config:
         for name, low in (("seed", 0), ("width", 1), ("epochs", 1), ("batch_size", 1),
                           ("n_targets", 1), ("n_seeds", 2), ("sjlt_c", 1), ("pca_fit", 1),
                           ("grad_batch", 1), ("threads", 0)):
-            _int(self, name, low)
+            check_int(self, name, low)
         for name in ("lr", "damping"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -224,12 +215,6 @@ PROFILES: dict[str, dict] = {
         "threads": 0,
     },
 }
-
-
-def _int(cfg: Config, name: str, low: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
 
 
 # --------------------------------------------------------------------------- data and models

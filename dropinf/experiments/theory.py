@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +40,7 @@ from ..losses import cross_entropy
 from ..models import fit_full_batch, mlp
 from ..scores import scores
 from ..task import Task
+from .common import check_int, from_profile, rng_for, seed_for, threads
 
 LAWS = th.LAWS
 LAW_LABELS = {
@@ -92,14 +91,7 @@ class Config:
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> Config:
         """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        if profile not in PROFILES:
-            raise ValueError(f"profile={profile!r} is not one of {sorted(PROFILES)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(**{**PROFILES[profile], **given})
+        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         for name in ("coherences", "rates", "fisher_rates", "dampings"):
@@ -113,16 +105,16 @@ class Config:
             if not value:
                 raise ValueError(f"{name} is empty; give at least one value")
             object.__setattr__(self, name, value)
-        _int(self, "seed", 0)
-        _int(self, "d", 8)
-        _int(self, "n_trials", 10)
-        _int(self, "hidden", 1)
-        _int(self, "n_train", 2)
-        _int(self, "n_test", 1)
-        _int(self, "fit_iter", 1)
-        _int(self, "n_real_pairs", 1)
-        _int(self, "library_trials", 10)
-        _int(self, "n_mask_seeds", 2)
+        check_int(self, "seed", 0)
+        check_int(self, "d", 8)
+        check_int(self, "n_trials", 10)
+        check_int(self, "hidden", 1)
+        check_int(self, "n_train", 2)
+        check_int(self, "n_test", 1)
+        check_int(self, "fit_iter", 1)
+        check_int(self, "n_real_pairs", 1)
+        check_int(self, "library_trials", 10)
+        check_int(self, "n_mask_seeds", 2)
         if self.n_train + self.n_test > N_DIGITS:
             raise ValueError(
                 f"n_train + n_test = {self.n_train + self.n_test} exceeds the {N_DIGITS} digits; "
@@ -166,22 +158,6 @@ PROFILES: dict[str, dict] = {
         "n_mask_seeds": 5,
     },
 }
-
-
-def _int(cfg: Config, name: str, low: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-
-
-def rng_for(seed: int, *keys: object) -> np.random.Generator:
-    """The generator of one named random choice: the same (seed, keys) give the same stream."""
-    return np.random.default_rng([seed, *(zlib.crc32(str(k).encode()) for k in keys)])
-
-
-def seed_for(seed: int, *keys: object) -> int:
-    """An integer seed (for torch and the compressors) for one named random choice."""
-    return int(rng_for(seed, *keys).integers(2**31 - 1))
 
 
 def size_at_rate(d: int, p: float, law: str) -> float:
@@ -295,21 +271,6 @@ def check_pairs(pairs: list[Pair], rates: tuple[float, ...], n_trials: int, seed
 # --------------------------------------------------------------------------- MLP on digits
 
 
-@contextmanager
-def one_thread():
-    """Run torch on one CPU thread inside the block (restored after).
-
-    The MLP is tiny: extra threads only add synchronisation (and stall badly on a busy
-    machine), and one thread makes the fit independent of the machine's core count.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 
 @dataclass
 class DigitsMLP:
@@ -338,7 +299,7 @@ class DigitsMLP:
 
 def digits_mlp(cfg: Config) -> DigitsMLP:
     """Split digits (pixels / 16) by ``cfg.seed``, fit the MLP, take exact gradients."""
-    with one_thread():
+    with threads(1):
         return _digits_mlp(cfg)
 
 
@@ -402,7 +363,7 @@ def library_check(data: DigitsMLP, test_i: int, train_j: int, p: float, n_seeds:
     for law in ("fixed", "bernoulli"):
         base = seed_for(seed, "library", law)
         x = np.empty(n_seeds)
-        with one_thread():
+        with threads(1):
             for s in tqdm(range(n_seeds), desc=f"Dropout({p}, {law})", unit="seed"):
                 z = gradients(data.task, batch, Dropout(p, mask=law, seed=base + s),
                               progress=False).data.double()
@@ -549,9 +510,9 @@ def fisher_bias(cfg: Config, data: DigitsMLP) -> pd.DataFrame:
     and ``rel_sd``, ``pearson`` (mean over draws of the correlation of the entries), and the
     reference's ``lam`` and effective dimension ``d_lambda = tr(F (F + lambda I)^{-1})``.
     Identity rows have ``damping`` NaN and ``d_lambda`` NaN. Runs on one torch thread
-    (:func:`one_thread`; the matrices are at most d x d).
+    (:func:`~.common.threads`; the matrices are at most d x d).
     """
-    with one_thread():
+    with threads(1):
         return _fisher_bias(cfg, data)
 
 

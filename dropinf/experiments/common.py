@@ -1,0 +1,62 @@
+"""What the experiment modules share: named random streams, torch's CPU thread count, and the
+profile and validation helpers of their ``Config`` dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+C = TypeVar("C")
+
+
+def rng_for(seed: int, *keys: object) -> np.random.Generator:
+    """The generator of one named random choice: the same (seed, keys) give the same stream."""
+    return np.random.default_rng([seed, *(zlib.crc32(str(k).encode()) for k in keys)])
+
+
+def seed_for(seed: int, *keys: object) -> int:
+    """An integer seed (for torch and the compressors) for one named random choice."""
+    return int(rng_for(seed, *keys).integers(2**31 - 1))
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """torch's intra-op CPU threads set to n (0: leave as is) inside the block, restored after.
+
+    One thread suits the studies' small models: extra threads only add synchronisation, a
+    multi-threaded operation waits for its slowest thread on a machine shared with other
+    processes, and results then do not depend on the core count.
+    """
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def from_profile(cls: type[C], profiles: dict[str, dict], profile: str, overrides: dict) -> C:
+    """``cls`` (a dataclass) built from ``profiles[profile]`` with ``overrides`` applied (None
+    means the profile's value); unknown profiles and field names raise, naming the choices."""
+    if profile not in profiles:
+        raise ValueError(f"profile={profile!r} is not one of {sorted(profiles)}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return cls(**{**profiles[profile], **given})
+
+
+def check_int(cfg: object, name: str, low: int) -> None:
+    """Raise ValueError unless the field ``name`` of ``cfg`` is an integer (not a bool) >= low."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")

@@ -1,0 +1,90 @@
+"""The experiment modules' shared pieces: named random streams, threads, profiles and
+validation (``common``), the time and memory measurements (``measure``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from dropinf.experiments import common, measure
+
+
+def test_seed_streams():
+    a = common.rng_for(0, "mc", "x", 0.5).random(4)
+    np.testing.assert_array_equal(a, common.rng_for(0, "mc", "x", 0.5).random(4))
+    assert not np.allclose(a, common.rng_for(0, "mc", "x", 0.7).random(4))
+    assert not np.allclose(a, common.rng_for(1, "mc", "x", 0.5).random(4))
+    assert common.seed_for(0, "a") == common.seed_for(0, "a") != common.seed_for(0, "b")
+    assert 0 <= common.seed_for(7, "a", 1) < 2**31 - 1
+
+
+def test_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    with common.threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with common.threads(0):  # 0 leaves torch's setting
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), common.threads(1):
+        raise RuntimeError("restored on the way out")
+    assert torch.get_num_threads() == before
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    a: int = 1
+    b: float = 0.5
+
+
+def test_from_profile_applies_overrides_and_names_what_is_wrong():
+    profiles = {"quick": {}, "big": {"a": 10}}
+    assert common.from_profile(_Cfg, profiles, "big", {"b": None}) == _Cfg(10, 0.5)
+    assert common.from_profile(_Cfg, profiles, "big", {"a": 3, "b": 2.0}) == _Cfg(3, 2.0)
+    with pytest.raises(ValueError, match="profile='gpu' is not one of \\['big', 'quick'\\]"):
+        common.from_profile(_Cfg, profiles, "gpu", {})
+    with pytest.raises(TypeError, match="unknown Config field\\(s\\) \\['c'\\]"):
+        common.from_profile(_Cfg, profiles, "quick", {"c": 1})
+
+
+@pytest.mark.parametrize("value, ok", [(3, True), (np.int64(3), True), (2, True), (1, False),
+                                       (True, False), (2.0, False), ("3", False)])
+def test_check_int(value, ok):
+    cfg = _Cfg(a=value)
+    if ok:
+        common.check_int(cfg, "a", 2)
+    else:
+        with pytest.raises(ValueError, match="a=.* must be an integer >= 2"):
+            common.check_int(cfg, "a", 2)
+
+
+def test_time_calls_counts_calls():
+    n = {"calls": 0}
+
+    def fn():
+        n["calls"] += 1
+
+    t = measure.time_calls(fn, torch.device("cpu"), warmup=2, repeats=3)
+    assert t.calls == 3 and n["calls"] == 5 and 0 <= t.min <= t.median
+
+
+def test_peak_bytes_sees_an_allocation():
+    if not measure.reset_peak():
+        pytest.skip("the kernel does not allow resetting the resident-set high-water mark")
+    n = 64 * 2**20
+    peak = measure.peak_bytes(lambda: torch.ones(n // 4).sum(), torch.device("cpu"))
+    assert 0.9 * n <= peak <= 3 * n
+
+
+def test_cpu_seconds_count_this_process_and_its_children():
+    import subprocess
+    import sys
+
+    own, both = measure.own_cpu_s(), measure.own_cpu_s(children=True)
+    assert 0 < own <= both
+    code = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert measure.own_cpu_s(children=True) - measure.own_cpu_s() >= both - own + 0.15
+    assert measure.machine_busy_s() > 0 and measure.proc_status_kb("VmRSS") > 0
