@@ -63,8 +63,9 @@ class Preconditioner:
         eigendecomposes the k x k matrix F; ``"kernel"`` keeps a reference to G and
         eigendecomposes the n x n ``K = G G^T`` instead, applying the Woodbury identity
         ``(F + lambda I)^{-1} q = (q - G^T (K + n lambda I)^{-1} G q) / lambda``, so no k x k
-        matrix is formed (it needs damping > 0, and G left unchanged while in use);
-        ``"auto"`` takes the kernel form when k > n. Both give the same scores.
+        matrix is formed (it needs damping > 0, and G left unchanged while in use; its float64
+        rounding error grows like 1 / damping, negligible above about 1e-6); ``"auto"`` takes
+        the kernel form when k > n. Both give the same scores.
         """
         G = torch.as_tensor(G_train)
         if G.ndim != 2:

@@ -5,7 +5,6 @@ validation, the gpu code path on a stand-in, and a tiny papermill run of the not
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,11 @@ import torch
 from scipy import optimize, stats
 from torch import nn
 
-from dropinf import PCA, data, retrain
-from dropinf.compressors import Layout
+from dropinf import data, retrain
 from dropinf.curvature import Preconditioner
 from dropinf.experiments import fidelity as fid
 from dropinf.experiments.common import threads
+from dropinf.experiments.methods import Match, match
 from dropinf.losses import cross_entropy
 from dropinf.models import fit_full_batch, mlp
 from dropinf.scores import scores
@@ -77,32 +76,21 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
 # --------------------------------------------------------------------------- dimensions
 
 
-def test_matched_dims_equal_across_methods_and_closest_to_target():
+def test_matched_dims_build_every_method_at_k():
     task = Task(mlp([64, 8, 10], seed=0), cross_entropy)
     d = task.dim
-    ratios = (2.0, 4.0, 16.0, 64.0)
-    dims = fid.matched_dims(task, ratios)
+    dims = fid.matched_dims(task, (2.0, 16.0, 64.0))
     cfg = fid.Config(sjlt_c=4, pca_n_fit=200)
     G = torch.randn(300, d, generator=torch.Generator().manual_seed(0))
-    # independent re-derivation: each layer keeps max(1, round((1-p) n)) units per side
-    specs = Layout.of(task).factored
-    p = np.arange(10_000) / 10_000
-    grid = sum(np.maximum(1, np.round((1 - p) * s.n_out))
-               * np.maximum(1, np.round((1 - p) * s.n_in_aug)) for s in specs)
     for r in dims.itertuples():
-        best = np.min(np.abs(np.log(grid / (d / r.ratio))))
-        assert abs(math.log(r.k / (d / r.ratio))) == pytest.approx(best, abs=1e-12)
-        for m in fid.METHODS:
-            comp = fid.build_compressor(m, int(r.k), float(r.p), 1, cfg, task, G)
-            if m == "pca" and r.k > cfg.pca_n_fit:
+        m = match(task, ratio=r.ratio)
+        assert (r.p, r.k, r.actual_ratio, r.p_flat) == (m.p, m.k, d / m.k, 1 - m.k / d)
+        for method in fid.METHODS:
+            comp = fid.build_compressor(method, m, 1, cfg, task, G)
+            if method == "pca" and r.k > cfg.pca_n_fit:
                 assert comp is None
                 continue
-            assert comp.dim == r.k, m
-    assert fid.sjlt_nonzeros(12, 5) == 4 and fid.sjlt_nonzeros(7, 4) == 1
-    # PCA at any k is the truncation of one fit per seed, identical to fitting that k
-    full = PCA(200, n_fit=200, seed=5).fit(G)
-    fresh = PCA(37, n_fit=200, seed=5).fit(G)
-    assert torch.equal(fid.truncated_pca(full, 37).components, fresh.components)
+            assert comp.dim == r.k, method
 
 
 def _squared_error(model: nn.Module, batch) -> torch.Tensor:
@@ -131,7 +119,7 @@ def test_ratio_one_reduces_to_uncompressed_fisher():
                              (0.0, ("gaussian", "gaussian_factored"))):
         ref = scores(G_te, G_tr, Preconditioner.fit(G_tr, "fisher", damping)).numpy()
         for m in methods:
-            comp = fid.build_compressor(m, d, 0.0, 3, cfg, task, G_tr)
+            comp = fid.build_compressor(m, Match(0.0, d, d), 3, cfg, task, G_tr)
             S = fid.compressed_scores(fitted, comp, damping)
             np.testing.assert_allclose(S, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max(),
                                        err_msg=m)

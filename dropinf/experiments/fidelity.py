@@ -18,18 +18,17 @@ What ``notebooks/02_fidelity.ipynb`` computes, here so that it is tested:
   conclusion written from the numbers (:func:`make_summary`), and the figure
   (:func:`plot_fidelity`).
 
-Matched dimension: for a nominal ratio r the factored dropout rate p (a multiple of 1e-4, the
-smallest giving its dimension) is the one whose factored-dropout dimension is closest to
-``d / r`` (in log); k is that dimension exactly,
-and every other method is built with that same k (flat dropout at rate ``1 - k / d``, factored
-Gaussian at the same p, which has the same dimension by construction). Scores follow the
-package convention: positive = helpful.
+Matched dimension (:func:`~.methods.match`): for a nominal ratio r the factored dropout rate p
+(a multiple of 1e-4, the smallest giving its dimension) is the one whose factored-dropout
+dimension is closest to ``d / r`` (in log); k is that dimension exactly, and every other method
+is built with that same k (flat dropout at rate ``1 - k / d``, factored Gaussian at the same p,
+which has the same dimension by construction). Scores follow the package convention: positive
+= helpful.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -42,24 +41,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import data, metrics, models, retrain
-from ..compressors import PCA, SJLT, Compressor, Dropout, Gaussian, Identity, Layout
+from ..compressors import Compressor, Identity, Layout
 from ..curvature import Preconditioner
 from ..gradients import gradients
 from ..losses import cross_entropy
 from ..scores import scores
 from ..task import Task
 from .common import check_int, from_profile, rng_for, seed_for, threads
+from .methods import COLORS, METHODS, Match, build, match, ready
+from .methods import LABELS as METHOD_LABELS
 
-METHODS = ("dropout", "dropout_factored", "gaussian", "gaussian_factored", "sjlt", "pca")
 REFERENCES = ("exact", "ggn", "identity")
 MODELS = ("logreg", "mlp", "resnet9")
-LABELS = {
-    "dropout": "dropout (flat)",
-    "dropout_factored": "dropout (factored)",
-    "gaussian": "Gaussian (dense)",
-    "gaussian_factored": "Gaussian (factored, LoGra)",
-    "sjlt": "SJLT",
-    "pca": "PCA",
+LABELS = {  # the references' labels; "identity" is the uncompressed Fisher here
+    **METHOD_LABELS,
     "exact": "exact (Hessian)",
     "ggn": "exact GGN",
     "identity": "uncompressed Fisher",
@@ -361,89 +356,28 @@ def reference_scores(cfg: Config, fitted: Fitted, G_train: Tensor, G_test: Tenso
     return out
 
 
-def factored_rate(layout: Layout, ratio: float) -> tuple[float, int]:
-    """The dropout rate p whose factored dropout has the dimension closest to ``d / ratio`` in
-    log scale, and that dimension; p is the smallest multiple of 1e-4 giving it."""
-    target = layout.dim / ratio
-
-    @functools.cache
-    def dim(j: int) -> int:  # non-increasing in j, the rate in units of 1e-4
-        return Dropout(j / 10_000, factored=True).bind(layout).dim
-
-    def first(pred: Callable[[int], bool]) -> int:
-        """Smallest j in [0, 9999] with pred(j) for a pred false then true (10000 if never)."""
-        lo, hi = -1, 10_000
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if pred(mid) else (mid, hi)
-        return hi
-
-    below = first(lambda j: dim(j) < target)  # the first rate that falls short of the target
-    candidates = [j for j in (below - 1, below) if 0 <= j <= 9999]
-    j = min(candidates, key=lambda j: abs(math.log(dim(j) / target)))
-    k = dim(j)
-    j = first(lambda i: dim(i) <= k)
-    return j / 10_000, k
-
-
 def matched_dims(task: Task, ratios: tuple[float, ...]) -> pd.DataFrame:
-    """One row per nominal ratio: ``ratio``, factored dropout rate ``p``, the common ``k`` (the
-    factored dimension at p), ``actual_ratio = d / k`` and the flat dropout rate ``1 - k/d``."""
+    """One row per nominal ratio (:func:`~.methods.match`): ``ratio``, factored dropout rate
+    ``p``, the common ``k`` (the factored dimension at p), ``actual_ratio = d / k`` and the
+    flat dropout rate ``p_flat = 1 - k/d``."""
     layout = Layout.of(task)
     rows = []
     for r in ratios:
-        p, k = factored_rate(layout, r)
-        rows.append({"ratio": r, "p": p, "k": k, "actual_ratio": layout.dim / k,
-                     "p_flat": 1 - k / layout.dim})
+        m = match(layout, ratio=r)
+        rows.append({"ratio": r, "p": m.p, "k": m.k, "actual_ratio": m.ratio, "p_flat": m.p_flat})
     return pd.DataFrame(rows)
 
 
-def sjlt_nonzeros(k: int, c: int) -> int:
-    """The largest divisor of k that is at most c (SJLT needs c to divide k)."""
-    return max(j for j in range(1, min(c, k) + 1) if k % j == 0)
-
-
-def build_compressor(method: str, k: int, p: float, seed: int, cfg: Config, task: Task,
-                     G_train: Tensor | None = None, pca_cache: dict[int, PCA] | None = None,
+def build_compressor(method: str, m: Match, seed: int, cfg: Config, task: Task,
+                     G_train: Tensor | None = None, pca_cache: dict | None = None,
                      ) -> Compressor | None:
-    """``method`` with output dimension k (``p``: the factored rate giving k), drawn from
-    ``seed``, bound to ``task``. PCA is fitted on ``pca_n_fit`` rows of the uncompressed
-    training gradients ``G_train``, once per seed when a ``pca_cache`` dict is passed (for a
-    given G_train); None for PCA when k exceeds what those rows span (or no gradients are
-    given). Raises if the bound dimension is not k."""
-    d = task.dim
-    if method == "dropout":
-        comp: Compressor = Dropout(1 - k / d, seed=seed)
-    elif method == "dropout_factored":
-        comp = Dropout(p, factored=True, seed=seed)
-    elif method == "gaussian":
-        comp = Gaussian(k, seed=seed)
-    elif method == "gaussian_factored":
-        comp = Gaussian(factored=True, p=p, seed=seed)
-    elif method == "sjlt":
-        comp = SJLT(k, sjlt_nonzeros(k, cfg.sjlt_c), seed=seed)
-    elif method == "pca":
-        if G_train is None or k > min(cfg.pca_n_fit, len(G_train), d):
-            return None
-        cache = {} if pca_cache is None else pca_cache
-        if seed not in cache:  # one fit per seed, spanning all it can; each k truncates it
-            n_max = min(cfg.pca_n_fit, len(G_train), d)
-            cache[seed] = PCA(n_max, n_fit=cfg.pca_n_fit, seed=seed).fit(G_train)
-        comp = truncated_pca(cache[seed], k)
-    else:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
-    comp.bind(task)
-    if comp.dim != k:
-        raise RuntimeError(f"{comp!r} has dimension {comp.dim}, not the matched k={k}")
-    return comp
-
-
-def truncated_pca(full: PCA, k: int) -> PCA:
-    """``PCA(k, n_fit, seed)`` fitted on the same gradients as ``full``: the same sample and
-    singular value decomposition give its first k components, so no new fit is needed."""
-    pca = PCA(k, n_fit=full.n_fit, seed=full.seed)
-    pca.components = full.components[:k].contiguous()
-    return pca
+    """``method`` at the matched setting ``m`` drawn from ``seed``, bound to ``task``
+    (:func:`~.methods.build`, :func:`~.methods.ready`): SJLT with up to ``cfg.sjlt_c`` nonzeros
+    per column, PCA fitted on ``cfg.pca_n_fit`` rows of the uncompressed training gradients
+    ``G_train``, once per seed with a ``pca_cache``; None for PCA when k exceeds what those rows
+    span."""
+    comp = build(method, m, seed, sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_n_fit)
+    return ready(comp, task, m.k, G_train, pca_cache)
 
 
 def compressed_scores(fitted: Fitted, comp: Compressor, damping: float) -> np.ndarray:
@@ -607,7 +541,7 @@ def run_model(cfg: Config, name: str, progress: bool = True,
                 info[ref] = {**info.get(ref, {}), **reference_estimates(S, cfg, truth)}
         with stage("matched dims"):
             dims = matched_dims(fitted.task, cfg.ratios)
-        pca_cache: dict[int, PCA] = {}
+        pca_cache: dict = {}
         cells = [(m, r, s) for r in dims.itertuples() for m in cfg.methods
                  for s in range(cfg.n_seeds)]
         for method, r, s in tqdm(cells, desc=f"compressors {name}", unit="row",
@@ -615,8 +549,8 @@ def run_model(cfg: Config, name: str, progress: bool = True,
             # the same draws at every ratio (common random numbers along each curve)
             cseed = seed_for(cfg.seed, "compressor", method, s)
             with stage(f"compress {method}"):
-                comp = build_compressor(method, int(r.k), float(r.p), cseed, cfg, fitted.task,
-                                        G_tr, pca_cache)
+                m = Match(float(r.p), int(r.k), fitted.d)
+                comp = build_compressor(method, m, cseed, cfg, fitted.task, G_tr, pca_cache)
                 if comp is None:
                     continue
                 S = compressed_scores(fitted, comp, cfg.damping)
@@ -825,8 +759,6 @@ def make_summary(cfg: Config, rows: pd.DataFrame, infos: dict[str, dict]) -> dic
 
 # --------------------------------------------------------------------------- figure
 
-COLORS = {"dropout": "C3", "dropout_factored": "C1", "gaussian": "C0",
-          "gaussian_factored": "C9", "sjlt": "C2", "pca": "C4"}
 REF_STYLES = {"exact": ("black", "--"), "ggn": ("0.35", ":"), "identity": ("0.55", "-.")}
 AGAINST_EXACT = ("pearson", "spearman", "spearman_overall", "topk")
 PANELS = {"spearman": "Spearman with exact influence", "lds": "LDS (Spearman vs retraining)",

@@ -9,8 +9,10 @@ What ``notebooks/04_mislabel.ipynb`` computes, here so that it is tested:
   linear head, the lower layers frozen (their outputs are computed once, :func:`text_source`);
 - each training point's self-influence ``g_i^T (F + lambda I)^{-1} g_i`` is computed for every
   method of :data:`METHODS` at the matched compressed dimension k (that of factored dropout at
-  rate ``p``, :func:`matched_k`), with the empirical Fisher of each method's *compressed*
-  gradients and the same relative damping for all (:func:`fisher_self_influence`);
+  rate ``p``, :func:`~.methods.match`), with the empirical Fisher of each method's
+  *compressed* gradients and the same relative damping for all (the library's
+  :class:`~dropinf.Preconditioner`, in its n x n kernel form when k > n, and
+  :func:`~dropinf.self_influence`);
 - points are inspected from the highest self-influence down and the fraction of flipped labels
   found is recorded against the fraction inspected (:func:`detection_curve`), with the area under
   that curve (:func:`curve_auc`) and the recall at 10% and 20% inspected (:func:`recall_at`),
@@ -37,21 +39,21 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import data, models
-from ..compressors import Dropout, Identity
 from ..curvature import Preconditioner
 from ..gradients import gradients
 from ..losses import SplitLoss, cross_entropy, sequence_classification
 from ..scores import self_influence
 from ..task import Task
-from . import fidelity as fid
 from .common import check_int, from_profile, seed_for, threads
+from .methods import COLORS, IDENTITY, build, dense_map_bytes, match, ready
+from .methods import LABELS as METHOD_LABELS
+from .methods import METHODS as COMPRESSED
 
 # Method names, labels and colours are notebook 02's (dropinf.experiments.fidelity).
-METHODS = ("identity", *fid.METHODS)
+METHODS = (IDENTITY, *COMPRESSED)
 BASELINES = ("loss", "random")
-LABELS = {**fid.LABELS, "identity": "no compression", "loss": "training loss (baseline)",
+LABELS = {**METHOD_LABELS, "loss": "training loss (baseline)",
           "random": "random order (baseline)"}
-COLORS = {**fid.COLORS, "identity": "black", "loss": "tab:brown", "random": "tab:gray"}
 DROPOUT = ("dropout", "dropout_factored")
 PROJECTIONS = ("gaussian", "gaussian_factored", "sjlt", "pca")
 MLP_SETS = ("digits", "mnist1d")
@@ -247,57 +249,7 @@ def on_grid(curve: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return curve[np.floor(np.asarray(grid) * n + 0.5).astype(int)]
 
 
-# --------------------------------------------------------------------------- self-influence
-
-
-def fisher_self_influence(G, damping: float, block: int = 65536) -> Tensor:
-    """(n,) float64 self-influence ``g_i^T (F + lambda I)^{-1} g_i`` with the empirical Fisher
-    ``F = G^T G / n`` of the (n, k) gradients ``G`` and ``lambda = damping * trace(F) / k``.
-
-    With k <= n this is the library's :class:`~dropinf.Preconditioner` (``kind="fisher"``) and
-    :func:`~dropinf.self_influence`. With k > n the same numbers come from the n x n Gram matrix
-    (:func:`kernel_self_influence`), so no k x k matrix is ever formed.
-    """
-    G = torch.as_tensor(G)
-    n, k = G.shape
-    if k <= n:
-        pre = Preconditioner.fit(G, kind="fisher", damping=damping)
-        return self_influence(G, pre).double()
-    return kernel_self_influence(G, damping, block)
-
-
-def kernel_self_influence(G, damping: float, block: int = 65536) -> Tensor:
-    """The Fisher self-influence of :func:`fisher_self_influence` through the Gram matrix.
-
-    With ``K = G G^T = U diag(sigma) U^T`` (n x n, float64, accumulated over blocks of
-    ``block`` columns), the Woodbury identity gives
-    ``s_i = n * sum_j U_ij^2 sigma_j / (sigma_j + n lambda)``, where
-    ``lambda = damping * trace(K) / (n k)`` (``trace(F) = trace(K) / n``). Cost O(n^2 k + n^3).
-    """
-    G = torch.as_tensor(G)
-    if G.ndim != 2:
-        raise ValueError(f"G must be (n, k), got shape {tuple(G.shape)}")
-    if not damping > 0:
-        raise ValueError(f"damping={damping!r} must be > 0 (relative to the mean eigenvalue)")
-    n, k = G.shape
-    K = torch.zeros(n, n, dtype=torch.float64)
-    for j in range(0, k, block):
-        g = G[:, j : j + block].double()
-        K += g @ g.T
-    lam = damping * float(K.trace()) / (n * k)
-    sigma, U = torch.linalg.eigh(K)
-    sigma = sigma.clamp_min(0.0)
-    return n * (U.square() @ (sigma / (sigma + n * lam)))
-
-
 # --------------------------------------------------------------------------- methods
-
-
-def matched_k(task: Task, p: float) -> int:
-    """The compressed dimension of every method: that of factored dropout at rate p per side,
-    ``sum round((1-p) n_out) round((1-p) (n_in + 1))`` over the factored layers (plus
-    ``round((1-p) d_rest)`` for other parameters)."""
-    return Dropout(p, factored=True).bind(task).dim
 
 
 def skip_reason(method: str, n: int, d: int, k: int, cfg: Config) -> str | None:
@@ -307,7 +259,7 @@ def skip_reason(method: str, n: int, d: int, k: int, cfg: Config) -> str | None:
     if method in ("identity", "pca") and exact_gb > cfg.max_exact_gb:
         return (f"the uncompressed gradients (n x d = {n} x {d}) need {exact_gb:.1f} GB, over "
                 f"max_exact_gb={cfg.max_exact_gb:g}")
-    if method == "gaussian" and 4 * k * d / GB > cfg.max_map_gb:
+    if method == "gaussian" and dense_map_bytes(method, k, d) / GB > cfg.max_map_gb:
         return (f"the dense map (k x d = {k} x {d}) needs {4 * k * d / GB:.1f} GB, over "
                 f"max_map_gb={cfg.max_map_gb:g}")
     if method == "pca" and k > min(n, cfg.pca_n_fit):
@@ -568,7 +520,7 @@ def make_problem(source: Source, cfg: Config, seed: int, progress: bool = False)
     f = flips.flipped
     info = {
         "n_train": len(f), "n_flipped": int(f.sum()), "d": task.dim,
-        "k": matched_k(task, source.p),
+        "k": match(task, p=source.p).k,
         "test_accuracy": float((pred_test == source.y_test).float().mean()),
         "clean_fit": float((pred[~f] == flips.labels[~f]).float().mean()),
         "memorized": float((pred[f] == flips.labels[f]).float().mean()),
@@ -588,7 +540,8 @@ def rank_scores(problem: Problem, cfg: Config, p: float, progress: bool = False
     (gradients, and PCA's fit, plus the self-influence).
     """
     task, n, d = problem.task, len(problem.flipped), problem.task.dim
-    k = matched_k(task, p)
+    m = match(task, p=p)
+    k = m.k
     loader = data.tensor_loader(problem.train, batch_size=64)
     comp_seed = seed_for(problem.seed, "compress")
     scores: dict[str, np.ndarray] = {}
@@ -603,14 +556,14 @@ def rank_scores(problem: Problem, cfg: Config, p: float, progress: bool = False
             skipped[method] = reason
             continue
         t0 = time.perf_counter()
-        if method == "identity":
-            comp = Identity()
-        else:  # PCA is fitted on pca_n_fit rows of the uncompressed gradients
-            comp = fid.build_compressor(method, k, p, comp_seed, cfg, task, G_train=exact)
+        # PCA is fitted on pca_n_fit rows of the uncompressed gradients
+        comp = ready(build(method, m, comp_seed, cfg.sjlt_c, cfg.pca_n_fit), task,
+                     d if method == IDENTITY else k, G_train=exact)
         G = gradients(task, loader, comp, progress=progress, desc=method)
-        if method == "identity":
+        if method == IDENTITY:
             exact = G.data
-        s = fisher_self_influence(G.data, cfg.damping)
+        pre = Preconditioner.fit(G.data, kind="fisher", damping=cfg.damping)
+        s = self_influence(G.data, pre).double()
         timings.append({"method": method, "k": G.shape[1], "seconds": time.perf_counter() - t0})
         scores[method] = s.numpy()
     scores["loss"] = problem.train_loss.double().numpy()

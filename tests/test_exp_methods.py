@@ -1,0 +1,99 @@
+"""The method registry: matched dimensions against an independent re-derivation, every method
+built at that dimension, PCA fits shared across k, one label and colour per method."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import to_rgb
+
+from dropinf import PCA, Dropout, Identity, Task
+from dropinf.compressors import Layout
+from dropinf.experiments import methods as M
+from dropinf.losses import cross_entropy
+from dropinf.models import mlp
+
+
+@pytest.fixture(scope="module")
+def task():
+    return Task(mlp([64, 8, 10], seed=0), cross_entropy)
+
+
+def test_match_at_a_ratio_is_closest_to_the_target(task):
+    d = task.dim
+    # independent re-derivation: each layer keeps max(1, round((1-p) n)) units per side
+    specs = Layout.of(task).factored
+    p = np.arange(10_000) / 10_000
+    grid = sum(np.maximum(1, np.round((1 - p) * s.n_out))
+               * np.maximum(1, np.round((1 - p) * s.n_in_aug)) for s in specs)
+    for ratio in (1.0, 2.0, 4.0, 16.0, 64.0):
+        m = M.match(task, ratio=ratio)
+        best = np.min(np.abs(np.log(grid / (d / ratio))))
+        assert abs(math.log(m.k / (d / ratio))) == pytest.approx(best, abs=1e-12)
+        assert m.p == np.flatnonzero(grid == m.k)[0] / 10_000  # the smallest rate giving k
+        assert (m.d, m.ratio, m.p_flat) == (d, d / m.k, 1 - m.k / d)
+    assert M.match(task, ratio=1.0) == M.Match(0.0, d, d)
+
+
+def test_match_at_a_rate_is_factored_dropouts_dimension(task):
+    specs = Layout.of(task).factored
+    for p in (0.3, 0.75, 0.97):
+        want = sum(max(1, round((1 - p) * s.n_out)) * max(1, round((1 - p) * s.n_in_aug))
+                   for s in specs)
+        assert M.match(task, p=p) == M.Match(p, want, task.dim)
+        assert M.match(Layout.of(task), p=p).k == want
+    for kw in ({}, {"ratio": 2.0, "p": 0.5}):
+        with pytest.raises(ValueError, match="ratio or p"):
+            M.match(task, **kw)
+    with pytest.raises(ValueError, match="ratio=0.5"):
+        M.match(task, ratio=0.5)
+
+
+def test_every_method_is_built_at_k(task):
+    G = torch.randn(400, task.dim, generator=torch.Generator().manual_seed(0))
+    for ratio in (2.0, 16.0):  # k = 312 and 38 of d = 610
+        m = M.match(task, ratio=ratio)
+        for method in M.METHODS:
+            comp = M.ready(M.build(method, m, seed=1, sjlt_c=4, pca_n_fit=400), task, m.k, G)
+            assert comp.dim == m.k, method
+            assert comp.fingerprint == M.ready(M.build(method, m, 1, 4, 400), task, m.k,
+                                               G).fingerprint, method  # the seed decides
+        sj = M.build("sjlt", m, seed=1, sjlt_c=4)
+        assert sj.c == M.sjlt_nonzeros(m.k, 4) and m.k % sj.c == 0
+    flat = M.build("dropout", m, seed=0)
+    assert isinstance(flat, Dropout) and not flat.factored and flat.p == pytest.approx(m.p_flat)
+    assert isinstance(M.build(M.IDENTITY, m, 0), Identity)
+    assert M.sjlt_nonzeros(12, 5) == 4 and M.sjlt_nonzeros(7, 4) == 1
+    with pytest.raises(ValueError, match="method='nope'"):
+        M.build("nope", m, 0)
+    with pytest.raises(RuntimeError, match="not the matched k"):
+        M.ready(M.build("sjlt", m, 0), task, m.k + 1)
+    with pytest.raises(ValueError, match="G_train"):
+        M.ready(M.build("pca", m, 0), task, m.k)
+
+
+def test_pca_fits_are_shared_across_k_and_refused_beyond_the_span():
+    G = torch.randn(120, 50, generator=torch.Generator().manual_seed(1))
+    cache: dict = {}
+    for k in (3, 37, 40):
+        shared = M.fit_pca(PCA(k, n_fit=40, seed=5), G, cache)
+        fresh = PCA(k, n_fit=40, seed=5).fit(G)
+        assert torch.equal(shared.components, fresh.components), k
+    assert len(cache) == 1
+    assert M.fit_pca(PCA(41, n_fit=40, seed=5), G, cache) is None  # 40 rows span 40 directions
+    assert M.fit_pca(PCA(51, n_fit=200, seed=5), G) is None  # d = 50
+    assert M.dense_map_bytes("gaussian", 7, 50) == M.dense_map_bytes("pca", 7, 50) == 4 * 7 * 50
+    assert M.dense_map_bytes("dropout_factored", 7, 50) == 0
+
+
+def test_one_label_colour_and_marker_per_method():
+    names = (M.IDENTITY, *M.METHODS, M.VARIANT)
+    for table in (M.LABELS, M.COLORS, M.MARKERS):
+        assert set(names) <= set(table)
+    rgb = [to_rgb(M.COLORS[n]) for n in (*names, "random", "loss", "harmful")]
+    assert len(set(rgb)) == len(rgb)  # no two methods or baselines share a colour
+    assert len({M.LABELS[n] for n in names}) == len(names)
+    assert len({M.MARKERS[n] for n in names}) == len(names)
