@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python bench/compress.py                   # defaults, about 20-40 s on 2 idle cores
     .venv/bin/python bench/compress.py --p 0.99          # k = 312: the dense Gaussian fits in 4 GB
-    .venv/bin/python bench/compress.py --threads 1 --methods dropout-factored gaussian-factored
+    .venv/bin/python bench/compress.py --threads 1 --methods dropout_factored gaussian_factored
 
 Two stages (``--stage``):
 
@@ -27,17 +27,18 @@ Two stages (``--stage``):
 PCA's fit. Median and minimum over at least ``--repeats`` calls and at least ``--min-time``
 seconds, after ``--warmup`` calls; torch uses its default thread count unless ``--threads``.
 
-Methods, all at the output dimension k of factored dropout at rate p (k = sum over the layers of
-``round((1-p) n_out) * round((1-p) (n_in + 1))``, about (1-p)^2 d):
+Methods (``dropinf.experiments.methods``), all at the output dimension k of factored dropout at
+rate p (k = sum over the layers of ``round((1-p) n_out) * round((1-p) (n_in + 1))``, about
+(1-p)^2 d):
 
-- ``dropout-factored``: ``Dropout(p, factored=True)``, ``delta[S_out]^T x[S_in]`` per layer.
-- ``gaussian-factored``: ``Gaussian(factored=True, p=p)`` (LoGra), the same k by construction.
-- ``gaussian-dense``: ``Gaussian(k=k)``, a stored (k, d) matrix; run only if it fits in
+- ``dropout_factored``: ``Dropout(p, factored=True)``, ``delta[S_out]^T x[S_in]`` per layer.
+- ``gaussian_factored``: ``Gaussian(factored=True, p=p)`` (LoGra), the same k by construction.
+- ``gaussian``: ``Gaussian(k=k)``, a stored (k, d) matrix; run only if it fits in
   ``--budget-gb``, otherwise reported as not fitting, with the bytes it would need.
-- ``sjlt``: ``SJLT(k=k, c=--sjlt-c)`` (c must divide k).
+- ``sjlt``: ``SJLT(k=k, c)``, c the largest divisor of k up to ``--sjlt-c``.
 - ``pca``: ``PCA(k=k)`` fitted on random (n_fit, d) data (n_fit = max(k, --pca-n-fit)); run only
   if the fit (data, its fp64 copy, the SVD factor) and the (k, d) components fit in the budget.
-- ``dropout-flat``: ``Dropout(1 - k/d)``, flat dropout keeping k of the d coordinates, for
+- ``dropout``: ``Dropout(1 - k/d)``, flat dropout keeping k of the d coordinates, for
   reference.
 
 The flat methods (dense Gaussian, SJLT, PCA, flat dropout) ask for each parameter's full (B, numel)
@@ -68,22 +69,22 @@ import gc
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 import warnings
 
-from dropinf.experiments.measure import machine_busy_s, own_cpu_s, proc_status_kb, reset_peak
-
-METHODS = (
-    "dropout-factored",
-    "gaussian-factored",
-    "gaussian-dense",
-    "sjlt",
-    "pca",
-    "dropout-flat",
+from dropinf.experiments import methods
+from dropinf.experiments.cost import compression_step, needs_bytes
+from dropinf.experiments.measure import (
+    machine_busy_s,
+    own_cpu_s,
+    proc_status_kb,
+    reset_peak,
+    time_calls,
 )
+
+METHODS = methods.METHODS
 LAYERS = (("attn.proj", 768, 768), ("mlp.fc", 768, 3072))  # (module, n_in, n_out)
 SPEED_TARGET = 10.0  # factored Gaussian time / factored dropout time, from the issue
 MAP_TARGET = 100.0  # factored Gaussian stored map / factored dropout stored map
@@ -153,53 +154,38 @@ def batch(lay, args: argparse.Namespace):
     return BatchGrads(params=list(lay.params), blocks=blocks, size=B)
 
 
-def matched_dim(lay, p: float) -> int:
-    import dropinf
-
-    return dropinf.Dropout(p, factored=True).bind(lay).dim
+def pca_rows(k: int, args: argparse.Namespace) -> int:
+    """Rows of random data PCA is fitted on: at least k, so that k directions exist."""
+    return max(k, args.pca_n_fit)
 
 
 def needs(method: str, k: int, d: int, args: argparse.Namespace) -> tuple[int, str]:
-    """Bytes a method must hold beyond the inputs, and what they are (0 for the cheap ones)."""
-    if method == "gaussian-dense":
-        return k * d * 4, f"the ({k:,}, {d:,}) fp32 projection"
-    if method == "pca":
-        n = max(k, args.pca_n_fit)
-        fit = n * d * 4 + n * d * 8 + min(n, d) * d * 8  # data, its fp64 copy, the SVD's vh
-        return k * d * 4 + fit, (
-            f"the ({k:,}, {d:,}) fp32 components plus the fit on ({n:,}, {d:,}) gradients "
-            "(fp32 data, fp64 copy, fp64 right singular vectors)"
-        )
-    return 0, ""
+    """Bytes a method must hold beyond the inputs (``cost.needs_bytes``) for the two that can
+    run out of memory, and what they are (0 for the others)."""
+    n = pca_rows(k, args)
+    what = {
+        "gaussian": f"the ({k:,}, {d:,}) fp32 projection",
+        "pca": f"the ({k:,}, {d:,}) fp32 components plus the fit on ({n:,}, {d:,}) gradients "
+        "(fp32 data, fp64 copy, fp64 right singular vectors)",
+    }
+    if method not in what:
+        return 0, ""
+    return needs_bytes(method, k, d, n), what[method]
 
 
-def build(method: str, lay, k: int, args: argparse.Namespace):
-    """The compressor (unbound) and the seconds spent fitting it (PCA only)."""
+def build(method: str, lay, args: argparse.Namespace):
+    """The compressor (unbound) at factored dropout's k, and the seconds spent fitting it (PCA
+    only)."""
     import torch
 
-    import dropinf
-
-    p, seed = args.p, args.seed
-    if method == "dropout-factored":
-        return dropinf.Dropout(p, factored=True, seed=seed), 0.0
-    if method == "gaussian-factored":
-        return dropinf.Gaussian(factored=True, p=p, seed=seed), 0.0
-    if method == "gaussian-dense":
-        return dropinf.Gaussian(k=k, seed=seed), 0.0
-    if method == "sjlt":
-        return dropinf.SJLT(k=k, c=args.sjlt_c, seed=seed), 0.0
-    if method == "dropout-flat":
-        return dropinf.Dropout(1.0 - k / lay.dim, seed=seed), 0.0
-    if method == "pca":
-        n = max(k, args.pca_n_fit)
-        G = torch.randn(n, lay.dim, generator=torch.Generator().manual_seed(seed + 2))
-        comp = dropinf.PCA(k=k, n_fit=n, seed=seed)
-        t0 = time.perf_counter()
-        comp.fit(G)
-        fit_s = time.perf_counter() - t0
-        del G
-        return comp, fit_s
-    raise ValueError(method)
+    m = methods.match(lay, p=args.p)
+    comp = methods.build(method, m, args.seed, args.sjlt_c, pca_rows(m.k, args))
+    if method != "pca":
+        return comp, 0.0
+    G = torch.randn(comp.n_fit, lay.dim, generator=torch.Generator().manual_seed(args.seed + 2))
+    t0 = time.perf_counter()
+    comp.fit(G)
+    return comp, time.perf_counter() - t0
 
 
 def held_bytes(obj, seen: set[int] | None = None) -> int:
@@ -222,27 +208,6 @@ def held_bytes(obj, seen: set[int] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- timed steps
-
-
-def from_factors(comp, bg):
-    """What the library does to one batch's captured factors: the compressor's capture-time
-    reducers (factored methods: gather or project each factor), then ``compress``."""
-    from dropinf.persample import BatchGrads, ReducedFactors
-
-    reducers = comp.reducers(bg.device)
-    if not reducers:
-        return lambda: comp.compress(bg)
-
-    def step():
-        blocks = [
-            ReducedFactors(b.module, r.inputs(b.x), r.outputs(b.delta), b.params)
-            if (r := reducers.get(b.module))
-            else b
-            for b in bg.blocks
-        ]
-        return comp.compress(BatchGrads(bg.params, blocks, bg.size))
-
-    return step
 
 
 class TwoLayers:
@@ -281,15 +246,6 @@ def in_pipeline(comp, args: argparse.Namespace):
     return (lambda: comp.compress(reduced(two.batch)[0])), (lambda: full(two.batch)[0])
 
 
-def timed(fn, args: argparse.Namespace) -> list[float]:
-    times = []
-    while len(times) < args.repeats or sum(times) < args.min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 # ----------------------------------------------------------------------------- worker
 
 
@@ -301,17 +257,16 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     lay = layout()
-    k = matched_dim(lay, args.p)
     bg = batch(lay, args)
-    comp, fit_s = build(method, lay, k, args)
+    comp, fit_s = build(method, lay, args)
     t0 = time.perf_counter()
     comp.bind(lay)
     bind_s = time.perf_counter() - t0
     if args.stage == "pipeline":
-        comp, _ = build(method, lay, k, args)  # bound to the model's layout below (same draw)
+        comp, _ = build(method, lay, args)  # bound to the model's layout below (same draw)
         step, baseline = in_pipeline(comp, args)
     else:
-        step, baseline = from_factors(comp, bg), None
+        step, baseline = compression_step(comp, bg), None
     gc.collect()
     rss0 = proc_status_kb("VmRSS")
     exact_peak = reset_peak()
@@ -322,12 +277,11 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     for _ in range(args.warmup - 1):
         step()
     busy0, own0, wall0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
-    times = timed(step, args)
+    cpu = torch.device("cpu")
+    t = time_calls(step, cpu, 0, args.repeats, args.min_time)
     base = None
     if baseline is not None:
-        for _ in range(args.warmup):
-            baseline()
-        base = 1e3 * statistics.median(timed(baseline, args))
+        base = 1e3 * time_calls(baseline, cpu, args.warmup, args.repeats, args.min_time).median
     busy1, own1, wall1 = machine_busy_s(), own_cpu_s(), time.perf_counter()
     others = None  # share of the machine's CPU that other processes used while we timed
     if busy0 is not None and busy1 is not None:
@@ -341,10 +295,10 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         "dim": comp.dim,
         "shape": shape,
         "finite": finite,
-        "ms": 1e3 * statistics.median(times) - (base or 0.0),
+        "ms": 1e3 * t.median - (base or 0.0),
         "base_ms": base,
-        "ms_min": 1e3 * min(times) - (base or 0.0),
-        "calls": len(times),
+        "ms_min": 1e3 * t.min - (base or 0.0),
+        "calls": t.calls,
         "others": others,
         "bind_s": bind_s,
         "fit_s": fit_s,
@@ -385,15 +339,13 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     lay = layout()
-    d, k = lay.dim, matched_dim(lay, args.p)
+    d, k = lay.dim, methods.match(lay, p=args.p).k
     budget = int(args.budget_gb * 2**30)
     results: dict[str, dict] = {}
     for m in args.methods:
         need, what = needs(m, k, d, args)
         if need > budget:
             results[m] = {"skip": f"does not fit: needs {fmt_bytes(need)} ({need:,} B) for {what}"}
-        elif m == "sjlt" and k % args.sjlt_c:
-            results[m] = {"skip": f"c={args.sjlt_c} does not divide k={k}"}
         else:
             results[m] = run_one(m, list(argv))
 
@@ -427,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(head)
     print("-" * len(head))
-    base = results.get("dropout-factored", {}).get("ms")
+    base = results.get("dropout_factored", {}).get("ms")
     notes, busy = [], False
     for m in args.methods:
         r = results[m]
@@ -470,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
 
     print()
-    df, gf = results.get("dropout-factored", {}), results.get("gaussian-factored", {})
+    df, gf = results.get("dropout_factored", {}), results.get("gaussian_factored", {})
     if "ms" in df and "ms" in gf:
         q = gf["ms"] / df["ms"]
         ok = "MET" if q >= SPEED_TARGET else "NOT MET"
@@ -496,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
             f"factored Gaussian {fmt_bytes(gh)}: {gh / max(dh, 1):.0f}x"
         )
     else:
-        print("targets: not evaluated (need both dropout-factored and gaussian-factored rows)")
+        print("targets: not evaluated (need both dropout_factored and gaussian_factored rows)")
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 import dropinf
 from dropinf.experiments import cost
+from dropinf.experiments.methods import match
 from dropinf.persample import PerSampleGrads
 
 TINY = dict(
@@ -60,9 +61,9 @@ def test_profiles_and_validation():
     assert cfg.methods == cost.METHODS and cfg.threads == 1
     gpu = cost.Config.for_profile("gpu")
     assert gpu.device == "cuda" and "large" in gpu.gpt2_shapes
-    c = tiny(methods=["dropout-factored", "sjlt"])
+    c = tiny(methods=["dropout_factored", "sjlt"])
     assert c.mlp_widths == ((8, 16, 4), (16, 32, 4)) and c.gpt2_shapes == ((1, 16, 2),)
-    assert c.methods == ("dropout-factored", "sjlt")
+    assert c.methods == ("dropout_factored", "sjlt")
     with pytest.raises(TypeError, match="unknown Config field"):
         cost.Config.for_profile("cpu-quick", widths=[[4, 2]])
     with pytest.raises(ValueError, match="profile"):
@@ -71,7 +72,7 @@ def test_profiles_and_validation():
         dict(p=1.0),
         dict(p=0),
         dict(methods=["sjlt", "pca"]),  # no reference
-        dict(methods=["dropout-factored", "nope"]),
+        dict(methods=["dropout_factored", "dropout-flat"]),  # the old name
         dict(gpt2_shapes=[[1, 10, 3]]),  # heads do not divide the width
         dict(gpt2_shapes=["huge"]),
         dict(mlp_widths=[[8]]),
@@ -113,13 +114,14 @@ def test_matched_k_is_equal_across_methods():
     cfg = tiny()
     for s in cost.ladder(cfg):
         b = cost.build(s, cfg, seed=0)
-        k = cost.matched_dim(b.task, cfg.p)
+        m = match(b.task, p=cfg.p)
+        k = m.k
         want = sum(side(o, cfg.p) * side(i + bias, cfg.p)
                    for i, o, bias in layers(b.task.model, b.task))
         assert k == want
         fit = b.batches(cost.pca_fit_rows(k, cfg), 5)
         for method in cost.METHODS:
-            comp = cost.make_compressor(method, k, b.task.dim, cfg)
+            comp = cost.make_compressor(method, m, cfg)
             if method == "pca":
                 cost.fit_pca(comp, b.task, fit)
             assert comp.bind(b.task).dim == k, method
@@ -129,24 +131,26 @@ def test_map_and_need_bytes_against_an_independent_count():
     cfg = tiny()
     for s in cost.ladder(cfg):
         b = cost.build(s, cfg, seed=0)
-        d, k = b.task.dim, cost.matched_dim(b.task, cfg.p)
+        m = match(b.task, p=cfg.p)
+        d, k = m.d, m.k
         shapes = layers(b.task.model, b.task)
         factored = 4 * sum(side(o, cfg.p) * o + side(i + bias, cfg.p) * (i + bias)
                            for i, o, bias in shapes)
-        want = {"dropout-factored": 0, "dropout-flat": 0, "sjlt": 0, "gaussian-dense": 4 * k * d,
-                "pca": 4 * k * d, "gaussian-factored": factored}
+        want = {"dropout_factored": 0, "dropout": 0, "sjlt": 0, "gaussian": 4 * k * d,
+                "pca": 4 * k * d, "gaussian_factored": factored}
         fit = b.batches(cost.pca_fit_rows(k, cfg), 5)
         for method, nbytes in want.items():
-            comp = cost.make_compressor(method, k, d, cfg)
+            comp = cost.make_compressor(method, m, cfg)
             if method == "pca":
                 cost.fit_pca(comp, b.task, fit)
             assert comp.bind(b.task).map_bytes == nbytes, method
         n = cost.pca_fit_rows(k, cfg)
-        assert cost.needs_bytes("gaussian-dense", k, d, n) == 4 * k * d
+        assert cost.needs_bytes("gaussian", k, d, n) == 4 * k * d
         assert cost.needs_bytes("pca", k, d, n) == 4 * k * d + 12 * n * d + 8 * min(n, d) * d
-        assert cost.needs_bytes("sjlt", k, d, n, sjlt_c=2) == 2 * (8 + 4) * d
-        assert cost.needs_bytes("dropout-flat", k, d, n) == 8 * k
-        assert cost.needs_bytes("dropout-factored", k, d, n) == 0
+        c = 2 if k % 2 == 0 else 1  # SJLT's nonzeros per column must divide k
+        assert cost.needs_bytes("sjlt", k, d, n, sjlt_c=2) == c * (8 + 4) * d
+        assert cost.needs_bytes("dropout", k, d, n) == 8 * k
+        assert cost.needs_bytes("dropout_factored", k, d, n) == 0
 
 
 def test_compression_step_equals_the_library_path():
@@ -155,18 +159,19 @@ def test_compression_step_equals_the_library_path():
     for s in cost.ladder(cfg):
         b = cost.build(s, cfg, seed=0)
         batch = b.batches(4, 1)[0]  # one batch of 4
-        k = cost.matched_dim(b.task, cfg.p)
+        m = match(b.task, p=cfg.p)
+        k = m.k
         with PerSampleGrads(b.task) as psg:
             bg = psg(batch)[0]
-        for method in ("dropout-factored", "gaussian-factored", "dropout-flat", "sjlt"):
-            comp = cost.make_compressor(method, k, b.task.dim, cfg).bind(b.task)
+        for method in ("dropout_factored", "gaussian_factored", "dropout", "sjlt"):
+            comp = cost.make_compressor(method, m, cfg).bind(b.task)
             z = cost.compression_step(comp, bg)()
             with PerSampleGrads(b.task, comp) as psg:
                 ref = comp.compress(psg(batch)[0])
             assert z.shape == (4, k)
             torch.testing.assert_close(z, ref, rtol=1e-4, atol=1e-6)
         # and factored dropout is exact: the kept coordinates of the full gradient, scaled
-        comp = cost.make_compressor("dropout-factored", k, b.task.dim, cfg).bind(b.task)
+        comp = cost.make_compressor("dropout_factored", m, cfg).bind(b.task)
         idx, scale = comp.kept_indices()
         torch.testing.assert_close(cost.compression_step(comp, bg)(), bg.flat()[:, idx] * scale,
                                    rtol=1e-4, atol=1e-6)
@@ -195,18 +200,18 @@ def test_does_not_fit_and_pipeline_cap():
     # a budget between what SJLT holds and the dense Gaussian's map, for the 8-16-4 MLP
     cfg = tiny(pipeline_max_k=1)
     size = cost.ladder(cfg)[0]
-    k, d = cost.matched_dim(cost.build(size, cfg, 0).task, cfg.p), size.dim
+    k, d = match(cost.build(size, cfg, 0).task, p=cfg.p).k, size.dim
     n = cost.pca_fit_rows(k, cfg)
-    low, high = cost.needs_bytes("sjlt", k, d, n), cost.needs_bytes("gaussian-dense", k, d, n)
+    low, high = cost.needs_bytes("sjlt", k, d, n), cost.needs_bytes("gaussian", k, d, n)
     assert low < high <= cost.needs_bytes("pca", k, d, n)
     cfg = tiny(pipeline_max_k=1, memory_budget_gb=(low + high) / 2 / cost.GB)
     rows = pd.DataFrame(cost.measure_size(size, cfg)).set_index("method")
-    for method in ("gaussian-dense", "pca"):
+    for method in ("gaussian", "pca"):
         r = rows.loc[method]
         assert r["status"] == "does not fit" and np.isnan(r["compress_ms"])
         assert r["need_bytes"] == cost.needs_bytes(method, k, d, n)
         assert r["map_bytes"] == 4 * k * d  # what it would have to store
-    for method in ("dropout-factored", "dropout-flat", "gaussian-factored", "sjlt"):
+    for method in ("dropout_factored", "dropout", "gaussian_factored", "sjlt"):
         assert rows.loc[method, "status"] == "ok"
         assert rows.loc[method, "pipeline_status"].startswith("k > pipeline_max_k")
         assert np.isnan(rows.loc[method, "pipeline_s"])
@@ -238,14 +243,14 @@ def synthetic(seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for size, d, k in (("a", 1000, 10), ("b", 100_000, 1000)):
-        for method in ("dropout-factored", "sjlt", "gaussian-dense"):
-            fits = not (method == "gaussian-dense" and size == "b")
+        for method in ("dropout_factored", "sjlt", "gaussian"):
+            fits = not (method == "gaussian" and size == "b")
             rows.append({
                 "family": "mlp", "size": size, "params": d, "d": d, "k": k,
                 "compression": d / k, "method": method,
                 "status": "ok" if fits else "does not fit",
-                "map_bytes": 4 * k * d if method == "gaussian-dense" else 0,
-                "need_bytes": 4 * k * d if method == "gaussian-dense" else 0,
+                "map_bytes": 4 * k * d if method == "gaussian" else 0,
+                "need_bytes": 4 * k * d if method == "gaussian" else 0,
                 "compress_ms": rng.uniform(1, 10) if fits else np.nan,
                 "peak_mb": rng.uniform(1, 10) if fits else np.nan,
                 "pipeline_status": "ok" if fits and size == "a" else "k > pipeline_max_k=100",
@@ -258,24 +263,24 @@ def synthetic(seed: int = 0) -> pd.DataFrame:
 def test_ratios_at_the_largest_common_size():
     df = synthetic()
     # dropout's peak at "a" below the resolution: the dense Gaussian (only at "a") gets no ratio
-    df.loc[(df["size"] == "a") & (df["method"] == "dropout-factored"), "peak_mb"] = 0.0
+    df.loc[(df["size"] == "a") & (df["method"] == "dropout_factored"), "peak_mb"] = 0.0
     r = cost.ratios(df).set_index(["metric", "method"])
     val = df.set_index(["size", "method"])
     # SJLT ran at both sizes: compared at the largest
     got = r.loc[("compress_ms", "sjlt")]
     assert got["size"] == "b"
     assert got["ratio"] == pytest.approx(val.loc[("b", "sjlt"), "compress_ms"]
-                                         / val.loc[("b", "dropout-factored"), "compress_ms"])
+                                         / val.loc[("b", "dropout_factored"), "compress_ms"])
     # the dense Gaussian did not fit at "b": its ratio is at "a"
-    got = r.loc[("compress_ms", "gaussian-dense")]
+    got = r.loc[("compress_ms", "gaussian")]
     assert got["size"] == "a"
-    assert got["ratio"] == pytest.approx(val.loc[("a", "gaussian-dense"), "compress_ms"]
-                                         / val.loc[("a", "dropout-factored"), "compress_ms"])
+    assert got["ratio"] == pytest.approx(val.loc[("a", "gaussian"), "compress_ms"]
+                                         / val.loc[("a", "dropout_factored"), "compress_ms"])
     assert r.loc[("pipeline_s", "sjlt"), "size"] == "a"
-    assert r.loc[("map_bytes", "gaussian-dense"), "ratio"] == math.inf
+    assert r.loc[("map_bytes", "gaussian"), "ratio"] == math.inf
     assert r.loc[("map_bytes", "sjlt"), "ratio"] == 1.0  # both store nothing
-    assert r.loc[("compress_ms", "dropout-factored"), "ratio"] == 1.0
-    assert math.isnan(r.loc[("peak_mb", "gaussian-dense"), "ratio"])
+    assert r.loc[("compress_ms", "dropout_factored"), "ratio"] == 1.0
+    assert math.isnan(r.loc[("peak_mb", "gaussian"), "ratio"])
     assert r.loc[("peak_mb", "sjlt"), "size"] == "b"
 
 
@@ -285,16 +290,16 @@ def test_summary_holds_no_measurement():
     sa, sb = cost.summary(cfg, a), cost.summary(cfg, b)
     assert sa == sb
     json.dumps(sa)  # serialisable as is
-    assert sa["map_bytes"]["b"]["gaussian-dense"] is None
-    assert sa["does_not_fit"] == [{"size": "b", "method": "gaussian-dense",
+    assert sa["map_bytes"]["b"]["gaussian"] is None
+    assert sa["does_not_fit"] == [{"size": "b", "method": "gaussian",
                                    "need_bytes": 4 * 1000 * 100_000}]
     assert sa["map_slopes"]["mlp"]["sjlt"] is None  # nothing stored: no slope
     assert sa["pipeline_sizes"] == ["a"]  # k <= pipeline_max_k = 64
     # the conclusion quotes the measured ratio at the largest size, and the map that did not fit
     v = a.set_index(["size", "method"])["compress_ms"]
     text = cost.conclude(a, cost.ratios(a))
-    assert f"SJLT {v['b', 'sjlt'] / v['b', 'dropout-factored']:.3g}x" in text
-    assert "dense Gaussian would need 381.5 MB" in text  # 4 k d = 4e8 B at "b"
+    assert f"SJLT {v['b', 'sjlt'] / v['b', 'dropout_factored']:.3g}x" in text
+    assert "Gaussian (dense) would need 381.5 MB" in text  # 4 k d = 4e8 B at "b"
 
 
 # --------------------------------------------------------------------------- notebook

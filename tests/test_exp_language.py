@@ -15,6 +15,7 @@ from dropinf import models
 from dropinf import theory as th
 from dropinf.experiments import language as L
 from dropinf.experiments.common import threads
+from dropinf.experiments.methods import Match, match
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_language.ipynb"
 
@@ -52,16 +53,16 @@ def tiny_lm(cfg: L.Config) -> L.LM:
 # --------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.parametrize("n, d", [(30, 12), (10, 40)])
-def test_fisher_scores_match_the_preconditioner(n, d):
-    """The n x n kernel form equals the library's d x d eigendecomposition, for n > d and n < d,
-    with products accumulated over several column blocks."""
+@pytest.mark.parametrize("n, d", [(30, 12), (10, 40)])  # dense and kernel form
+def test_fisher_scores_equal_a_direct_solve(n, d):
     g = torch.Generator().manual_seed(n + d)
     G = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, d)
     T = torch.randn(5, d, generator=g, dtype=torch.float64)
-    S, A = L.fisher_scores(T, G, damping=0.05, block=7)
-    pre = di.Preconditioner.fit(G, "fisher", damping=0.05)
-    torch.testing.assert_close(S, di.scores(T, G, pre).double(), rtol=1e-8, atol=1e-10)
+    S, A = L.fisher_scores(T, G, damping=0.05)
+    F = G.T @ G / n
+    lam = 0.05 * torch.trace(F) / d
+    direct = T @ torch.linalg.solve(F + lam * torch.eye(d, dtype=torch.float64), G.T)
+    torch.testing.assert_close(S, direct, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(A, T @ G.T, rtol=1e-12, atol=1e-12)
 
 
@@ -118,11 +119,11 @@ def test_every_method_matches_k_or_says_why_not():
     task = di.Task(model, di.losses.causal_lm, params=L.gradient_params(model, None))
     d = task.dim
     assert d == 12 * 8 * 8 + 9 * 8  # one block's Conv1D weights and biases
-    p, k = L.matched_k(task, 16.0)
-    assert p == pytest.approx(0.75)
+    m = match(task, ratio=16.0)
+    k = m.k
     for method in L.METHODS:
-        comp, why = L.method_compressor(method, p, k, d, seed=0, cfg=cfg)
-        if method == "gaussian-dense":
+        comp, why = L.method_compressor(method, m, seed=0, cfg=cfg)
+        if method == "gaussian":
             assert comp is None and "dense_max_mb" in why  # 4 k d bytes > 0.01 MB
             continue
         if method == "pca":
@@ -131,7 +132,7 @@ def test_every_method_matches_k_or_says_why_not():
         comp.bind(task)
         assert comp.dim == (min(d, cfg.oversample * k) if method == L.VARIANT else k), method
     big = tiny_cfg(n_train=200, top_k=4)
-    pca, _ = L.method_compressor("pca", p, 50, d, seed=0, cfg=big)
+    pca, _ = L.method_compressor("pca", Match(m.p, 50, d), seed=0, cfg=big)
     assert isinstance(pca, di.PCA) and pca.k == 50
 
 
@@ -139,18 +140,18 @@ def test_ratio_one_reproduces_the_reference_and_draws_differ():
     """At ratio 1, dropout at rate 0 keeps every coordinate: flat and factored masks give the
     uncompressed scores exactly (Spearman and top-k overlap 1, both curvatures). At 16x the
     draws differ, and every method's first-draw scores are kept for removal."""
-    cfg = tiny_cfg(methods=("dropout-flat", "dropout-factored", "sjlt"),
-                   removal_methods=("identity", "dropout-flat"))
+    cfg = tiny_cfg(methods=("dropout", "dropout_factored", "sjlt"),
+                   removal_methods=("identity", "dropout"))
     lm = tiny_lm(cfg)
     ag = L.agreement(cfg, lm, progress=False)
     t = ag.table
-    one = t[(t.ratio == 1.0) & t.method.isin(["dropout-flat", "dropout-factored"])]
+    one = t[(t.ratio == 1.0) & t.method.isin(["dropout", "dropout_factored"])]
     assert len(one) == 2 * 2 * cfg.n_mask_seeds
     np.testing.assert_allclose(one.spearman, 1.0, atol=1e-12)
     np.testing.assert_allclose(one.topk_overlap, 1.0)
     sixteen = t[(t.ratio == 16.0) & (t.curvature == "fisher") & (t.method == "sjlt")]
     assert sixteen.spearman.nunique() == cfg.n_mask_seeds
-    assert set(ag.scores) == {"identity", "dropout-flat", "dropout-factored", "sjlt"}
+    assert set(ag.scores) == {"identity", "dropout", "dropout_factored", "sjlt"}
     agg = L.aggregate(t)
     row = agg[(agg.method == "sjlt") & (agg.ratio == 16.0) & (agg.curvature == "fisher")].iloc[0]
     assert row.spearman_mean == pytest.approx(sixteen.spearman.mean())
@@ -167,7 +168,7 @@ def test_coherence_against_numpy_per_pair_and_per_layer():
     ref = th.PairStats.pairwise(A, B)
     np.testing.assert_allclose(np.sort(values), np.sort(ref.coherence.ravel()), rtol=1e-9)
     assert stats["median"] == pytest.approx(np.median(ref.coherence), rel=1e-3)
-    _, k = L.matched_k(lm.task, 16.0)
+    k = match(lm.task, ratio=16.0).k
     wins = np.mean(th.variance(ref, "fixed", k) < th.variance(ref, "gaussian", k))
     assert stats["by_ratio"]["16x"]["mask_wins"] == pytest.approx(wins, abs=1e-4)
     first = lm.task.params[0]  # the first layer's weight, then its bias
@@ -197,7 +198,7 @@ def test_most_helpful_sums_over_targets_and_breaks_ties_low():
 def test_fine_tuning_is_reproducible_and_removal_is_paired():
     """The same seed gives the same model (the paired comparison relies on it), and each
     removal row removes what its method's scores say."""
-    cfg = tiny_cfg(methods=("dropout-flat",), removal_methods=("identity", "dropout-flat"),
+    cfg = tiny_cfg(methods=("dropout",), removal_methods=("identity", "dropout"),
                    ratios=(16.0,))
     lm = tiny_lm(cfg)
     again, _ = L.fine_tune(cfg, lm.base, lm.train, np.arange(cfg.n_train),
@@ -205,12 +206,12 @@ def test_fine_tuning_is_reproducible_and_removal_is_paired():
     np.testing.assert_array_equal(L.doc_losses(again, lm.test), lm.test_loss)
     ag = L.agreement(cfg, lm, progress=False)
     rem = L.removal(cfg, lm, ag.scores, progress=False)
-    assert list(rem.method.unique()) == ["identity", "dropout-flat", "random"]
+    assert list(rem.method.unique()) == ["identity", "dropout", "random"]
     assert (rem.n_removed == cfg.n_remove).all() and len(rem) == 3 * cfg.n_retrain_seeds
     assert (rem[rem.method == "identity"].overlap_with_reference == 1.0).all()
     ref = L.most_helpful(ag.scores["identity"], L.targets(cfg), cfg.n_remove)
-    flat = L.most_helpful(ag.scores["dropout-flat"], L.targets(cfg), cfg.n_remove)
-    got = rem[rem.method == "dropout-flat"].overlap_with_reference.iloc[0]
+    flat = L.most_helpful(ag.scores["dropout"], L.targets(cfg), cfg.n_remove)
+    got = rem[rem.method == "dropout"].overlap_with_reference.iloc[0]
     assert got == len(np.intersect1d(ref, flat)) / cfg.n_remove
     # a random set per seed, of the right size, reproducible
     sets = [L.random_set(cfg, j) for j in range(2)]
@@ -274,16 +275,16 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
         str(NOTEBOOK), str(tmp_path / "out.ipynb"), kernel_name="dropinf", progress_bar=False,
         parameters=dict(out_dir=str(out), packages=["json"], seq_len=16, n_pretrain=48,
                         n_train=32, n_test=6, pretrain_epochs=1, epochs=1, ratios=[16, 64],
-                        methods=["dropout-flat", "dropout-factored", "sjlt", "dropout-sjlt"],
-                        removal_methods=["identity", "dropout-flat"], n_mask_seeds=2,
+                        methods=["dropout", "dropout_factored", "sjlt", "dropout_sjlt"],
+                        removal_methods=["identity", "dropout"], n_mask_seeds=2,
                         n_retrain_seeds=2, n_targets=2, top_k=4, timing_repeats=1))
     summ = json.loads((out / "summary.json").read_text())
     for key in ("agreement_16x", "agreement_64x", "removal_effect", "coherence", "conclusion"):
         assert summ[key], key
-    assert set(summ["agreement_16x"]) == {"dropout-flat", "dropout-factored", "sjlt",
-                                          "dropout-sjlt"}
+    assert set(summ["agreement_16x"]) == {"dropout", "dropout_factored", "sjlt",
+                                          "dropout_sjlt"}
     assert summ["agreement_16x"]["sjlt"]["std"] is not None
-    assert set(summ["removal_effect"]) == {"identity", "dropout-flat", "random"}
+    assert set(summ["removal_effect"]) == {"identity", "dropout", "random"}
     assert summ["provenance"]["licence"]
     for name in ("agreement_vs_ratio", "removal_effect", "coherence"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 0

@@ -17,6 +17,7 @@ from dropinf import models
 from dropinf.compressors import Identity, Layout
 from dropinf.experiments import removal as rm
 from dropinf.experiments.common import seed_for, threads
+from dropinf.experiments.methods import build, match, ready
 from dropinf.gradients import gradients
 from dropinf.losses import cross_entropy
 
@@ -42,7 +43,7 @@ def test_config_profiles_and_validation():
     bad = [
         (dict(fractions=[0.0]), "fractions"),
         (dict(main_fraction=0.3), "main_fraction"),
-        (dict(methods=["dropout", "sjlt"]), "methods"),
+        (dict(methods=["identity", "dropout-flat"]), "methods=.*choose distinct names"),
         (dict(methods=["sjlt"]), "reference"),
         (dict(n_seeds=1), "n_seeds"),
         (dict(damping=0.0), "damping"),
@@ -149,14 +150,13 @@ def test_every_method_gets_the_matched_dimension():
     x, y = _tiny_digits(20)
     cfg = rm.Config(channels=(4, 6), p=0.5)
     task = rm.make_task(rm.build_model(cfg, 10, seed=0))
-    k, d = rm.matched_k(task, cfg.p), task.dim
-    assert 1 < k < d
+    m, d = match(task, p=cfg.p), task.dim
+    assert 1 < m.k < d
     G = gradients(task, [(x, y)], Identity(), progress=False).data
+    G = torch.cat([G, torch.randn(m.k, d)])  # any k + 20 rows of dimension d, for PCA
     for method in rm.METHODS:
-        comp = rm.make_compressor(method, k, d, cfg, seed=1)
-        if method == "pca":
-            comp.fit(torch.cat([G, torch.randn(k, d)]))  # any k + 20 rows of dimension d
-        assert comp.bind(task).dim == (d if method == "identity" else k), method
+        comp = build(method, m, seed=1, sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_fit)
+        assert ready(comp, task, d if method == "identity" else m.k, G) is not None, method
 
 
 def test_resnet9_task_takes_only_the_hook_path():
@@ -188,13 +188,13 @@ class _Fake:
 def test_plan_retrains_effects_and_tests_against_independent_computations():
     n, n_targets = 60, 3
     rng = np.random.default_rng(0)
-    cfg = rm.Config(methods=("identity", "sjlt", "dropout-flat"), fractions=(0.1, 0.2),
+    cfg = rm.Config(methods=("identity", "sjlt", "dropout"), fractions=(0.1, 0.2),
                     main_fraction=0.2, n_seeds=4, n_targets=n_targets)
     fake = _Fake(n, n_targets, rng)
-    # identity ranks by the true effect; sjlt by noise; dropout-flat by a noisy true effect.
+    # identity ranks by the true effect; sjlt by noise; flat dropout by a noisy true effect.
     sc = {"identity": [fake.weight] * 4,
           "sjlt": [rng.normal(size=n) for _ in range(4)],
-          "dropout-flat": [fake.weight + rng.normal(0, 0.3, n) for _ in range(4)]}
+          "dropout": [fake.weight + rng.normal(0, 0.3, n) for _ in range(4)]}
     scored = rm.Scored(sc, k=5, d=10, dims={}, seconds=pd.DataFrame())
     plan = rm.removal_plan(cfg, scored, n)
     assert len(plan) == 4 * (1 + 2 * (3 + 2))
@@ -232,20 +232,20 @@ def test_plan_retrains_effects_and_tests_against_independent_computations():
         assert row.loss_std == pytest.approx(np.sqrt(((v - v.mean()) ** 2).sum() / 3))
 
     tests = rm.compare(df, 0.2).set_index("method")
-    assert set(tests.index) == {"identity", "sjlt", "dropout-flat", "harmful"}
-    a = df[(df.method == "dropout-flat") & (df.fraction == 0.2)].sort_values("draw").delta_loss
+    assert set(tests.index) == {"identity", "sjlt", "dropout", "harmful"}
+    a = df[(df.method == "dropout") & (df.fraction == 0.2)].sort_values("draw").delta_loss
     b = df[(df.method == "random") & (df.fraction == 0.2)].sort_values("draw").delta_loss
     diff = a.to_numpy() - b.to_numpy()
     t_stat = diff.mean() / (diff.std(ddof=1) / 2)
-    assert tests.at["dropout-flat", "p_value"] == pytest.approx(2 * sps.t.sf(abs(t_stat), 3))
-    assert tests.at["dropout-flat", "p_holm"] >= tests.at["dropout-flat", "p_value"]
+    assert tests.at["dropout", "p_value"] == pytest.approx(2 * sps.t.sf(abs(t_stat), 3))
+    assert tests.at["dropout", "p_holm"] >= tests.at["dropout", "p_value"]
     half = sps.t.ppf(0.975, 3) * diff.std(ddof=1) / 2
-    assert tests.at["dropout-flat", "diff_low"] == pytest.approx(diff.mean() - half)
+    assert tests.at["dropout", "diff_low"] == pytest.approx(diff.mean() - half)
     # identity removes the largest weights: the most damaging removal there is
     assert tests.at["identity", "diff_mean"] > 0 and tests.at["harmful", "diff_mean"] < 0
 
     summary = rm.summarize(cfg, rm.effects(df), rm.compare(df, 0.2))
-    assert set(summary["removal_effect"]) == {"identity", "sjlt", "dropout-flat", "random",
+    assert set(summary["removal_effect"]) == {"identity", "sjlt", "dropout", "random",
                                               "harmful"}
     assert summary["removal_effect"]["sjlt"]["mean"] == pytest.approx(eff.loc["sjlt", 0.2]
                                                                       .loss_mean)
@@ -262,11 +262,11 @@ def test_notebook_runs_on_tiny_parameters(tmp_path):
         kernel_name="dropinf", progress_bar=False,
         parameters=dict(out_dir=str(out), n_targets=10, fractions=[0.05, 0.1],
                         main_fraction=0.1, n_seeds=2, epochs=2, channels=[4, 8],
-                        methods=["identity", "dropout-factored", "sjlt"]),
+                        methods=["identity", "dropout_factored", "sjlt"]),
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["main_fraction"] == 0.1 and summary["conclusion"]
-    assert set(summary["removal_effect"]) == {"identity", "dropout-factored", "sjlt", "random",
+    assert set(summary["removal_effect"]) == {"identity", "dropout_factored", "sjlt", "random",
                                               "harmful"}
     df = pd.read_csv(out / "tables" / "retrains.csv")
     assert len(df) == 2 * (1 + 2 * (3 + 2))

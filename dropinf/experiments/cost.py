@@ -2,7 +2,7 @@
 
 What ``notebooks/03_cost.ipynb`` measures, here so that it is tested: for a ladder of model sizes
 (MLPs and GPT-2 configurations, :func:`ladder`), every method of :data:`METHODS` at the same
-compressed dimension k (that of factored dropout at rate ``p`` per side, :func:`matched_dim`):
+compressed dimension k (that of factored dropout at rate ``p`` per side, :func:`~.methods.match`):
 
 - ``compress_ms``: the compression step per batch of B samples. Input: the batch's layer factors
   as the backward pass captures them in full (``PerSampleGrads(task)``); output: the (B, k)
@@ -51,7 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import models
-from ..compressors import PCA, SJLT, Compressor, Dropout, Gaussian, Identity
+from ..compressors import PCA, Compressor, Identity
 from ..curvature import Preconditioner
 from ..gradients import gradients
 from ..losses import causal_lm, cross_entropy
@@ -60,32 +60,10 @@ from ..scores import scores
 from ..task import Task
 from .common import check_int, from_profile, threads
 from .measure import OtherLoad, frozen_gc, peak_bytes, sync, time_calls
+from .methods import COLORS, LABELS, MARKERS, METHODS, Match, dense_map_bytes, match, sjlt_nonzeros
+from .methods import build as build_method
 
-METHODS = (
-    "dropout-factored",
-    "dropout-flat",
-    "gaussian-factored",
-    "gaussian-dense",
-    "sjlt",
-    "pca",
-)
-LABELS = {
-    "dropout-factored": "factored dropout",
-    "dropout-flat": "flat dropout",
-    "gaussian-factored": "factored Gaussian (LoGra)",
-    "gaussian-dense": "dense Gaussian",
-    "sjlt": "SJLT",
-    "pca": "PCA",
-}
-MARKERS = {
-    "dropout-factored": "o",
-    "dropout-flat": "s",
-    "gaussian-factored": "^",
-    "gaussian-dense": "D",
-    "sjlt": "v",
-    "pca": "x",
-}
-REFERENCE = "dropout-factored"
+REFERENCE = "dropout_factored"
 FAMILIES = ("mlp", "gpt2")
 # Costs plotted and fitted against the parameter count, with their axis labels.
 METRICS = {
@@ -360,12 +338,6 @@ def build(size: Size, cfg: Config, seed: int) -> Bench:
 # --------------------------------------------------------------------------- the methods
 
 
-def matched_dim(task: Task, p: float) -> int:
-    """k of factored dropout at rate p per side: ``sum round((1-p) n_out) round((1-p) (n_in+1))``
-    over factored layers, plus ``round((1-p) d_rest)`` of the other parameters."""
-    return Dropout(p, factored=True).bind(task).dim
-
-
 def pca_fit_rows(k: int, cfg: Config) -> int:
     """Exact training gradients PCA is fitted on: at least k, so that k directions exist."""
     return max(k, cfg.pca_min_fit)
@@ -374,43 +346,30 @@ def pca_fit_rows(k: int, cfg: Config) -> int:
 def needs_bytes(method: str, k: int, d: int, n_fit: int, sjlt_c: int = 1) -> int:
     """Bytes a method must hold beyond the model and data, stored or regenerable.
 
-    ``gaussian-dense``: the (k, d) float32 projection. ``pca``: the (k, d) float32 components
+    ``gaussian`` (dense): the (k, d) float32 projection. ``pca``: the (k, d) float32 components
     plus the fit on ``n_fit`` exact gradients: the (n_fit, d) float32 gradients, their float64
     copy and the float64 (min(n_fit, d), d) right singular vectors (a lower bound: the SVD's
     workspace comes on top). ``sjlt``: the int64 row and float32 sign of each of the c d
-    nonzeros. ``dropout-flat``: k int64 indices. The factored methods are counted as 0: factored
+    nonzeros (c: the largest divisor of k up to ``sjlt_c``). ``dropout`` (flat): k int64
+    indices. The factored methods are counted as 0: factored
     dropout holds unit indices, O(n_in + n_out) per layer, and factored Gaussian its projections
     (its ``map_bytes``), ``k_in (n_in + 1) + k_out n_out`` floats per layer, about (1-p) d in
     all. That holds because the ladder's models have no parameter outside a factored layer (the
     library would project those with a dense Gaussian).
     """
-    if method == "gaussian-dense":
-        return 4 * k * d
     if method == "pca":
-        return 4 * k * d + 12 * n_fit * d + 8 * min(n_fit, d) * d
+        return dense_map_bytes(method, k, d) + 12 * n_fit * d + 8 * min(n_fit, d) * d
     if method == "sjlt":
-        return 12 * sjlt_c * d
-    if method == "dropout-flat":
+        return 12 * sjlt_nonzeros(k, sjlt_c) * d
+    if method == "dropout":
         return 8 * k
-    return 0
+    return dense_map_bytes(method, k, d)
 
 
-def make_compressor(method: str, k: int, d: int, cfg: Config) -> Compressor:
-    """The unbound compressor of ``method`` with output size k (PCA: not yet fitted)."""
-    p, seed = cfg.p, cfg.seed
-    if method == "dropout-factored":
-        return Dropout(p, factored=True, seed=seed)
-    if method == "dropout-flat":
-        return Dropout(1.0 - k / d, seed=seed)  # keeps round(k/d * d) = k coordinates
-    if method == "gaussian-factored":
-        return Gaussian(factored=True, p=p, seed=seed)  # LoGra, the sides of factored dropout
-    if method == "gaussian-dense":
-        return Gaussian(k=k, seed=seed)
-    if method == "sjlt":
-        return SJLT(k=k, c=cfg.sjlt_c, seed=seed)
-    if method == "pca":
-        return PCA(k=k, n_fit=pca_fit_rows(k, cfg), seed=seed)
-    raise ValueError(f"method={method!r}; choose one of {METHODS}")
+def make_compressor(method: str, m: Match, cfg: Config) -> Compressor:
+    """The unbound compressor of ``method`` at the matched setting ``m`` (:func:`~.methods.build`
+    with ``cfg``'s seed and SJLT nonzeros; PCA not yet fitted, on :func:`pca_fit_rows` rows)."""
+    return build_method(method, m, cfg.seed, cfg.sjlt_c, pca_fit_rows(m.k, cfg))
 
 
 def fit_pca(comp: PCA, task: Task, fit_batches: list) -> PCA:
@@ -445,12 +404,12 @@ def compression_step(comp: Compressor, bg: BatchGrads) -> Callable[[], Tensor]:
     return step
 
 
-def run_pipeline(bench: Bench, method: str, k: int, cfg: Config, train: list, test: list,
+def run_pipeline(bench: Bench, method: str, m: Match, cfg: Config, train: list, test: list,
                  fit_batches: list) -> Tensor:
     """The whole influence pipeline with a fresh compressor: draw (and for PCA fit) it, featurise
     the training and test sets, fit the damped Fisher, score. Returns the (n_test, n_train)
     scores (positive = helpful)."""
-    comp = make_compressor(method, k, bench.task.dim, cfg)
+    comp = make_compressor(method, m, cfg)
     if isinstance(comp, PCA):
         fit_pca(comp, bench.task, fit_batches)
     G_train = gradients(bench.task, train, comp, progress=False)
@@ -459,12 +418,12 @@ def run_pipeline(bench: Bench, method: str, k: int, cfg: Config, train: list, te
     return scores(G_test, G_train, pre)
 
 
-def _time_fit(method: str, k: int, bench: Bench, cfg: Config, fit_batches: list
+def _time_fit(method: str, m: Match, bench: Bench, cfg: Config, fit_batches: list
               ) -> tuple[Compressor, float, float]:
     """The ready compressor, seconds to fit it (PCA: exact gradients and SVD; else 0) and to
     bind it (draw masks, hashes or projections)."""
     dev = torch.device(cfg.device)
-    comp = make_compressor(method, k, bench.task.dim, cfg)
+    comp = make_compressor(method, m, cfg)
     fit_s = 0.0
     if isinstance(comp, PCA):
         t0 = time.perf_counter()
@@ -474,8 +433,8 @@ def _time_fit(method: str, k: int, bench: Bench, cfg: Config, fit_batches: list
     t0 = time.perf_counter()
     comp.bind(bench.task)
     bind_s = time.perf_counter() - t0
-    if comp.dim != k:
-        raise RuntimeError(f"{method} gives dimension {comp.dim}, not the matched k={k}")
+    if comp.dim != m.k:
+        raise RuntimeError(f"{method} gives dimension {comp.dim}, not the matched k={m.k}")
     return comp, fit_s, bind_s
 
 
@@ -498,7 +457,8 @@ def _measure_size(size: Size, cfg: Config, bar: tqdm | None) -> list[dict]:
 def _measure_bench(bench: Bench, cfg: Config, bar: tqdm | None) -> list[dict]:
     dev, size = torch.device(cfg.device), bench.size
     task = bench.task
-    d, k = task.dim, matched_dim(task, cfg.p)
+    setting = match(task, p=cfg.p)
+    d, k = setting.d, setting.k
     data_seed = cfg.seed + 1
     batch = bench.batches(cfg.batch_size, data_seed)[0]
     n_fit = pca_fit_rows(k, cfg)
@@ -522,13 +482,13 @@ def _measure_bench(bench: Bench, cfg: Config, bar: tqdm | None) -> list[dict]:
         need = needs_bytes(method, k, d, n_fit, cfg.sjlt_c)
         row = {**base, "method": method, "need_bytes": need}
         if need > budget:
-            rows.append({**row, "status": "does not fit", "map_bytes": _would_map(method, k, d),
-                         "pipeline_status": "does not fit"})
+            rows.append({**row, "status": "does not fit", "pipeline_status": "does not fit",
+                         "map_bytes": dense_map_bytes(method, k, d)})
         else:
             try:
                 with OtherLoad() as load:
-                    row.update(_measure_method(method, k, bench, cfg, batch, bg, fit_batches,
-                                               train, test, run_pipe))
+                    row.update(_measure_method(method, setting, bench, cfg, batch, bg,
+                                               fit_batches, train, test, run_pipe))
                 row["other_pct"] = 100 * load.share
             except (RuntimeError, MemoryError) as e:  # torch's out-of-memory is a RuntimeError
                 row.update(status=f"error: {str(e).splitlines()[0][:120]}",
@@ -540,21 +500,16 @@ def _measure_bench(bench: Bench, cfg: Config, bar: tqdm | None) -> list[dict]:
     return rows
 
 
-def _would_map(method: str, k: int, d: int) -> int:
-    """The stored map a method that does not fit would need: its (k, d) float32 matrix."""
-    return 4 * k * d if method in ("gaussian-dense", "pca") else 0
-
-
-def _measure_method(method: str, k: int, bench: Bench, cfg: Config, batch, bg: BatchGrads,
+def _measure_method(method: str, m: Match, bench: Bench, cfg: Config, batch, bg: BatchGrads,
                     fit_batches: list, train: list, test: list, run_pipe: bool) -> dict:
     dev = torch.device(cfg.device)
-    row = {"status": "ok", **_step_costs(method, k, bench, cfg, batch, bg, fit_batches)}
+    row = {"status": "ok", **_step_costs(method, m, bench, cfg, batch, bg, fit_batches)}
     gc.collect()  # the compressor (a dense map, say) is gone before the pipeline draws its own
     if not run_pipe:
         return {**row, "pipeline_status": f"k > pipeline_max_k={cfg.pipeline_max_k}"}
 
     def pipe() -> Tensor:
-        return run_pipeline(bench, method, k, cfg, train, test, fit_batches)
+        return run_pipeline(bench, method, m, cfg, train, test, fit_batches)
 
     runs = [peak_bytes(pipe, dev, timed=True) for _ in range(cfg.pipeline_repeats)]
     return {**row, "pipeline_status": "ok",
@@ -562,11 +517,12 @@ def _measure_method(method: str, k: int, bench: Bench, cfg: Config, batch, bg: B
             "pipeline_peak_mb": max(r[0] for r in runs) / 2**20}
 
 
-def _step_costs(method: str, k: int, bench: Bench, cfg: Config, batch, bg: BatchGrads,
+def _step_costs(method: str, m: Match, bench: Bench, cfg: Config, batch, bg: BatchGrads,
                 fit_batches: list) -> dict:
     """Fit, bind, compression step (time and peak) and the library's per-batch path."""
     dev = torch.device(cfg.device)
-    comp, fit_s, bind_s = _time_fit(method, k, bench, cfg, fit_batches)
+    k = m.k
+    comp, fit_s, bind_s = _time_fit(method, m, bench, cfg, fit_batches)
     step = compression_step(comp, bg)
     z = step()
     if z.shape != (bg.size, k) or not bool(torch.isfinite(z).all()):
@@ -714,14 +670,13 @@ def plot(df: pd.DataFrame, slope_df: pd.DataFrame, hardware: str = "", p: float 
     families = [f for f in FAMILIES if f in set(df["family"])]
     fig, axes = plt.subplots(len(families), len(METRICS), figsize=(4.2 * len(METRICS),
                              3.6 * len(families)), squeeze=False)
-    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for i, family in enumerate(families):
         g = df[df["family"] == family]
         for j, metric in enumerate(METRICS):
             ax = axes[i, j]
             none = []
             for method in dict.fromkeys(g["method"]):
-                style = dict(color=colors[method], marker=MARKERS[method], ms=4)
+                style = dict(color=COLORS[method], marker=MARKERS[method], ms=4)
                 m = _measured(g[g["method"] == method], metric).sort_values("d")
                 y = m[metric].to_numpy(float)
                 if metric == "map_bytes" and len(y) and (y == 0).all():

@@ -46,25 +46,23 @@ from tqdm.auto import tqdm
 from .. import data as dd
 from .. import metrics
 from .. import theory as th
-from ..compressors import PCA, SJLT, Compressor, Dropout, Gaussian, Identity
+from ..compressors import PCA, Compressor, Dropout, Identity
+from ..curvature import Preconditioner
 from ..gradients import gradients
 from ..losses import causal_lm
 from ..models import GPT2_LADDER, gpt2_ladder, train
 from ..persample import PerSampleGrads
+from ..scores import scores as influence_scores
 from ..task import Task
-from . import cost
 from .common import check_int, from_profile, rng_for, seed_for
+from .cost import compression_step
 from .measure import time_calls
+from .methods import COLORS, IDENTITY, LABELS, VARIANT, Match, build, dense_map_bytes, match
+from .methods import METHODS as COMPRESSED
 from .theory import crossover_coherence
 
-REFERENCE = "identity"
-VARIANT = "dropout-sjlt"
-METHODS = (*cost.METHODS, VARIANT)
-LABELS = {
-    REFERENCE: "identity (uncompressed)",
-    **cost.LABELS,
-    VARIANT: "dropout then SJLT (beyond the paper)",
-}
+REFERENCE = IDENTITY
+METHODS = (*COMPRESSED, VARIANT)
 CURVATURES = ("fisher", "dot")
 CORPORA = ("stdlib", *dd.WEBTEXT)
 MB = 2**20
@@ -89,11 +87,11 @@ class Config:
     names start with one of ``layers`` (None: all of them), in batches of ``grad_batch``.
 
     Methods: :data:`METHODS` (a subset in ``methods``) at each compression ratio of ``ratios``:
-    k is that of factored dropout at rate ``p = 1 - 1/sqrt(ratio)`` per side, so that it keeps
-    ``1/ratio`` of each layer; the others match that k. ``n_mask_seeds`` draws per method. The
-    dense Gaussian runs where its map takes at most ``dense_max_mb``; PCA where k is at most the
-    number of training gradients it is fitted on. Fisher damping ``damping`` (relative: a
-    fraction of the mean eigenvalue, the same for every method); top-``top_k`` overlap.
+    k is the dimension of factored dropout closest to ``d / ratio`` (:func:`~.methods.match`);
+    the others match that k. ``n_mask_seeds`` draws per method. The dense Gaussian runs where
+    its map takes at most ``dense_max_mb``; PCA where k is at most the number of training
+    gradients it is fitted on. Fisher damping ``damping`` (relative: a fraction of the mean
+    eigenvalue, the same for every method); top-``top_k`` overlap.
     :data:`VARIANT` keeps ``oversample * k`` coordinates before its SJLT.
 
     Removal: ``n_targets`` test documents; the ``remove_fraction`` of training documents with the
@@ -132,7 +130,7 @@ class Config:
     remove_fraction: float = 0.1
     removal_ratio: float = 16.0
     removal_methods: tuple[str, ...] = (
-        REFERENCE, "dropout-flat", "dropout-factored", "gaussian-factored", "sjlt",
+        REFERENCE, "dropout", "dropout_factored", "gaussian_factored", "sjlt",
     )  # fmt: skip
     n_retrain_seeds: int = 3
     timing_repeats: int = 5
@@ -393,42 +391,23 @@ def compressed(lm: LM, comp: Compressor, batch: int) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- methods
 
 
-def matched_k(task: Task, ratio: float) -> tuple[float, int]:
-    """``(p, k)``: the dropout rate per side ``1 - 1/sqrt(ratio)`` at which factored dropout
-    keeps ``1/ratio`` of each layer, and the dimension k it gives (every method matches it)."""
-    p = 1.0 - 1.0 / math.sqrt(ratio)
-    return p, cost.matched_dim(task, p)
-
-
-def method_compressor(method: str, p: float, k: int, d: int, seed: int, cfg: Config
+def method_compressor(method: str, m: Match, seed: int, cfg: Config
                       ) -> tuple[Compressor | None, str]:
-    """The unbound compressor of ``method`` at rate p / dimension k, or None and why not.
+    """The unbound compressor of ``method`` at the matched setting ``m``, or None and why not.
 
-    ``dropout-flat`` keeps ``round((1 - p_flat) d) = k`` coordinates; :data:`VARIANT` returns
-    its first stage, a flat mask to ``min(d, oversample * k)`` coordinates (:func:`sjlt_rows`
-    is the second); PCA is returned unfitted.
+    :data:`VARIANT` returns its first stage, a flat mask to ``min(d, oversample * k)``
+    coordinates (:func:`sjlt_rows` is the second); PCA is returned unfitted (fitted on the
+    ``n_train`` training gradients by :func:`compress_method`).
     """
-    if method == "dropout-factored":
-        return Dropout(p, factored=True, seed=seed), "ok"
-    if method == "dropout-flat":
-        return Dropout(1.0 - k / d, seed=seed), "ok"
     if method == VARIANT:
-        return Dropout(1.0 - min(d, cfg.oversample * k) / d, seed=seed), "ok"
-    if method == "gaussian-factored":
-        return Gaussian(factored=True, p=p, seed=seed), "ok"
-    if method == "gaussian-dense":
-        need = 4 * k * d
-        if need > cfg.dense_max_mb * MB:
-            return None, (f"does not fit: its (k, d) map needs {need / MB:,.0f} MB > "
-                          f"dense_max_mb={cfg.dense_max_mb:g}")
-        return Gaussian(k=k, seed=seed), "ok"
-    if method == "sjlt":
-        return SJLT(k=k, c=1, seed=seed), "ok"
-    if method == "pca":
-        if k > cfg.n_train:
-            return None, f"does not fit: k={k} directions from {cfg.n_train} training gradients"
-        return PCA(k=k, n_fit=cfg.n_train, seed=seed), "ok"
-    raise ValueError(f"method={method!r}; choose one of {METHODS}")
+        return Dropout(1.0 - min(m.d, cfg.oversample * m.k) / m.d, seed=seed), "ok"
+    need = dense_map_bytes(method, m.k, m.d)
+    if method == "gaussian" and need > cfg.dense_max_mb * MB:
+        return None, (f"does not fit: its (k, d) map needs {need / MB:,.0f} MB > "
+                      f"dense_max_mb={cfg.dense_max_mb:g}")
+    if method == "pca" and m.k > cfg.n_train:
+        return None, f"does not fit: k={m.k} directions from {cfg.n_train} training gradients"
+    return build(method, m, seed, pca_n_fit=cfg.n_train), "ok"
 
 
 def sjlt_rows(Z: Tensor, k: int, seed: int) -> Tensor:
@@ -459,35 +438,20 @@ def compress_method(lm: LM, method: str, comp: Compressor, k: int, seed: int, ba
 # --------------------------------------------------------------------------- scores
 
 
-def fisher_scores(G_test: Tensor, G_train: Tensor, damping: float,
-                  device: str | torch.device = "cpu", block: int = 1 << 20
-                  ) -> tuple[Tensor, Tensor]:
+def fisher_scores(G_test: Tensor, G_train: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     """Damped-Fisher influence scores and gradient dot products, both (n_test, n_train) float64.
 
     ``S = G_test (F + lambda I)^{-1} G_train^T`` with ``F = G_train^T G_train / n`` and relative
-    damping ``lambda = damping tr(F) / dim``, the rule of :meth:`dropinf.Preconditioner.fit`,
-    computed in the n x n kernel form ``S = n A (K + n lambda I)^{-1}`` with ``K = G_train
-    G_train^T`` and ``A = G_test G_train^T`` (push-through identity), so that it costs
-    O(n^2 dim + n^3) and never forms a dim x dim matrix: the uncompressed reference has dim = d.
-    The products are accumulated in float64 over column blocks of ``block`` on ``device``.
-    Positive = helpful.
+    damping ``lambda = damping tr(F) / dim``: the library's :class:`~dropinf.Preconditioner`,
+    which takes the n x n kernel form when dim > n (the uncompressed reference has dim = d), so
+    no dim x dim matrix is formed. Positive = helpful.
     """
-    if G_test.ndim != 2 or G_train.ndim != 2 or G_test.shape[1] != G_train.shape[1]:
-        raise ValueError(f"G_test {tuple(G_test.shape)} and G_train {tuple(G_train.shape)} must "
-                         "be (n_test, dim) and (n_train, dim) from the same compressor")
     if not damping > 0:
         raise ValueError(f"damping={damping!r} must be > 0 (the Fisher of n < dim is singular)")
-    n, dim = G_train.shape
-    K = torch.zeros(n, n, dtype=torch.float64, device=device)
-    A = torch.zeros(G_test.shape[0], n, dtype=torch.float64, device=device)
-    for j in range(0, dim, block):
-        g = G_train[:, j : j + block].to(device, torch.float64)
-        K += g @ g.T
-        A += G_test[:, j : j + block].to(device, torch.float64) @ g.T
-    lam = damping * float(torch.trace(K)) / n / dim
-    eye = torch.eye(n, dtype=torch.float64, device=device)
-    S = n * torch.linalg.solve(K + n * lam * eye, A.T).T
-    return S.cpu(), A.cpu()
+    pre = Preconditioner.fit(G_train, kind="fisher", damping=damping)
+    dot = Preconditioner.fit(G_train, kind="identity")
+    return (influence_scores(G_test, G_train, pre).double(),
+            influence_scores(G_test, G_train, dot).double())
 
 
 def agreement_row(S: Tensor, S_ref: Tensor, top_k: int) -> dict[str, float]:
@@ -518,18 +482,18 @@ def agreement(cfg: Config, lm: LM, progress: bool = True) -> Agreement:
     (``fisher`` or ``dot``), spearman, topk_overlap, status, map_bytes, grad_s (seconds to
     compress both splits, through :func:`dropinf.gradients`).
     """
-    dev = cfg.device
-    S_ref, A_ref = fisher_scores(lm.G_test, lm.G_train, cfg.damping, dev)
+    S_ref, A_ref = fisher_scores(lm.G_test, lm.G_train, cfg.damping)
     refs = {"fisher": S_ref, "dot": A_ref}
     kept = {REFERENCE: S_ref}
     rows = []
     cells = [(r, m, s) for r in cfg.ratios for m in cfg.methods
              for s in range(1 if m == "pca" else cfg.n_mask_seeds)]
+    dims = {r: match(lm.task, ratio=r) for r in cfg.ratios}
     for ratio, method, s in tqdm(cells, desc=f"{lm.corpus}: agreement", unit="draw",
                                  disable=not progress):
-        p, k = matched_k(lm.task, ratio)
+        k = dims[ratio].k
         cseed = seed_for(cfg.seed, "compressor", method, ratio, s)
-        comp, status = method_compressor(method, p, k, lm.d, cseed, cfg)
+        comp, status = method_compressor(method, dims[ratio], cseed, cfg)
         base = {"corpus": lm.corpus, "method": method, "ratio": ratio, "k": k,
                 "actual_ratio": lm.d / k, "seed": s}
         if comp is None:
@@ -540,7 +504,7 @@ def agreement(cfg: Config, lm: LM, progress: bool = True) -> Agreement:
         grad_s = time.perf_counter() - t0
         if Gtr.shape[1] != k:
             raise RuntimeError(f"{method} gave dimension {Gtr.shape[1]}, not the matched k={k}")
-        S, A = fisher_scores(Gte, Gtr, cfg.damping, dev)
+        S, A = fisher_scores(Gte, Gtr, cfg.damping)
         for curv, est in (("fisher", S), ("dot", A)):
             rows.append({**base, "curvature": curv, "status": "ok",
                          "map_bytes": comp.map_bytes, "grad_s": grad_s,
@@ -622,7 +586,7 @@ def coherence(cfg: Config, lm: LM) -> tuple[dict[str, Any], pd.DataFrame, np.nda
     stats: dict[str, Any] = {"d": lm.d, "n_pairs": int(ok.sum()), **_quantiles(values)}
     by_ratio = {}
     for ratio in cfg.ratios:
-        _, k = matched_k(lm.task, ratio)
+        k = match(lm.task, ratio=ratio).k
         vm = th.variance(st, "fixed", k)[ok]
         vg = th.variance(st, "gaussian", k)[ok]
         by_ratio[_ratio_key(ratio)] = {
@@ -760,7 +724,7 @@ def removal_summary(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
 def cost_table(cfg: Config, lm: LM, progress: bool = True) -> pd.DataFrame:
     """Per method and ratio (first draw): the compression step on one batch of ``grad_batch``
     training documents (median ms over ``timing_repeats`` calls after one warm-up, from the fully
-    captured layer factors to the (B, k) output, :func:`dropinf.experiments.cost.compression_step`;
+    captured layer factors to the (B, k) output, :func:`~.cost.compression_step`;
     the variant adds its SJLT stage), the map bytes it must store, and the fit (PCA) in seconds.
     Times vary between runs: they belong in tables, not in the summary."""
     dev = torch.device(cfg.device)
@@ -770,11 +734,12 @@ def cost_table(cfg: Config, lm: LM, progress: bool = True) -> pd.DataFrame:
         bg = psg(batch)[0]
         rows = [_cost_row(cfg, lm, REFERENCE, Identity(), lm.d, 0, bg, 0.0, 1.0)]
         cells = [(r, m) for r in cfg.ratios for m in cfg.methods]
+        dims = {r: match(lm.task, ratio=r) for r in cfg.ratios}
         for ratio, method in tqdm(cells, desc=f"{lm.corpus}: cost", unit="method",
                                   disable=not progress):
-            p, k = matched_k(lm.task, ratio)
+            k = dims[ratio].k
             cseed = seed_for(cfg.seed, "compressor", method, ratio, 0)
-            comp, status = method_compressor(method, p, k, lm.d, cseed, cfg)
+            comp, status = method_compressor(method, dims[ratio], cseed, cfg)
             if comp is None:
                 rows.append({"corpus": lm.corpus, "method": method, "ratio": ratio, "k": k,
                              "status": status})
@@ -806,7 +771,7 @@ def cost_text(df: pd.DataFrame, ratio: float) -> str:
 
 def _cost_row(cfg: Config, lm: LM, method: str, comp: Compressor, k: int, seed: int, bg,
               fit_s: float, ratio: float) -> dict[str, Any]:
-    step = cost.compression_step(comp.bind(lm.task), bg)
+    step = compression_step(comp.bind(lm.task), bg)
     if method == VARIANT and comp.dim > k:
         first, s2 = step, seed_for(seed, "sjlt stage")
 
@@ -895,8 +860,8 @@ def conclude(cfg: Config, results: dict[str, dict[str, Any]]) -> str:
 
 # DESIGN.md section 6's first measurement (tiny character-level GPT-2, gradient dot products,
 # Spearman against uncompressed at 16x / 64x), quoted for comparison only.
-SECTION6 = {"dropout-flat": (0.83, 0.59), "dropout-factored": (0.71, 0.52),
-            "gaussian-dense": (0.96, 0.88)}
+SECTION6 = {"dropout": (0.83, 0.59), "dropout_factored": (0.71, 0.52),
+            "gaussian": (0.96, 0.88)}
 
 
 def _section6_text(s: dict[str, Any]) -> list[str]:
@@ -939,15 +904,15 @@ def _mask_verdict(s: dict[str, Any]) -> list[str]:
     out = []
     for ratio in ("16x", "64x"):
         a = s.get(f"agreement_{ratio}") or {}
-        if "dropout-flat" in a and "sjlt" in a:
-            gap = a["sjlt"]["mean"] - a["dropout-flat"]["mean"]
-            fact = a.get("dropout-factored")
-            sd = math.hypot(a["sjlt"]["std"] or 0.0, a["dropout-flat"]["std"] or 0.0)
+        if "dropout" in a and "sjlt" in a:
+            gap = a["sjlt"]["mean"] - a["dropout"]["mean"]
+            fact = a.get("dropout_factored")
+            sd = math.hypot(a["sjlt"]["std"] or 0.0, a["dropout"]["std"] or 0.0)
             margin = max(0.02, 2 * sd)
             verdict = ("loses to" if gap > margin else "beats" if gap < -margin else "matches")
             out.append(
                 f"- At {ratio} the plain random mask (flat dropout) {verdict} SJLT by "
-                f"{abs(gap):.2f} in Spearman ({a['dropout-flat']['mean']:.2f} vs "
+                f"{abs(gap):.2f} in Spearman ({a['dropout']['mean']:.2f} vs "
                 f"{a['sjlt']['mean']:.2f})" + (
                     f"; factored dropout reaches {fact['mean']:.2f}" if fact else "")
                 + (f"; dropout then SJLT reaches {a[VARIANT]['mean']:.2f}" if VARIANT in a
@@ -999,11 +964,6 @@ def _removal_text(s: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- figures
 
 
-COLORS = {
-    REFERENCE: "k", "dropout-flat": "tab:red", "dropout-factored": "tab:orange",
-    "gaussian-factored": "tab:blue", "gaussian-dense": "tab:cyan", "sjlt": "tab:green",
-    "pca": "tab:purple", VARIANT: "tab:brown", "random": "0.6",
-}  # fmt: skip
 
 
 def plot_agreement(agg: pd.DataFrame, top_k: int, n_train: int):

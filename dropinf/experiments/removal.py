@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .. import data as dd
 from .. import models
-from ..compressors import PCA, SJLT, Compressor, Dropout, Gaussian, Identity
+from ..compressors import Identity
 from ..curvature import Preconditioner
 from ..gradients import gradients
 from ..losses import cross_entropy
@@ -52,27 +52,12 @@ from ..retrain import subset_outputs
 from ..scores import scores
 from ..task import Task
 from .common import check_int, from_profile, rng_for, seed_for, threads
+from .methods import COLORS, IDENTITY, build, match, ready
+from .methods import LABELS as METHOD_LABELS
+from .methods import METHODS as COMPRESSED
 
-METHODS = (
-    "identity",
-    "dropout-flat",
-    "dropout-factored",
-    "gaussian-dense",
-    "gaussian-factored",
-    "sjlt",
-    "pca",
-)
-LABELS = {
-    "identity": "no compression",
-    "dropout-flat": "dropout, flat",
-    "dropout-factored": "dropout, factored",
-    "gaussian-dense": "Gaussian, dense",
-    "gaussian-factored": "Gaussian, factored (LoGra)",
-    "sjlt": "SJLT",
-    "pca": "PCA",
-    "random": "random points",
-    "harmful": "most harmful",
-}
+METHODS = (IDENTITY, *COMPRESSED)
+LABELS = {**METHOD_LABELS, "random": "random points", "harmful": "most harmful"}
 BASELINES = ("random", "harmful")
 DATASETS = ("digits", "cifar10")
 KINDS = ("full", "helpful", "harmful", "random")
@@ -207,8 +192,8 @@ PROFILES: dict[str, dict] = {
         "main_fraction": 0.05,
         "n_seeds": 3,
         # d = 6.6M: no Fisher in the full space, no (k, d) map for dense Gaussian or PCA.
-        "methods": ("dropout-flat", "dropout-factored", "gaussian-factored", "sjlt"),
-        "reference": "gaussian-factored",
+        "methods": ("dropout", "dropout_factored", "gaussian_factored", "sjlt"),
+        "reference": "gaussian_factored",
         "p": 0.97,
         "grad_batch": 64,
         "device": "cuda",
@@ -331,30 +316,6 @@ def pick_targets(y_test, n_targets: int, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- scoring
 
 
-def matched_k(task: Task, p: float) -> int:
-    """k of factored dropout at rate p: the dimension every compressed method is given."""
-    return Dropout(p, factored=True).bind(task).dim
-
-
-def make_compressor(method: str, k: int, d: int, cfg: Config, seed: int) -> Compressor:
-    """The unbound compressor of ``method`` at output size k (PCA: not yet fitted)."""
-    if method == "identity":
-        return Identity()
-    if method == "dropout-factored":
-        return Dropout(cfg.p, factored=True, seed=seed)
-    if method == "dropout-flat":
-        return Dropout(1.0 - k / d, seed=seed)  # keeps round(k/d * d) = k coordinates
-    if method == "gaussian-factored":
-        return Gaussian(factored=True, p=cfg.p, seed=seed)  # the sides of factored dropout
-    if method == "gaussian-dense":
-        return Gaussian(k=k, seed=seed)
-    if method == "sjlt":
-        return SJLT(k=k, c=cfg.sjlt_c, seed=seed)
-    if method == "pca":
-        return PCA(k=k, n_fit=cfg.pca_fit, seed=seed)
-    raise ValueError(f"method={method!r}; choose one of {METHODS}")
-
-
 def aggregate_scores(G_targets, G_train, damping: float) -> np.ndarray:
     """(n_train,) float64: each training point's summed score over the targets,
     ``sum_t g_t^T (F + lambda I)^{-1} g_i`` with F the empirical Fisher of ``G_train`` (n, k)
@@ -388,7 +349,7 @@ def score_all(cfg: Config, task: Task, train: tuple[Tensor, Tensor],
     train_loader = dd.tensor_loader(train, cfg.grad_batch)
     target_loader = dd.tensor_loader(targets, cfg.grad_batch)
     n, d = len(train[1]), task.dim
-    k = matched_k(task, cfg.p)
+    m = match(task, p=cfg.p)
     G_exact, times = None, []
     if "identity" in cfg.methods or "pca" in cfg.methods:
         t0 = time.perf_counter()
@@ -406,9 +367,14 @@ def score_all(cfg: Config, task: Task, train: tuple[Tensor, Tensor],
                     bar.update()
                     continue
                 t0 = time.perf_counter()
-                comp = make_compressor(method, k, d, cfg, seed_for(cfg.seed, "compressor", r))
-                if isinstance(comp, PCA):
-                    comp.fit(G_exact.data)
+                comp = build(method, m, seed_for(cfg.seed, "compressor", r), cfg.sjlt_c,
+                             cfg.pca_fit)
+                comp = ready(comp, task, d if method == IDENTITY else m.k,
+                             None if G_exact is None else G_exact.data)
+                if comp is None:
+                    raise ValueError(f"PCA at k={m.k} needs at least k of the {n} training "
+                                     f"gradients it is fitted on (pca_fit={cfg.pca_fit}); "
+                                     "raise pca_fit or p")
                 G_train = (G_exact if method == "identity" else
                            gradients(task, train_loader, comp, progress=False))
                 G_targets = gradients(task, target_loader, comp, progress=False)
@@ -417,7 +383,7 @@ def score_all(cfg: Config, task: Task, train: tuple[Tensor, Tensor],
                 times.append({"method": method, "draw": r, "k": dims[method],
                               "seconds": time.perf_counter() - t0})
                 bar.update()
-    return Scored(out, k, d, dims, pd.DataFrame(times))
+    return Scored(out, m.k, d, dims, pd.DataFrame(times))
 
 
 # --------------------------------------------------------------------------- removal
@@ -644,7 +610,7 @@ def conclude(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame, n_train: int,
             + ("the extremes of the ordering are separated beyond the retraining noise."
                if p < alpha else
                "the ordering of the methods is within the retraining noise of these draws."))
-    for drop in ("dropout-factored", "dropout-flat"):
+    for drop in ("dropout_factored", "dropout"):
         if drop not in ranked or M < 2:
             continue
         rank = ranked.index(drop) + 1
@@ -723,8 +689,6 @@ def plot(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     names = [*cfg.methods, *BASELINES]
-    colors = dict(zip(cfg.methods, plt.get_cmap("tab10").colors))
-    colors.update(random="0.45", harmful="black")
     style = {"random": "--", "harmful": ":"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     step = 0.3 * min(np.diff([0.0, *cfg.fractions])) * 100 / len(names)  # error bars side by side
@@ -734,7 +698,7 @@ def plot(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame):
             e = eff[eff.method == name].sort_values("fraction")
             x = e.fraction * 100 + (i - (len(names) - 1) / 2) * step
             ax.errorbar(x, e[f"{col}_mean"], yerr=e[f"{col}_std"], marker="o", ms=4,
-                        capsize=2, color=colors[name], ls=style.get(name, "-"),
+                        capsize=2, color=COLORS[name], ls=style.get(name, "-"),
                         label=LABELS[name])
         ax.axhline(0, color="0.7", lw=0.8)
         ax.set_xlabel("training points removed (% of the training set)")
@@ -748,7 +712,7 @@ def plot(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame):
     main = eff[np.isclose(eff.fraction, cfg.main_fraction)].set_index("method").loc[names]
     pos = np.arange(len(names))
     ax.bar(pos, main.loss_mean, yerr=main.loss_std, capsize=3,
-           color=[colors[m] for m in names], alpha=0.75)
+           color=[COLORS[m] for m in names], alpha=0.75)
     at = df[np.isclose(df.fraction, cfg.main_fraction) & (df.kind != "full")]
     for i, name in enumerate(names):
         v = at[at.method == name].delta_loss.to_numpy()

@@ -41,6 +41,7 @@ from ..models import fit_full_batch, mlp
 from ..scores import scores
 from ..task import Task
 from .common import check_int, from_profile, rng_for, seed_for, threads
+from .methods import COLORS as METHOD_COLORS
 
 LAWS = th.LAWS
 LAW_LABELS = {
@@ -740,7 +741,9 @@ def _fisher_sentences(fisher: pd.DataFrame, nums: dict) -> str:
 
 # --------------------------------------------------------------------------- figures
 
-COLORS = {"fixed": "C0", "bernoulli": "C1", "gaussian": "C2", "sjlt": "C3"}
+# a law's colour is its method's (the fixed mask is flat dropout); Bernoulli masks appear only here
+COLORS = {"fixed": METHOD_COLORS["dropout"], "bernoulli": "C7",
+          "gaussian": METHOD_COLORS["gaussian"], "sjlt": METHOD_COLORS["sjlt"]}
 STYLES = {"fixed": "-", "bernoulli": "--", "gaussian": "-", "sjlt": ":"}
 MARKERS = {"fixed": "o", "bernoulli": "s", "gaussian": "^", "sjlt": "v"}
 
