@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import subprocess
@@ -76,13 +77,7 @@ import warnings
 
 from dropinf.experiments import methods
 from dropinf.experiments.cost import compression_step, needs_bytes
-from dropinf.experiments.measure import (
-    machine_busy_s,
-    own_cpu_s,
-    proc_status_kb,
-    reset_peak,
-    time_calls,
-)
+from dropinf.experiments.measure import OtherLoad, proc_status_kb, reset_peak, time_calls
 
 METHODS = methods.METHODS
 LAYERS = (("attn.proj", 768, 768), ("mlp.fc", 768, 3072))  # (module, n_in, n_out)
@@ -276,17 +271,12 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     del z
     for _ in range(args.warmup - 1):
         step()
-    busy0, own0, wall0 = machine_busy_s(), own_cpu_s(), time.perf_counter()
     cpu = torch.device("cpu")
-    t = time_calls(step, cpu, 0, args.repeats, args.min_time)
-    base = None
-    if baseline is not None:
-        base = 1e3 * time_calls(baseline, cpu, args.warmup, args.repeats, args.min_time).median
-    busy1, own1, wall1 = machine_busy_s(), own_cpu_s(), time.perf_counter()
-    others = None  # share of the machine's CPU that other processes used while we timed
-    if busy0 is not None and busy1 is not None:
-        cap = (wall1 - wall0) * (os.cpu_count() or 1)
-        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / cap
+    with OtherLoad(min_wall=0.0) as load:  # other processes' share of the CPUs while we time
+        t = time_calls(step, cpu, 0, args.repeats, args.min_time)
+        base = None
+        if baseline is not None:
+            base = 1e3 * time_calls(baseline, cpu, args.warmup, args.repeats, args.min_time).median
     if exact_peak:
         peak_kb = proc_status_kb("VmHWM") - rss0
     else:  # high-water mark could not be reset: ru_maxrss is the whole process's peak
@@ -299,7 +289,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         "base_ms": base,
         "ms_min": 1e3 * t.min - (base or 0.0),
         "calls": t.calls,
-        "others": others,
+        "others": None if math.isnan(load.share) else load.share,
         "bind_s": bind_s,
         "fit_s": fit_s,
         "map_bytes": comp.map_bytes,

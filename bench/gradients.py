@@ -45,7 +45,7 @@ import sys
 import time
 import warnings
 
-from dropinf.experiments.measure import machine_busy_s, own_cpu_s, proc_status_kb, reset_peak
+from dropinf.experiments.measure import OtherLoad, proc_status_kb, reset_peak
 
 MODELS = ("gpt2", "mlp")
 METHODS = ("train", "hook", "hook+flat", "gradients()", "vmap", "loop")
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(*args.worker, args)))
         return
 
-    t_start, busy_start, own_start = time.perf_counter(), machine_busy_s(), own_cpu_s(children=True)
+    t_start, load = time.perf_counter(), OtherLoad(min_wall=0.0, children=True).start()
     fwd = list(argv)
     results: dict[tuple[str, str], dict] = {}
     for m in args.models:
@@ -354,13 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     print()
     for line in verdicts:
         print(line)
-    wall = time.perf_counter() - t_start
-    others = (machine_busy_s() - busy_start) - (own_cpu_s(children=True) - own_start)
+    load.stop()
     print(
-        f"\ntotal wall time {wall:.0f} s; other processes used {others / wall:.2f} of "
-        f"{os.cpu_count()} CPUs on average meanwhile (/proc/stat minus this benchmark's CPU time)"
+        f"\ntotal wall time {time.perf_counter() - t_start:.0f} s; other processes used "
+        f"{load.cpus:.2f} of {os.cpu_count()} CPUs on average meanwhile (/proc/stat minus this "
+        "benchmark's CPU time)"
     )
-    if others / wall > 0.25:
+    if load.cpus > 0.25:
         print(
             "WARNING: other processes competed for the CPUs; timings (medians especially) are "
             "unreliable: rerun on a quiet machine"

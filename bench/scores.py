@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-from dropinf.experiments.measure import machine_busy_s, own_cpu_s, proc_status_kb, reset_peak
+from dropinf.experiments.measure import OtherLoad, proc_status_kb, reset_peak
 
 METHODS = ("matmul (RAM)", "matmul (mmap)", "scores identity", "scores fisher")
 OUT = Path(__file__).resolve().parent / "out"
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    t_start, busy0, own0 = time.perf_counter(), machine_busy_s(), own_cpu_s(children=True)
+    t_start, load = time.perf_counter(), OtherLoad(min_wall=0.0, children=True).start()
     try:
         w = write_store(args)
         res = run_worker(argv)
@@ -245,13 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         f"time in the same round (1 = the limit); file pages of the store mapped by the worker "
         f"(RAM copy and first round): {res['file_mb']:.0f} MB (page cache, not in the columns)"
     )
-    wall = time.perf_counter() - t_start
-    others = (machine_busy_s() - busy0) - (own_cpu_s(children=True) - own0)
+    load.stop()
     print(
-        f"total wall time {wall:.0f} s; other processes used {others / wall:.2f} of "
-        f"{os.cpu_count()} CPUs on average meanwhile (/proc/stat minus this benchmark's CPU time)"
+        f"total wall time {time.perf_counter() - t_start:.0f} s; other processes used "
+        f"{load.cpus:.2f} of {os.cpu_count()} CPUs on average meanwhile (/proc/stat minus this "
+        "benchmark's CPU time)"
     )
-    if others / wall > 0.25:
+    if load.cpus > 0.25:
         print("WARNING: other processes competed for the CPUs; rerun on a quiet machine")
 
 

@@ -88,3 +88,33 @@ def test_cpu_seconds_count_this_process_and_its_children():
     subprocess.run([sys.executable, "-c", code], check=True)
     assert measure.own_cpu_s(children=True) - measure.own_cpu_s() >= both - own + 0.15
     assert measure.machine_busy_s() > 0 and measure.proc_status_kb("VmRSS") > 0
+
+
+def test_other_load_is_busy_time_minus_our_own(monkeypatch):
+    """With fake clocks: 4 cores, 2 s of wall time, 5 busy CPU-seconds of which 1 is ours (3 with
+    our finished subprocesses): others kept 2 (or 1) cores busy."""
+    clocks = {"busy": [10.0, 15.0], "own": [1.0, 2.0], "kids": [0.0, 2.0], "wall": [100.0, 102.0]}
+    calls = {k: 0 for k in clocks}
+
+    def tick(name):
+        v = clocks[name][min(calls[name], 1)]
+        calls[name] += 1
+        return v
+
+    def own(children=False):
+        return tick("own") + (tick("kids") if children else 0.0)
+
+    monkeypatch.setattr(measure, "machine_busy_s", lambda: tick("busy"))
+    monkeypatch.setattr(measure, "own_cpu_s", own)
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: tick("wall"))
+    monkeypatch.setattr(measure.os, "cpu_count", lambda: 4)
+    for children, cpus in ((False, 2.0), (True, 1.0)):
+        for k in calls:
+            calls[k] = 0
+        with measure.OtherLoad(min_wall=1.0, children=children) as load:
+            pass
+        assert load.cpus == pytest.approx(cpus) and load.share == pytest.approx(cpus / 4)
+    for k in calls:
+        calls[k] = 0
+    short = measure.OtherLoad(min_wall=5.0).start()
+    assert np.isnan(short.stop()) and np.isnan(short.cpus)  # 2 s: too short to say

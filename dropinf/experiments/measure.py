@@ -104,23 +104,35 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repe
 
 
 class OtherLoad:
-    """Context manager: the share of the machine's CPU time (all cores) that other processes
-    used inside the block, ``share`` in [0, 1]; NaN if unknown or if the block lasted under
-    ``min_wall`` seconds (/proc/stat counts in 10 ms ticks, too coarse for shorter blocks)."""
+    """The share of the machine's CPU time (all cores) that other processes used between
+    :meth:`start` and :meth:`stop` (or inside a ``with`` block): ``share`` in [0, 1] and
+    ``cpus``, the average number of cores they kept busy. This process's finished subprocesses
+    count as its own with ``children``. NaN if unknown or if the span lasted under ``min_wall``
+    seconds (/proc/stat counts in 10 ms ticks, too coarse for shorter spans)."""
 
-    def __init__(self, min_wall: float = 0.2):
-        self.min_wall, self.share = min_wall, float("nan")
+    def __init__(self, min_wall: float = 0.2, children: bool = False):
+        self.min_wall, self.children = min_wall, children
+        self.share = self.cpus = float("nan")
 
-    def __enter__(self) -> OtherLoad:
-        self._t = (machine_busy_s(), own_cpu_s(), time.perf_counter())
+    def start(self) -> OtherLoad:
+        self._t = (machine_busy_s(), own_cpu_s(self.children), time.perf_counter())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> float:
+        """End the span; returns ``share``."""
         busy0, own0, wall0 = self._t
         wall = time.perf_counter() - wall0
-        if wall >= self.min_wall:
-            other = machine_busy_s() - busy0 - (own_cpu_s() - own0)
-            self.share = min(1.0, max(0.0, other / (wall * (os.cpu_count() or 1))))
+        if wall >= self.min_wall and wall > 0:
+            other = machine_busy_s() - busy0 - (own_cpu_s(self.children) - own0)
+            self.cpus = max(0.0, other / wall)
+            self.share = min(1.0, self.cpus / (os.cpu_count() or 1))
+        return self.share
+
+    def __enter__(self) -> OtherLoad:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device, timed: bool = False):
