@@ -3,13 +3,24 @@ validation (``common``), the time and memory measurements (``measure``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from dropinf.experiments import common, measure
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_committed_without_outputs(path):
+    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code)
+    assert "parameters" in code[0]["metadata"].get("tags", [])
 
 
 def test_seed_streams():
@@ -118,3 +129,13 @@ def test_other_load_is_busy_time_minus_our_own(monkeypatch):
         calls[k] = 0
     short = measure.OtherLoad(min_wall=5.0).start()
     assert np.isnan(short.stop()) and np.isnan(short.cpus)  # 2 s: too short to say
+
+
+def test_float_list():
+    assert common.float_list("r", 2) == (2.0,)
+    assert common.float_list("r", [1, 2.5, np.float64(3)]) == (1.0, 2.5, 3.0)
+    for bad in ("12", [1, "x"], None):
+        with pytest.raises(ValueError, match="r=.* must be a list of numbers"):
+            common.float_list("r", bad)
+    with pytest.raises(ValueError, match="r is empty"):
+        common.float_list("r", [])

@@ -55,6 +55,22 @@ def from_profile(cls: type[C], profiles: dict[str, dict], profile: str, override
     return cls(**{**profiles[profile], **given})
 
 
+def float_list(name: str, value) -> tuple[float, ...]:
+    """A number or a list of numbers (papermill passes JSON lists) as a non-empty tuple of
+    floats; ValueError naming the field ``name`` otherwise."""
+    if isinstance(value, (int, float)):
+        value = (value,)
+    try:
+        if isinstance(value, str):
+            raise TypeError
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a list of numbers") from None
+    if not out:
+        raise ValueError(f"{name} is empty; give at least one value")
+    return out
+
+
 def check_int(cfg: object, name: str, low: int) -> None:
     """Raise ValueError unless the field ``name`` of ``cfg`` is an integer (not a bool) >= low."""
     value = getattr(cfg, name)

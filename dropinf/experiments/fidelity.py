@@ -47,7 +47,7 @@ from ..gradients import gradients
 from ..losses import cross_entropy
 from ..scores import scores
 from ..task import Task
-from .common import check_int, from_profile, rng_for, seed_for, threads
+from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
 from .methods import COLORS, METHODS, Match, build, match, ready
 from .methods import LABELS as METHOD_LABELS
 
@@ -134,12 +134,8 @@ class Config:
             object.__setattr__(self, name, value)
         if not self.models:
             raise ValueError("models is empty; give at least one of " + ", ".join(MODELS))
-        ratios = (self.ratios,) if isinstance(self.ratios, (int, float)) else self.ratios
-        try:
-            ratios = tuple(float(r) for r in ratios)
-        except (TypeError, ValueError):
-            raise ValueError(f"ratios={self.ratios!r} must be a list of numbers >= 1") from None
-        if not ratios or any(not r >= 1 for r in ratios) or len(set(ratios)) != len(ratios):
+        ratios = float_list("ratios", self.ratios)
+        if any(not r >= 1 for r in ratios) or len(set(ratios)) != len(ratios):
             raise ValueError(f"ratios={ratios!r} must be distinct compression ratios d/k >= 1")
         object.__setattr__(self, "ratios", tuple(sorted(ratios)))
         for name, low in (("seed", 0), ("n_train", 4), ("n_test", 2), ("hidden", 1),

@@ -54,7 +54,7 @@ from ..models import GPT2_LADDER, gpt2_ladder, train
 from ..persample import PerSampleGrads
 from ..scores import scores as influence_scores
 from ..task import Task
-from .common import check_int, from_profile, rng_for, seed_for
+from .common import check_int, float_list, from_profile, rng_for, seed_for
 from .cost import compression_step
 from .measure import time_calls
 from .methods import COLORS, IDENTITY, LABELS, VARIANT, Match, build, dense_map_bytes, match
@@ -154,14 +154,8 @@ class Config:
             if not value:
                 raise ValueError(f"{name} is empty; give at least one name")
             object.__setattr__(self, name, tuple(value))
-        value = self.ratios
-        if isinstance(value, (int, float)):
-            value = (value,)
-        try:
-            value = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ValueError(f"ratios={value!r} must be a list of numbers") from None
-        if not value or any(not r >= 1 for r in value):
+        value = float_list("ratios", self.ratios)
+        if any(not r >= 1 for r in value):
             raise ValueError(f"ratios={value!r} must be compression ratios d/k >= 1")
         object.__setattr__(self, "ratios", tuple(sorted(set(value))))
         for name in self.corpora:

@@ -51,7 +51,7 @@ from ..losses import cross_entropy
 from ..retrain import subset_outputs
 from ..scores import scores
 from ..task import Task
-from .common import check_int, from_profile, rng_for, seed_for, threads
+from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
 from .methods import COLORS, IDENTITY, build, match, ready
 from .methods import LABELS as METHOD_LABELS
 from .methods import METHODS as COMPRESSED
@@ -123,13 +123,8 @@ class Config:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise lists (papermill passes JSON) to tuples
-        fractions = (self.fractions,) if isinstance(self.fractions, (int, float)) else (
-            self.fractions)
-        try:
-            fractions = tuple(sorted({float(f) for f in fractions}))
-        except (TypeError, ValueError):
-            raise ValueError(f"fractions={self.fractions!r} must be a list of numbers") from None
-        if not fractions or not all(0.0 < f < 1.0 for f in fractions):
+        fractions = tuple(sorted(set(float_list("fractions", self.fractions))))
+        if not all(0.0 < f < 1.0 for f in fractions):
             raise ValueError(f"fractions={list(fractions)!r} must be a non-empty list of "
                              "fractions in (0, 1), e.g. [0.02, 0.05, 0.1]")
         set_(self, "fractions", fractions)

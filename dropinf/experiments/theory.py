@@ -40,7 +40,7 @@ from ..losses import cross_entropy
 from ..models import fit_full_batch, mlp
 from ..scores import scores
 from ..task import Task
-from .common import check_int, from_profile, rng_for, seed_for, threads
+from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
 from .methods import COLORS as METHOD_COLORS
 
 LAWS = th.LAWS
@@ -96,16 +96,7 @@ class Config:
 
     def __post_init__(self) -> None:
         for name in ("coherences", "rates", "fisher_rates", "dampings"):
-            value = getattr(self, name)
-            if isinstance(value, (int, float)):
-                value = (value,)
-            try:
-                value = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name}={value!r} must be a list of numbers") from None
-            if not value:
-                raise ValueError(f"{name} is empty; give at least one value")
-            object.__setattr__(self, name, value)
+            object.__setattr__(self, name, float_list(name, getattr(self, name)))
         check_int(self, "seed", 0)
         check_int(self, "d", 8)
         check_int(self, "n_trials", 10)
