@@ -20,8 +20,9 @@ Two stages (``--stage``):
   so the output gradients are random too. Timed per batch: forward, backward with the capture
   hooks and compression, where the reducers run inside the hooks while the factors are fresh;
   minus the same forward and backward capturing the full factors without compressing (the
-  baseline, measured in the same subprocess). Differences of two medians are noisy: read them
-  on an idle machine.
+  baseline, measured in the same subprocess, alternating with the timed step: the median of
+  the paired differences is reported, and the difference of the minima as "min ms"). Read
+  them on an idle machine.
 
 ``comp.bind(layout)`` (drawing the masks or projections) is timed once, separately, and so is
 PCA's fit. Median and minimum over at least ``--repeats`` calls and at least ``--min-time``
@@ -70,6 +71,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -241,6 +243,29 @@ def in_pipeline(comp, args: argparse.Namespace):
     return (lambda: comp.compress(reduced(two.batch)[0])), (lambda: full(two.batch)[0])
 
 
+def paired(step, baseline, args: argparse.Namespace) -> tuple[float, float, float, int]:
+    """Marginal cost of ``step`` over ``baseline``, timed in alternating pairs so that a change
+    in the machine's load hits both alike: (median of the paired differences, min step - min
+    baseline, median baseline, pairs), in ms."""
+    for _ in range(args.warmup):
+        baseline()
+    steps, bases = [], []
+    while len(steps) < max(args.repeats, 20) or sum(steps) + sum(bases) < 2 * args.min_time:
+        t0 = time.perf_counter()
+        baseline()
+        t1 = time.perf_counter()
+        step()
+        bases.append(t1 - t0)
+        steps.append(time.perf_counter() - t1)
+    diffs = [s - b for s, b in zip(steps, bases)]
+    return (
+        1e3 * statistics.median(diffs),
+        1e3 * (min(steps) - min(bases)),
+        1e3 * statistics.median(bases),
+        len(steps),
+    )
+
+
 # ----------------------------------------------------------------------------- worker
 
 
@@ -273,10 +298,11 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         step()
     cpu = torch.device("cpu")
     with OtherLoad(min_wall=0.0) as load:  # other processes' share of the CPUs while we time
-        t = time_calls(step, cpu, 0, args.repeats, args.min_time)
-        base = None
-        if baseline is not None:
-            base = 1e3 * time_calls(baseline, cpu, args.warmup, args.repeats, args.min_time).median
+        if baseline is None:
+            t = time_calls(step, cpu, 0, args.repeats, args.min_time)
+            ms, ms_min, base, calls = 1e3 * t.median, 1e3 * t.min, None, t.calls
+        else:
+            ms, ms_min, base, calls = paired(step, baseline, args)
     if exact_peak:
         peak_kb = proc_status_kb("VmHWM") - rss0
     else:  # high-water mark could not be reset: ru_maxrss is the whole process's peak
@@ -285,10 +311,10 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         "dim": comp.dim,
         "shape": shape,
         "finite": finite,
-        "ms": 1e3 * t.median - (base or 0.0),
+        "ms": ms,
         "base_ms": base,
-        "ms_min": 1e3 * t.min - (base or 0.0),
-        "calls": t.calls,
+        "ms_min": ms_min,
+        "calls": calls,
         "others": None if math.isnan(load.share) else load.share,
         "bind_s": bind_s,
         "fit_s": fit_s,
