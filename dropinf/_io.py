@@ -25,6 +25,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself must survive a power loss
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -37,10 +38,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (renames, new files) to disk, where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _jsonable(o: Any) -> Any:
-    if hasattr(o, "item") and callable(o.item):  # numpy / torch scalars
-        return o.item()
-    if hasattr(o, "tolist"):
+    if hasattr(o, "tolist"):  # numpy / torch arrays and scalars (a 0-d one gives a number)
         return o.tolist()
     if isinstance(o, os.PathLike):
         return os.fspath(o)

@@ -524,7 +524,10 @@ class Gaussian(Compressor):
                 if reduced is not None:
                     parts.append(reduced)
                     continue
-                p_out, p_in = (t.to(bg.device) for t in self.proj[s.module])
+                p_out, p_in = (
+                    _on(self, f"{s.module}:{i}", t, bg.device)
+                    for i, t in enumerate(self.proj[s.module])
+                )
                 out = torch.zeros(bg.size, p_out.shape[0], p_in.shape[0], device=bg.device)
                 for b in blocks.get(s.module, []):
                     # P_in x_aug without building x_aug: the bias unit's column is added after.
@@ -612,7 +615,9 @@ class PCA(Compressor):
     def __init__(self, k: int, n_fit: int = 1024, seed: int = 0):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k={k!r}: the output size must be an integer >= 1")
-        self.k, self.n_fit, self.seed = k, int(n_fit), int(seed)
+        if not isinstance(n_fit, int) or n_fit < 1:
+            raise ValueError(f"n_fit={n_fit!r}: the number of fit gradients must be an int >= 1")
+        self.k, self.n_fit, self.seed = k, n_fit, int(seed)
         self.components: Tensor | None = None
 
     def config(self) -> dict:
@@ -625,10 +630,10 @@ class PCA(Compressor):
         """Fit on exact per-sample gradients, (n, d) (a Tensor, array or ``Gradients``)."""
         G = torch.as_tensor(grads).double()
         n, d = G.shape
-        if self.k > min(n, d):
+        if self.k > min(n, self.n_fit, d):
             raise ValueError(
-                f"k={self.k} exceeds what {n} gradients of dimension {d} can span; fit on more "
-                "samples or lower k"
+                f"k={self.k} exceeds what min(n={n}, n_fit={self.n_fit}) gradients of dimension "
+                f"{d} can span; fit on more samples (n_fit) or lower k"
             )
         if n > self.n_fit:
             G = G[torch.randperm(n, generator=_generator(self.seed, "pca"))[: self.n_fit]]

@@ -13,6 +13,7 @@ point is helpful: removing it raises the test loss by about ``score / n``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from torch.func import grad, hessian, jvp, vjp, vmap
 
 from .losses import SplitLoss
 from .persample import _Functional
-from .task import Task, batch_size
+from .task import Task, batch_size, to_device
 
 KINDS = ("identity", "fisher", "exact", "ggn")
 EXACT_DENSE_MAX = 20_000  # above this many parameters, exact curvature uses conjugate gradient
@@ -68,8 +69,8 @@ class Preconditioner:
         the kernel form when k > n. Both give the same scores.
         """
         G = torch.as_tensor(G_train)
-        if G.ndim != 2:
-            raise ValueError(f"G_train must be (n, k), got shape {tuple(G.shape)}")
+        if G.ndim != 2 or G.shape[0] == 0:
+            raise ValueError(f"G_train must be (n, k) with n >= 1, got shape {tuple(G.shape)}")
         if kind == "identity":
             return cls("identity", 0.0, G.shape[1])
         if kind != "fisher":
@@ -105,8 +106,16 @@ class Preconditioner:
         lam = damping * float(torch.trace(K)) / n / k
         sigma, U = torch.linalg.eigh(K)
         info = {"n": n, "solver": "kernel", "lambda": lam, "min_eig": lam}  # F has rank <= n < k
-        return cls("fisher", damping, k, lam=lam, eigvals=sigma.clamp_min(0.0) / n, eigvecs=U,
-                   rows=G, info=info)
+        return cls(
+            "fisher",
+            damping,
+            k,
+            lam=lam,
+            eigvals=sigma.clamp_min(0.0) / n,
+            eigvecs=U,
+            rows=G,
+            info=info,
+        )
 
     @classmethod
     def fit_exact(
@@ -142,7 +151,8 @@ class Preconditioner:
                 f"{task.loss!r}. Use a dropinf.losses.SplitLoss (losses.cross_entropy, "
                 "losses.causal_lm, ...) or wrap yours: SplitLoss(output=..., from_output=...)"
             )
-        batches = list(loader)
+        dev = task.device
+        batches = [to_device(b, dev) for b in loader]
         if not batches:
             raise ValueError("loader yielded no batch; the exact Hessian needs training data")
         theta = torch.cat([p.detach().reshape(-1) for p in _selected(task)]).double()
@@ -152,7 +162,7 @@ class Preconditioner:
         with task.evaluating():
             fs = [_flat_loss(task, b) for b in batches]
             with torch.enable_grad():
-                g = torch.zeros(d, dtype=torch.float64)
+                g = torch.zeros(d, dtype=torch.float64, device=dev)
                 for f in fs:
                     g += grad(f)(theta)
             grad_norm = float((g / n + l2 * theta).norm())
@@ -162,24 +172,25 @@ class Preconditioner:
             else:
                 products = [lambda v, f=f: jvp(grad(f), (theta,), (v,))[1] for f in fs]
             if solver == "dense":
-                H = torch.zeros(d, d, dtype=torch.float64)
+                H = torch.zeros(d, d, dtype=torch.float64, device=dev)
                 if kind == "exact":
                     for f in fs:
                         H += hessian(f)(theta)
                 else:  # columns of G, a chunk of unit vectors at a time
-                    eye = torch.eye(d, dtype=torch.float64)
+                    eye = torch.eye(d, dtype=torch.float64, device=dev)
                     for i in range(0, d, 256):
                         for prod in products:
                             H[:, i : i + 256] += vmap(prod)(eye[i : i + 256]).T
-                H = (H + H.T) / 2 / n + l2 * torch.eye(d, dtype=torch.float64)
+                H = (H + H.T).cpu() / 2 / n + l2 * torch.eye(d, dtype=torch.float64)
                 return cls._from_matrix(kind, H, damping, info)
 
-        def hvp(v: Tensor) -> Tensor:
-            out = l2 * v
+        def hvp(v: Tensor) -> Tensor:  # on the CPU, computed on the model's device
+            v_dev = v.to(dev)
+            out = l2 * v_dev
             with task.evaluating(), torch.enable_grad():
                 for prod in products:
-                    out = out + prod(v) / n
-            return out
+                    out = out + prod(v_dev) / n
+            return out.cpu()
 
         # trace(H) by Hutchinson with a fixed seed: only the damping's scale depends on it
         gen = torch.Generator().manual_seed(0)
@@ -224,6 +235,7 @@ class Preconditioner:
         if self.kind == "identity":
             return Q.to(dtype)
         if self.hvp is not None:
+            self.info["cg_residuals"], self.info["cg_iterations"] = [], []  # of this call
             return torch.stack([self._cg(q.double()) for q in Q]).to(dtype)
         if self.rows is not None:
             return self._apply_kernel(Q, dtype)
@@ -278,8 +290,11 @@ class Preconditioner:
 
 
 def _check_damping(damping: float) -> None:
-    if not isinstance(damping, (int, float)) or damping < 0:
-        raise ValueError(f"damping={damping!r} must be a number >= 0 (a fraction of trace/dim)")
+    ok = isinstance(damping, int | float) and not isinstance(damping, bool)
+    if not ok or not math.isfinite(damping) or damping < 0:
+        raise ValueError(
+            f"damping={damping!r} must be a finite number >= 0 (a fraction of trace/dim)"
+        )
 
 
 def _selected(task: Task) -> list[Tensor]:

@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .compressors import Compressor
 from .persample import PerSampleGrads
 from .store import GradientWriter, Store, hash_batch, loss_name, model_hash, sorted_positions
-from .task import Task, batch_size
+from .task import Task, batch_size, to_device
 
 
 @dataclass
@@ -86,6 +85,20 @@ class _Indexed(Dataset):
     def __getitem__(self, i: int):
         return i, self.ds[i]
 
+    def __getitems__(self, idx: list[int]):
+        # Keep a dataset's whole-batch indexing (e.g. dropinf.data.TensorData) when it has one:
+        # its result goes to the loader's collate_fn as it is.
+        items = getattr(self.ds, "__getitems__", None)
+        if items is None:
+            return [(i, self.ds[i]) for i in idx]
+        return _WholeBatch(list(idx), items(idx))
+
+
+@dataclass
+class _WholeBatch:
+    indices: list[int]
+    rows: object
+
 
 def _with_indices(loader: Iterable) -> tuple[Iterable, Tensor | None]:
     """Re-create a DataLoader whose batches carry dataset indices (same sampler and collate).
@@ -106,6 +119,8 @@ def _with_indices(loader: Iterable) -> tuple[Iterable, Tensor | None]:
     collate = loader.collate_fn
 
     def collate_indexed(items):
+        if isinstance(items, _WholeBatch):
+            return torch.as_tensor(items.indices), collate(items.rows)
         idx, rest = zip(*items)
         return torch.as_tensor(idx), collate(list(rest))
 
@@ -121,10 +136,6 @@ def _with_indices(loader: Iterable) -> tuple[Iterable, Tensor | None]:
         prefetch_factor=loader.prefetch_factor,
         persistent_workers=loader.persistent_workers,
     ), order
-
-
-def _to_device(batch: object, device: torch.device) -> object:
-    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
 
 
 def gradients(
@@ -176,6 +187,11 @@ def gradients(
         )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of samples")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype!r}: gradients are stored as floats; use torch.float32 (default), "
+            "torch.float64, torch.float16 or torch.bfloat16"
+        )
     compressor.bind(task)
     batches, order = _with_indices(loader)
     if order is not None and len(order) == 0:
@@ -204,7 +220,7 @@ def gradients(
             if sink.skip(bidx, batch):  # in a chunk already stored: its hash was checked
                 seen += len(bidx)
                 continue
-            bg, loss = psg(_to_device(batch, device))
+            bg, loss = psg(to_device(batch, device))
             z = compressor.compress(bg).detach()
             bidx = torch.arange(seen, seen + z.shape[0]) if bidx is None else bidx
             _check_finite(loss, z, bidx)
@@ -214,7 +230,11 @@ def gradients(
         raise ValueError("loader yielded no batch; per-sample gradients need at least one sample")
     data, indices, losses = sink.finish()
     return Gradients(
-        data, indices, losses, task.param_names, compressor.fingerprint,
+        data,
+        indices,
+        losses,
+        task.param_names,
+        compressor.fingerprint,
         None if path is None else Path(path),
     )
 
@@ -280,7 +300,9 @@ class _Chunks:
         want = rec["stop"] - rec["start"]
         if self.batches == rec["batches"] or self.rows >= want:
             if (self.rows, self.batches, self.h.hexdigest()) != (
-                want, rec["batches"], rec["data_hash"]
+                want,
+                rec["batches"],
+                rec["data_hash"],
             ):
                 raise ValueError(
                     f"store {self.w.store.path} holds gradients of other data: chunk "

@@ -32,7 +32,13 @@ class SplitLoss:
         return self.from_output(self.output(model, batch), batch)
 
     def __repr__(self) -> str:
-        return f"dropinf.losses.{self.name}"
+        if self.name != "loss":  # the ones defined here
+            return f"dropinf.losses.{self.name}"
+        parts = (
+            getattr(f, "__module__", "?") + "." + getattr(f, "__qualname__", repr(f))
+            for f in (self.output, self.from_output)
+        )
+        return f"SplitLoss({', '.join(parts)})"
 
 
 def _ce_from_logits(logits: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:

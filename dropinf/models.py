@@ -389,7 +389,7 @@ def train(
         ``(model, history)``.
     """
     from .data import tensor_loader
-    from .gradients import _to_device
+    from .task import to_device
 
     _check_positive(epochs=epochs, batch_size=batch_size)
     if not lr > 0:
@@ -423,7 +423,7 @@ def train(
         for _ in bar:
             total_loss, count = 0.0, 0
             for batch in loader:
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 if augment is not None:
                     batch = augment(batch, gen)
                 per_sample = loss(model, batch)

@@ -651,7 +651,8 @@ def factor_specs(task: Task, plan: Plan | None = None) -> list[FactorSpec]:
         m = modules[name]
         own = _own(m, canon, selected)
         w, b = own.get("weight"), own.get("bias")
-        if any(users[p] > 1 for p in (w, b) if p is not None):
+        # Without its weight a layer has no factored gradient (a selected bias alone is flat).
+        if w is None or any(users[p] > 1 for p in (w, b) if p is not None):
             continue
         if kind == "linear":
             n_in, n_out = m.in_features, m.out_features

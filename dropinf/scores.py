@@ -23,6 +23,12 @@ def _rows(G) -> Tensor:
     return G
 
 
+def _check_blocks(**sizes: int) -> None:
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an integer >= 1 (rows per block)")
+
+
 def _check_pair(G_test: Tensor, G_train: Tensor, pre: Preconditioner) -> None:
     if G_test.shape[1] != G_train.shape[1]:
         raise ValueError(
@@ -43,6 +49,7 @@ def scores(
     positive = helpful."""
     G_test, G_train = _rows(G_test), _rows(G_train)
     _check_pair(G_test, G_train, pre)
+    _check_blocks(block_test=block_test, block_train=block_train)
     dtype = torch.promote_types(G_test.dtype, torch.float32)
     out = torch.empty(G_test.shape[0], G_train.shape[0], dtype=dtype)
     for i in range(0, G_test.shape[0], block_test):
@@ -57,6 +64,7 @@ def self_influence(G_train, pre: Preconditioner, block: int = 4096) -> Tensor:
     """(n,) ``g_i^T (C + lambda I)^{-1} g_i``: how much each point supports its own loss."""
     G = _rows(G_train)
     _check_pair(G, G, pre)
+    _check_blocks(block=block)
     out = torch.empty(G.shape[0], dtype=torch.promote_types(G.dtype, torch.float32))
     for i in range(0, G.shape[0], block):
         q = pre.apply(G[i : i + block])
@@ -78,8 +86,11 @@ def top_k(
     sorted. Never holds the full score matrix."""
     G_test, G_train = _rows(G_test), _rows(G_train)
     _check_pair(G_test, G_train, pre)
-    if not 1 <= k <= G_train.shape[0]:
-        raise ValueError(f"k={k} must be between 1 and the {G_train.shape[0]} training points")
+    _check_blocks(block_test=block_test, block_train=block_train)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= G_train.shape[0]:
+        raise ValueError(
+            f"k={k!r} must be an integer between 1 and the {G_train.shape[0]} training points"
+        )
     idx_out, val_out = [], []
     for i in range(0, G_test.shape[0], block_test):
         q = pre.apply(G_test[i : i + block_test])

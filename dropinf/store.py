@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ._io import atomic_write, write_json
+from ._io import atomic_write, fsync_dir, write_json
 from .curvature import Preconditioner
 
 FORMAT = 1
@@ -181,14 +181,6 @@ def _take(a: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return a[pos]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"name={name!r}: use letters, digits, '_', '.' or '-' (it names a file)")
@@ -243,6 +235,8 @@ class Store:
 
     def clear(self) -> None:
         """Delete everything this store wrote (only files it knows), leaving an empty store."""
+        # The manifest goes first: an interruption then leaves files no manifest claims.
+        (self.path / MANIFEST).unlink(missing_ok=True)
         for rec in [*self.manifest.get("preconditioners", {}).values(),
                     *self.manifest.get("scores", {}).values()]:
             (self.path / rec["file"]).unlink(missing_ok=True)
@@ -347,7 +341,7 @@ class Store:
         for name in FILES:
             with open(self.path / name, "wb") as f:  # preallocated (sparse) when n is known
                 f.truncate(n * self._row_bytes(name, request))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self.manifest["format"] = FORMAT
         self.manifest["gradients"] = {
             **request,

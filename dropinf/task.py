@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 LossFn = Callable[[nn.Module, object], Tensor]
 
@@ -173,3 +173,8 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> list[ParamI
             out.append(ParamInfo(n, tuple(p.shape), offset))
             offset += p.numel()
     return out
+
+
+def to_device(batch: object, device: torch.device) -> object:
+    """``batch`` with every tensor in it (nested tuples, lists, dicts) moved to ``device``."""
+    return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, batch)
