@@ -88,7 +88,7 @@ class PairStats:
 
     @property
     def coherence(self) -> Array:
-        """``d * sum(a^2 b^2) / (|a|^2 |b|^2)``: see :func:`coherence`."""
+        """``d * sum(a^2 b^2) / (|a|^2 |b|^2)`` (see :func:`coherence` for its meaning)."""
         return self.d * self.cc / (self.aa * self.bb)
 
     @property
@@ -261,10 +261,7 @@ def coherence(a: ArrayLike, b: ArrayLike) -> Array:
     by which a mask's variance ``(1-q)/q sum a^2 b^2`` exceeds ``(1-q) |a|^2 |b|^2 / k``.
     a, b: ``(..., d)``. Returns shape ``(...)``.
     """
-    a, b = _pair(a, b)
-    d = a.shape[-1]
-    num = np.sum((a * b) ** 2, axis=-1)
-    return d * num / (np.sum(a * a, axis=-1) * np.sum(b * b, axis=-1))
+    return PairStats.of(a, b).coherence
 
 
 def effective_dimension(eigvals: ArrayLike, lam: float) -> float:
