@@ -237,8 +237,10 @@ class Store:
         """Delete everything this store wrote (only files it knows), leaving an empty store."""
         # The manifest goes first: an interruption then leaves files no manifest claims.
         (self.path / MANIFEST).unlink(missing_ok=True)
-        for rec in [*self.manifest.get("preconditioners", {}).values(),
-                    *self.manifest.get("scores", {}).values()]:
+        for rec in [
+            *self.manifest.get("preconditioners", {}).values(),
+            *self.manifest.get("scores", {}).values(),
+        ]:
             (self.path / rec["file"]).unlink(missing_ok=True)
         for name in (MANIFEST, ORDER, *FILES):
             (self.path / name).unlink(missing_ok=True)
@@ -252,11 +254,15 @@ class Store:
     def _gradients(self, complete: bool = False) -> dict:
         g = self.manifest.get("gradients")
         if g is None:
-            raise ValueError(f"store {self.path} holds no gradients; write them with "
-                             "dropinf.gradients(task, loader, compressor, path=...)")
+            raise ValueError(
+                f"store {self.path} holds no gradients; write them with "
+                "dropinf.gradients(task, loader, compressor, path=...)"
+            )
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"store {self.path} has format {self.manifest.get('format')}; this "
-                             f"dropinf reads format {FORMAT}. Recompute it (overwrite=True)")
+            raise ValueError(
+                f"store {self.path} has format {self.manifest.get('format')}; this "
+                f"dropinf reads format {FORMAT}. Recompute it (overwrite=True)"
+            )
         if complete and g["status"] != "complete":
             raise ValueError(
                 f"store {self.path} is incomplete ({len(g['chunks'])} chunks, {g['status']}); "
@@ -370,8 +376,7 @@ class Store:
     def _map(self, name: str, rows: int, mode: str = "r") -> np.ndarray:
         g = self.manifest["gradients"]
         shape = (rows, g["k"]) if name == "grads.bin" else (rows,)
-        return np.memmap(self.path / name, dtype=self._file_dtype(name, g), mode=mode,
-                         shape=shape)
+        return np.memmap(self.path / name, dtype=self._file_dtype(name, g), mode=mode, shape=shape)
 
     def verify(self, chunks: list[int] | None = None) -> None:
         """Recompute the sha256 of complete chunks (default: all) from the files and compare
@@ -447,12 +452,23 @@ class Store:
                 "curvature is a closure over the task and data. Refit it, or fit "
                 "solver='dense' (up to about 20k parameters) to save it"
             )
-        arrays = {name: t.numpy() for name in ("eigvals", "eigvecs", "rows")
-                  if (t := getattr(pre, name)) is not None}  # rows: the Fisher's kernel form
+        arrays = {
+            name: t.numpy()
+            for name in ("eigvals", "eigvecs")
+            if (t := getattr(pre, name)) is not None
+        }
+        # The Fisher's kernel form refers to its (n, k) training gradients: when they are this
+        # store's, the record points at them instead of copying them.
+        rows = None
+        if pre.rows is not None:
+            rows = "gradients" if self._holds(pre.rows) else "file"
+            if rows == "file":
+                arrays["rows"] = pre.rows.float().numpy()
         file = f"preconditioners/{name}.npz"
         atomic_write(self.path / file, lambda f: np.savez(f, **arrays))
         g = self.manifest.get("gradients") or {}
         self.manifest.setdefault("preconditioners", {})[name] = {
+            "rows": rows,
             "file": file,
             "sha256": _file_sha(self.path / file),
             "kind": pre.kind,
@@ -471,8 +487,26 @@ class Store:
         rec = self._record("preconditioners", name)
         with np.load(self.path / rec["file"]) as z:
             eig = {k: torch.from_numpy(z[k]) for k in ("eigvals", "eigvecs", "rows") if k in z}
-        return Preconditioner(rec["kind"], rec["damping"], rec["dim"], lam=rec["lam"],
-                              info=rec["info"], **eig)
+        if rec.get("rows") == "gradients":
+            now = (self.manifest.get("gradients") or {}).get("data_hash")
+            if now != rec["gradients_data_hash"]:
+                raise ValueError(
+                    f"preconditioner {name!r} was fitted on gradients (data hash "
+                    f"{rec['gradients_data_hash']}) that this store no longer holds ({now}); "
+                    "refit it on the current gradients"
+                )
+            eig["rows"] = self.gradient_arrays(verify=False)[0]
+        return Preconditioner(
+            rec["kind"], rec["damping"], rec["dim"], lam=rec["lam"], info=rec["info"], **eig
+        )
+
+    def _holds(self, rows: Tensor) -> bool:
+        """Whether ``rows`` equal this store's complete gradients (same shape, dtype, values)."""
+        g = self.manifest.get("gradients") or {}
+        if g.get("status") != "complete" or tuple(rows.shape) != (g.get("n"), g.get("k")):
+            return False
+        data = self.gradient_arrays(verify=False)[0]
+        return data.dtype == rows.dtype and torch.equal(data, rows.cpu())
 
     # ------------------------------------------------------------------------- scores
 
@@ -504,12 +538,15 @@ class Store:
     def _record(self, section: str, name: str, verify: bool = True) -> dict:
         recs = self.manifest.get(section, {})
         if name not in recs:
-            raise ValueError(f"store {self.path} has no {section} named {name!r}; it has "
-                             f"{sorted(recs)}")
+            raise ValueError(
+                f"store {self.path} has no {section} named {name!r}; it has {sorted(recs)}"
+            )
         rec = recs[name]
         if verify and _file_sha(self.path / rec["file"]) != rec["sha256"]:
-            raise CorruptStoreError(f"{self.path / rec['file']} does not match its sha256 in the "
-                                    f"manifest: the file was modified or damaged; save it again")
+            raise CorruptStoreError(
+                f"{self.path / rec['file']} does not match its sha256 in the "
+                f"manifest: the file was modified or damaged; save it again"
+            )
         return rec
 
 
@@ -600,8 +637,9 @@ class GradientWriter:
         if g["status"] == "complete":
             return
         if n == 0:
-            raise ValueError("loader yielded no batch; per-sample gradients need at least one "
-                             "sample")
+            raise ValueError(
+                "loader yielded no batch; per-sample gradients need at least one sample"
+            )
         if g["n"] is not None and n != g["n"]:
             raise ValueError(f"{n} rows written, but the store was created for n={g['n']}")
         if g["order"] is None:  # drop bytes of an abandoned longer run, if any

@@ -56,8 +56,9 @@ def run(model, ds, path=None, loss=None, **kw):
     kw.setdefault("chunk_size", CHUNK)
     if path is None:
         kw.pop("chunk_size")
-    return di.gradients(task, kw.pop("ld", None) or loader(ds), comp(), path=path,
-                        progress=False, **kw)
+    return di.gradients(
+        task, kw.pop("ld", None) or loader(ds), comp(), path=path, progress=False, **kw
+    )
 
 
 def assert_same(G, ref):
@@ -273,8 +274,14 @@ def test_mismatched_request_is_refused_naming_the_field(setup, tmp_path, monkeyp
         m = change.get("model", model)
         task = di.Task(m, change.get("loss", Counting()), params=change.get("params"))
         with pytest.raises(ValueError, match=field) as err:
-            di.gradients(task, change.get("ld", loader(ds)), change.get("compressor", comp()),
-                         path=path, dtype=change.get("dtype", torch.float32), progress=False)
+            di.gradients(
+                task,
+                change.get("ld", loader(ds)),
+                change.get("compressor", comp()),
+                path=path,
+                dtype=change.get("dtype", torch.float32),
+                progress=False,
+            )
         assert "overwrite=True" in str(err.value)
         assert all(t in str(err.value) for t in shown), (field, str(err.value))
     monkeypatch.setattr(di, "__version__", "9.9.9")
@@ -292,16 +299,18 @@ def test_directory_that_is_not_a_store_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a dropinf store"):
         Store(tmp_path)
     with pytest.raises(ValueError, match="cannot be stored"):
-        Store(tmp_path / "s").write_gradients(compressor="c", model="m", loss="l",
-                                              param_names=[], k=2, dtype=torch.int8)
+        Store(tmp_path / "s").write_gradients(
+            compressor="c", model="m", loss="l", param_names=[], k=2, dtype=torch.int8
+        )
 
 
 def test_writer_api_sorts_rows_and_checks_the_order(tmp_path):
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(10, generator=g)
     rows = torch.randn(10, 3, generator=g)
-    w = Store(tmp_path).write_gradients(compressor="synthetic", model="none", loss="none",
-                                        param_names=["x"], k=3, order=order)
+    w = Store(tmp_path).write_gradients(
+        compressor="synthetic", model="none", loss="none", param_names=["x"], k=3, order=order
+    )
     with pytest.raises(ValueError, match="do not follow the order"):
         w.write_chunk(order[1:5], rows[1:5], torch.zeros(4), "h")
     for a, b in [(0, 4), (4, 10)]:
@@ -340,8 +349,9 @@ def test_16bit_storage_error_in_scores_is_bounded_by_the_unit_roundoff(setup, tm
     gamma = k * u32 / (1 - k * u32)
     G16 = {}
     for dt in U16:
-        G16[dt] = di.gradients(task, ld, di.Identity(), path=tmp_path / str(dt), dtype=dt,
-                               progress=False)
+        G16[dt] = di.gradients(
+            task, ld, di.Identity(), path=tmp_path / str(dt), dtype=dt, progress=False
+        )
         assert G16[dt].data.dtype == dt and torch.equal(G16[dt].data, G32.data.to(dt))
     for which in ("identity", "fisher"):
         pre = di.Preconditioner.fit(G32.data[8:], kind=which, damping=0.1)
@@ -377,8 +387,12 @@ def test_preconditioner_and_scores_round_trip(setup, tmp_path):
         pre = di.Preconditioner.fit(G, kind=kind, damping=1e-2)
         st.save_preconditioner(pre, kind)
         back = Store(tmp_path).load_preconditioner(kind)
-        assert (back.kind, back.damping, back.dim, back.lam) == (kind, 1e-2 * (kind == "fisher"),
-                                                                 pre.dim, pre.lam)
+        assert (back.kind, back.damping, back.dim, back.lam) == (
+            kind,
+            1e-2 * (kind == "fisher"),
+            pre.dim,
+            pre.lam,
+        )
         assert torch.equal(back.apply(G.data), pre.apply(G.data))
     rec = st.manifest["preconditioners"]["fisher"]
     assert rec["gradients_data_hash"] == st.manifest["gradients"]["data_hash"] is not None
@@ -394,8 +408,9 @@ def test_preconditioner_and_scores_round_trip(setup, tmp_path):
         st.load_scores("nope")
     with pytest.raises(ValueError, match="name="):
         st.save_scores(S, "../escape")
-    cg = di.Preconditioner.fit_exact(di.Task(model, losses.cross_entropy), [ds[:]],
-                                     damping=0.1, solver="cg")
+    cg = di.Preconditioner.fit_exact(
+        di.Task(model, losses.cross_entropy), [ds[:]], damping=0.1, solver="cg"
+    )
     with pytest.raises(ValueError, match="cannot be saved"):
         st.save_preconditioner(cg, "exact")
     # overwrite discards all of it
@@ -403,3 +418,22 @@ def test_preconditioner_and_scores_round_trip(setup, tmp_path):
     assert Store(tmp_path).manifest["preconditioners"] == {}
     assert not (tmp_path / "scores").exists()
     assert np.array_equal(np.asarray(G), Store(tmp_path).gradient_arrays()[0].numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_fisher_refers_to_the_store_gradients(setup, tmp_path, dtype):
+    """A kernel-form Fisher fitted on the store's own gradients is saved without copying them,
+    and loads back equal; fitted on other rows, it carries them."""
+    model, ds = setup
+    G = run(model, ds, tmp_path, dtype=dtype)
+    st = Store(tmp_path)
+    pre = di.Preconditioner.fit(G.data, kind="fisher", damping=1e-2, solver="kernel")
+    st.save_preconditioner(pre, "kernel")
+    with np.load(tmp_path / "preconditioners" / "kernel.npz") as z:
+        assert "rows" not in z.files
+    q = torch.randn(3, G.shape[1])
+    back = Store(tmp_path).load_preconditioner("kernel")
+    assert torch.equal(back.apply(q), pre.apply(q))
+    other = di.Preconditioner.fit(G.data[:10].float(), kind="fisher", damping=1e-2, solver="kernel")
+    st.save_preconditioner(other, "other")
+    assert torch.equal(Store(tmp_path).load_preconditioner("other").apply(q), other.apply(q))
