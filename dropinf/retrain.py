@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .models import fit_full_batch
-from .task import batch_size
+from .task import batch_size, eval_mode
 
 TrainFn = Callable[[np.ndarray, int], Any]
 OutputFn = Callable[[Any], Any]
@@ -40,13 +40,8 @@ def negative_loss(loss: Callable[[nn.Module, Any], Tensor], batch) -> OutputFn:
     in eval mode without gradients (the model's mode is restored)."""
 
     def output(model: nn.Module) -> np.ndarray:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return -loss(model, batch).double().cpu().numpy()
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            return -loss(model, batch).double().cpu().numpy()
 
     return output
 

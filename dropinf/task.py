@@ -105,8 +105,7 @@ class Task:
     @contextmanager
     def evaluating(self) -> Iterator[None]:
         """Run the model in eval mode, warning if train mode would have changed the gradients."""
-        was_training = self.model.training
-        if was_training:
+        if self.model.training:
             active = sorted(
                 {type(m).__name__ for m in self.model.modules() if isinstance(m, _MODE_SENSITIVE)}
             )
@@ -116,11 +115,19 @@ class Task:
                     "gradients are computed in eval mode (call model.eval() to silence this)",
                     stacklevel=3,
                 )
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             yield
-        finally:
-            self.model.train(was_training)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode, then restore the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def batch_size(batch: object) -> int | None:
