@@ -24,7 +24,6 @@ import json
 import math
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -82,6 +81,30 @@ def _check_rate(p: float) -> float:
 def _side(n: int, p: float) -> int:
     """Units kept out of n at rate p by a fixed-size mask (at least one)."""
     return max(1, round((1.0 - p) * n))
+
+
+def _check_block(block: int) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block={block!r}: units per mask block must be an integer >= 1")
+    return block
+
+
+def _n_blocks(n: int, block: int) -> int:
+    """Mask blocks over n units: aligned runs of ``block``; the last also takes the remainder
+    ``n mod block`` (so no block is shorter than ``block`` unless n is)."""
+    return max(1, n // block)
+
+
+def _expand(kept: Tensor, n: int, block: int) -> Tensor:
+    """Sorted unit indices (of n) covered by the sorted kept block indices ``kept``."""
+    if block == 1:
+        return kept
+    m = _n_blocks(n, block)
+    units = (kept[:, None] * block + torch.arange(block)).flatten()
+    units = units[units < n]
+    if len(kept) and int(kept[-1]) == m - 1 and n > m * block:
+        units = torch.cat([units, torch.arange(m * block, n)])
+    return units
 
 
 class Compressor(ABC):
@@ -184,35 +207,41 @@ class Identity(Compressor):
 class _FlatMask:
     """A dropout mask over the concatenation of ``params``: kept coordinates of each parameter.
 
-    ``fixed``: exactly ``k = round((1-p) d)`` of the d coordinates, a uniform k-subset (counts
-    per parameter are multivariate hypergeometric, then a uniform subset within each), scaled
-    by ``sqrt(d/k)``. ``bernoulli``: each coordinate kept with probability ``1-p``, scaled by
-    ``1/sqrt(1-p)``.
+    The mask keeps or drops blocks of ``block`` consecutive coordinates of each parameter
+    (flattened; :func:`_n_blocks`), single coordinates when ``block == 1``. Over the M blocks of
+    all parameters, ``fixed`` keeps exactly ``K = round((1-p) M)``, a uniform K-subset (counts
+    per parameter are multivariate hypergeometric, then a uniform subset within each), scaled by
+    ``sqrt(M/K)``; ``bernoulli`` keeps each block with probability ``1-p``, scaled by
+    ``1/sqrt(1-p)``. Every coordinate is kept with the probability its scale undoes.
     """
 
-    def __init__(self, params: tuple[ParamInfo, ...], p: float, law: str, seed: int):
+    def __init__(self, params: tuple[ParamInfo, ...], p: float, law: str, seed: int,
+                 block: int = 1):
         self.params = params
-        d = sum(q.numel for q in params)
+        sizes = [_n_blocks(q.numel, block) for q in params]
+        m = sum(sizes)
         self.index: dict[str, Tensor] = {}
         if not params:
             self.scale, self.dim = 1.0, 0
             return
         if law == "fixed":
-            k = round((1.0 - p) * d)
+            k = round((1.0 - p) * m)
             if k < 1:
+                what = "coordinate" if block == 1 else f"block of {block} coordinates"
                 raise ValueError(
-                    f"dropout rate p={p} keeps no coordinate of d={d}; use p <= {1 - 1 / d:.6g}"
+                    f"dropout rate p={p} keeps no {what} of {m}; use p <= {1 - 1 / m:.6g}"
                 )
             rng = np.random.default_rng([seed, 0x5EED])
-            counts = rng.multivariate_hypergeometric([q.numel for q in params], k)
-            for q, c in zip(params, counts):
-                perm = torch.randperm(q.numel, generator=_generator(seed, "flat", q.name))
-                self.index[q.name] = perm[: int(c)].sort().values
-            self.scale = math.sqrt(d / k)
+            counts = rng.multivariate_hypergeometric(sizes, k)
+            for q, n, c in zip(params, sizes, counts):
+                perm = torch.randperm(n, generator=_generator(seed, "flat", q.name))
+                self.index[q.name] = _expand(perm[: int(c)].sort().values, q.numel, block)
+            self.scale = math.sqrt(m / k)
         else:
-            for q in params:
-                u = torch.rand(q.numel, generator=_generator(seed, "flat", q.name))
-                self.index[q.name] = (u < 1.0 - p).nonzero().flatten()
+            for q, n in zip(params, sizes):
+                u = torch.rand(n, generator=_generator(seed, "flat", q.name))
+                kept = (u < 1.0 - p).nonzero().flatten()
+                self.index[q.name] = _expand(kept, q.numel, block)
             self.scale = 1.0 / math.sqrt(1.0 - p)
         self.dim = sum(len(i) for i in self.index.values())
 
@@ -288,10 +317,6 @@ def _reduced(blocks: list) -> Tensor | None:
     return None
 
 
-def _gather_columns(idx: Tensor) -> Callable[[Tensor], Tensor]:
-    return lambda t: _columns(t, idx)
-
-
 # ----------------------------------------------------------------------------- dropout
 
 
@@ -309,6 +334,16 @@ class Dropout(Compressor):
             outside factored layers get flat dropout at the same rate and law.
         mask: ``"fixed"`` (exactly ``round((1-p) n)`` of n, uniform without replacement) or
             ``"bernoulli"`` (each independently with probability 1-p).
+        block: units (or, for the flat mask, coordinates of each parameter) are kept or dropped
+            together in aligned blocks of ``block`` consecutive ones; the last block of a side
+            also takes the remainder (so the bias unit joins the last block of inputs when
+            ``n_in`` is a multiple of ``block``). The laws above then apply to blocks: a fixed
+            mask keeps ``round((1-p) m)`` of a side's ``m = max(1, n // block)`` blocks, scaled
+            by ``sqrt(m/k)``. 1 (the default) is plain unit dropout. Larger blocks read only
+            the kept blocks' cache lines of each factor (a gather of single units touches
+            nearly all of them), at a cost in variance: the estimate then samples blocks, so
+            its variance is the mask law's formula applied to the per-block sums of
+            ``a_i b_i`` (:meth:`dropinf.theory.PairStats.of` with ``block``).
         seed: the draw.
 
     Kept entries are scaled by ``sqrt(n/k)`` per side for a fixed mask (k out of n; this
@@ -319,23 +354,29 @@ class Dropout(Compressor):
 
     kind = "dropout"
 
-    def __init__(self, p: float, factored: bool = False, mask: str = "fixed", seed: int = 0):
+    def __init__(self, p: float, factored: bool = False, mask: str = "fixed", seed: int = 0,
+                 block: int = 1):
         self.p = _check_rate(p)
         if mask not in ("fixed", "bernoulli"):
             raise ValueError(f"mask={mask!r}; choose 'fixed' or 'bernoulli'")
         self.factored, self.mask, self.seed = bool(factored), mask, int(seed)
+        self.block = _check_block(block)
 
     def config(self) -> dict:
-        return {"p": self.p, "factored": self.factored, "mask": self.mask, "seed": self.seed}
+        return {"p": self.p, "factored": self.factored, "mask": self.mask, "seed": self.seed,
+                "block": self.block}
 
     def _units(self, n: int, *key: object) -> tuple[Tensor, float]:
         """Kept unit indices out of n (sorted) and the per-side scale."""
         g = _generator(self.seed, "units", *key)
+        m = _n_blocks(n, self.block)
         if self.mask == "fixed":
-            k = _side(n, self.p)
-            return torch.randperm(n, generator=g)[:k].sort().values, math.sqrt(n / k)
-        keep = (torch.rand(n, generator=g) < 1.0 - self.p).nonzero().flatten()
-        return keep, 1.0 / math.sqrt(1.0 - self.p)
+            k = _side(m, self.p)
+            kept, scale = torch.randperm(m, generator=g)[:k].sort().values, math.sqrt(m / k)
+        else:
+            kept = (torch.rand(m, generator=g) < 1.0 - self.p).nonzero().flatten()
+            scale = 1.0 / math.sqrt(1.0 - self.p)
+        return _expand(kept, n, self.block), scale
 
     def _draw(self, layout: Layout) -> None:
         self.units: dict[str, tuple[Tensor, Tensor, float]] = {}
@@ -345,7 +386,7 @@ class Dropout(Compressor):
                 s_in, b = self._units(s.n_in_aug, s.module, "in")
                 self.units[s.module] = (s_out, s_in, a * b)
         rest = layout.rest() if self.factored else layout.params
-        self.flat = _FlatMask(rest, self.p, self.mask, self.seed)
+        self.flat = _FlatMask(rest, self.p, self.mask, self.seed, self.block)
 
     @property
     def dim(self) -> int:
@@ -367,15 +408,14 @@ class Dropout(Compressor):
         out = {}
         for s in self.bound.factored if self.factored else ():
             s_out, s_in, _ = self.units[s.module]
-            w_in = s_in[s_in < s.n_in].to(device)
-            keep_in = _gather_columns(w_in)
-            if len(w_in) < len(s_in):  # the bias unit is kept: its input is 1
+            keep_in = _Columns(s_in[s_in < s.n_in].to(device))
+            if len(keep_in.idx) < len(s_in):  # the bias unit is kept: its input is 1
 
-                def keep_in(x: Tensor, w_in=w_in) -> Tensor:
-                    a = _columns(x, w_in)
+                def keep_in(x: Tensor, weights=keep_in) -> Tensor:
+                    a = weights(x)
                     return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
 
-            out[s.module] = FactorReducer(keep_in, _gather_columns(s_out.to(device)))
+            out[s.module] = FactorReducer(keep_in, _Columns(s_out.to(device)))
         return out
 
     def _layer(self, s: FactorSpec, blocks: list, bg: BatchGrads) -> Tensor:
@@ -426,16 +466,39 @@ class Dropout(Compressor):
         return torch.cat(idx), torch.cat(scale)
 
 
-def _columns(t: Tensor, idx: Tensor) -> Tensor:
-    """(B, T, len(idx)) float32 columns of a (B, T, n) factor, as a contiguous copy.
+class _Columns:
+    """Copies columns ``idx`` (sorted) of a (B, T, n) factor into a contiguous float32
+    (B, T, len(idx)).
 
-    ``gather`` with a broadcast index reads each row once and measured about twice as fast as
-    ``index_select`` along the last dimension on CPU.
+    Where the indices form long runs (block masks), it concatenates slices of the runs, which
+    reads only their cache lines. Otherwise it uses ``gather`` with a broadcast index, which
+    reads each row once and measured about twice as fast as ``index_select`` along the last
+    dimension on CPU.
     """
-    B, T, n = t.shape
-    rows = t.reshape(B * T, n)
-    out = torch.gather(rows, 1, idx.expand(B * T, len(idx)))
-    return out.view(B, T, -1).float()
+
+    MIN_RUN = 8  # mean run length from which slices beat the gather
+
+    def __init__(self, idx: Tensor):
+        self.idx = idx
+        cpu = idx.cpu()
+        cut = ((cpu[1:] != cpu[:-1] + 1).nonzero().flatten() + 1).tolist()
+        starts, ends = [0, *cut], [*cut, len(cpu)]
+        self.runs = [(int(cpu[a]), int(cpu[b - 1]) + 1) for a, b in zip(starts, ends)
+                     if len(cpu)]
+        self.sliced = len(cpu) >= self.MIN_RUN * len(self.runs) > 0
+
+    def __call__(self, t: Tensor) -> Tensor:
+        if self.sliced:
+            return torch.cat([t[..., a:b] for a, b in self.runs], -1).float()
+        B, T, n = t.shape
+        rows = t.reshape(B * T, n)
+        out = torch.gather(rows, 1, self.idx.expand(B * T, len(self.idx)))
+        return out.view(B, T, -1).float()
+
+
+def _columns(t: Tensor, idx: Tensor) -> Tensor:
+    """Columns ``idx`` of a (B, T, n) factor (see :class:`_Columns`)."""
+    return _Columns(idx)(t)
 
 
 # ----------------------------------------------------------------------------- Gaussian

@@ -57,6 +57,19 @@ class PairStats:
 
     ``aa = |a|^2``, ``bb = |b|^2``, ``ab = a . b`` and ``cc = sum_i a_i^2 b_i^2`` (arrays of one
     shape), and the dimension d.
+
+    With ``block > 1`` the statistics are those of a block mask, which keeps or drops aligned
+    runs of ``block`` coordinates together (``Dropout(..., block=b)``; the last run also takes
+    the remainder ``d mod block``): the masked estimate samples the M block sums
+    ``C_J = sum_{i in J} a_i b_i`` as a unit mask samples the ``a_i b_i``, so ``cc`` is
+    ``sum_J C_J^2`` and ``d`` is M, the population the mask laws draw from. The Bernoulli and
+    fixed variances of :func:`variance` then hold with k the number of kept blocks; the
+    Gaussian's does not depend on blocks and SJLT's is refused.
+
+    Averaged over a uniformly random order of the coordinates, a fixed block mask has exactly
+    the variance of a fixed unit mask that keeps the same fraction (b dividing d and k):
+    :func:`block_variance_by_order`. Blocks cost variance only when the order carries structure,
+    i.e. when neighbouring products ``a_i b_i`` are correlated.
     """
 
     aa: Array
@@ -64,27 +77,37 @@ class PairStats:
     ab: Array
     cc: Array
     d: int
+    block: int = 1
 
     @classmethod
-    def of(cls, a: ArrayLike, b: ArrayLike) -> PairStats:
+    def of(cls, a: ArrayLike, b: ArrayLike, block: int = 1) -> PairStats:
         """a, b: ``(..., d)``, broadcast against each other; statistics of shape ``(...)``."""
         a, b = _pair(a, b)
         aa, bb, ab = (np.sum(x * y, axis=-1) for x, y in ((a, a), (b, b), (a, b)))
-        return cls(aa, bb, ab, np.sum((a * b) ** 2, axis=-1), a.shape[-1])
+        c = block_sums(a * b, block)
+        return cls(aa, bb, ab, np.sum(c**2, axis=-1), c.shape[-1], block)
 
     @classmethod
-    def pairwise(cls, A: ArrayLike, B: ArrayLike) -> PairStats:
+    def pairwise(cls, A: ArrayLike, B: ArrayLike, block: int = 1) -> PairStats:
         """Every pair ``(A[i], B[j])`` of A ``(n, d)`` and B ``(m, d)``: statistics ``(n, m)``.
 
         From Gram matrices: ``ab = A B^T`` and ``cc = (A * A) (B * B)^T``, so memory is
-        ``O((n + m) d + n m)``.
+        ``O((n + m) d + n m)``. With ``block > 1``, ``cc = sum_J (A_J B_J^T)^2`` over the column
+        blocks J, a few blocks at a time (``O(n m)`` per block in the chunk).
         """
         A, B = _pair(A, B)
         if A.ndim != 2 or B.ndim != 2:
             raise ValueError(f"A and B must be (n, d) and (m, d), got {A.shape} and {B.shape}")
         aa = np.sum(A * A, axis=1)[:, None]
         bb = np.sum(B * B, axis=1)[None, :]
-        return cls(*np.broadcast_arrays(aa, bb, A @ B.T, (A * A) @ (B * B).T), A.shape[1])
+        if block == 1:
+            cc, n_blocks = (A * A) @ (B * B).T, A.shape[1]
+        else:
+            bounds = _block_bounds(A.shape[1], block)
+            cc, n_blocks = np.zeros((A.shape[0], B.shape[0])), len(bounds) - 1
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                cc += (A[:, lo:hi] @ B[:, lo:hi].T) ** 2
+        return cls(*np.broadcast_arrays(aa, bb, A @ B.T, cc), n_blocks, block)
 
     @property
     def coherence(self) -> Array:
@@ -121,8 +144,62 @@ def variance(stats: PairStats, law: str, k: float) -> Array:
     if law == "gaussian":
         return (stats.aa * stats.bb + stats.ab**2) / k
     if law == "sjlt":
+        if stats.block != 1:
+            raise ValueError("SJLT's variance needs unit statistics: PairStats with block=1")
         return (stats.aa * stats.bb + stats.ab**2 - 2.0 * stats.cc) / k
     raise ValueError(f"law={law!r}; choose one of {LAWS}")
+
+
+def _block_bounds(d: int, block: int) -> list[int]:
+    """Boundaries of the mask blocks of d coordinates: aligned runs of ``block``, the last one
+    also taking the remainder (the rule of :class:`dropinf.Dropout`)."""
+    if isinstance(block, bool) or not isinstance(block, int | np.integer) or block < 1:
+        raise ValueError(f"block={block!r}: coordinates per mask block must be an integer >= 1")
+    m = max(1, d // block)
+    return [j * block for j in range(m)] + [d]
+
+
+def block_sums(c: ArrayLike, block: int) -> Array:
+    """``(..., M)`` sums of ``c`` ``(..., d)`` over the M mask blocks of ``block`` coordinates
+    (:class:`PairStats`); ``c`` itself when ``block == 1``."""
+    c = np.asarray(c, dtype=np.float64)
+    if block == 1:
+        return c
+    bounds = _block_bounds(c.shape[-1], block)
+    return np.add.reduceat(c, bounds[:-1], axis=-1)
+
+
+def block_variance_by_order(stats: PairStats, law: str, q: float, block: int) -> Array:
+    """Mean over uniformly random orders of the d coordinates of the variance of a block mask
+    that keeps the fraction q of ``block``-blocks (law ``"fixed"`` or ``"bernoulli"``), from a
+    pair's unit statistics (``stats.block == 1``; b must divide d).
+
+    Derivation. Let ``c = a * b``, ``cbar = sum c / d``, ``S = sum (c - cbar)^2``, m = d / b
+    blocks. Under a random order a block sum ``C_J`` is the sum of b draws without replacement
+    from c, so ``E C_J = b cbar`` and ``Var C_J = b (d - b)/(d - 1) S/d``.
+
+    - fixed, K = q m blocks: ``Var = m (m-K) / (K (m-1)) sum_J (C_J - b cbar)^2``, whose mean is
+      ``m (m-K)/(K (m-1)) * (d - b)/(d - 1) S`` ``= d (d-k) / (k (d-1)) S`` with k = q d: the
+      unit mask's variance, exactly. Block masks are free on average.
+    - Bernoulli: ``Var = (1-q)/q sum_J C_J^2``, whose mean is the unit variance
+      ``(1-q)/q sum c^2`` plus ``(1-q)/q (b-1) d (cbar^2 - S / (d (d-1)))``: the mean product,
+      ``cbar = a.b / d``, adds to the variance because the number of kept blocks varies.
+
+    Returns the shape of ``stats``' arrays.
+    """
+    if stats.block != 1:
+        raise ValueError("block_variance_by_order takes unit statistics (PairStats block=1)")
+    d, b = stats.d, block
+    if d % b or not 0.0 < q <= 1.0:
+        raise ValueError(f"need block={b} dividing d={d} and 0 < q={q} <= 1")
+    S = np.maximum(stats.cc - stats.ab**2 / d, 0.0)
+    if law == "fixed":
+        return variance(stats, "fixed", q * d)
+    if law == "bernoulli":
+        cbar = stats.ab / d
+        extra = (b - 1) * d * (cbar**2 - S / (d * (d - 1)))
+        return (1.0 - q) / q * (stats.cc + extra)
+    raise ValueError(f"law={law!r}; block masks follow 'fixed' or 'bernoulli'")
 
 
 # --------------------------------------------------------------------------- closed forms

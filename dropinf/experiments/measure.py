@@ -88,14 +88,18 @@ class Timing:
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-               min_time: float = 0.0) -> Timing:
+               min_time: float = 0.0, before: Callable[[], object] | None = None) -> Timing:
     """``warmup`` untimed calls, then at least ``repeats`` timed calls and ``min_time`` seconds
-    (device work included: CUDA is synchronised around each call)."""
+    (device work included: CUDA is synchronised around each call). ``before``, if given, runs
+    untimed before each timed call (e.g. to evict the caches)."""
     for _ in range(warmup):
         fn()
     sync(device)
     times: list[float] = []
     while len(times) < repeats or sum(times) < min_time:
+        if before is not None:
+            before()
+            sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
