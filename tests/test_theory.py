@@ -299,3 +299,97 @@ def test_coherent_pair_flat_and_rho_mean():
         th.coherent_pair(50, 50.0)  # needs kappa < d/m
     with pytest.raises(ValueError):
         th.coherent_pair(50, 0.5)
+
+
+# --------------------------------------------------------------------------- block masks
+
+
+def _blocks(d: int, b: int) -> list[list[int]]:
+    """The mask blocks re-derived: aligned runs of b, the remainder joining the last run."""
+    m = max(1, d // b)
+    out = [list(range(j * b, (j + 1) * b)) for j in range(m)]
+    out[-1] = list(range((m - 1) * b, d))
+    return out
+
+
+@pytest.mark.parametrize("d,b", [(12, 3), (13, 3), (10, 4), (3, 4)])
+def test_block_sums_follow_the_partition(d, b):
+    c = np.random.default_rng(d).standard_normal((2, d))
+    want = np.stack([c[:, blk].sum(1) for blk in _blocks(d, b)], -1)
+    np.testing.assert_allclose(th.block_sums(c, b), want, rtol=0, atol=1e-12)
+    st_ = th.PairStats.of(c[0], c[1], block=b)
+    assert st_.d == len(_blocks(d, b))
+    sums = [sum(c[0, i] * c[1, i] for i in blk) for blk in _blocks(d, b)]
+    assert st_.cc == pytest.approx(sum(s * s for s in sums), rel=1e-12)
+
+
+@pytest.mark.parametrize("d,b,k", [(12, 3, 1), (12, 3, 2), (13, 3, 3), (10, 4, 1)])
+def test_block_fixed_exact_enumeration(d, b, k):
+    """Every k-subset of blocks, each scaled by m/k: mean a.b and the fixed law on block sums."""
+    a, bb = th.coherent_pair(d, 2.0, rho=0.4, seed=d + k)
+    blocks = _blocks(d, b)
+    m = len(blocks)
+    vals = np.array([sum(a[i] * bb[i] for j in S for i in blocks[j]) * m / k
+                     for S in itertools.combinations(range(m), k)])
+    assert vals.mean() == pytest.approx(a @ bb, rel=1e-10, abs=1e-12)
+    want = th.variance(th.PairStats.of(a, bb, block=b), "fixed", k)
+    assert vals.var() == pytest.approx(want, rel=1e-9, abs=1e-14)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.75])
+def test_block_bernoulli_exact_enumeration(keep):
+    d, b = 11, 3  # blocks of 3, 3, 5
+    a, bb = th.coherent_pair(d, 3.0, rho=-0.3, seed=5)
+    C = th.block_sums(a * bb, b)
+    m = len(C)
+    mean = second = 0.0
+    for mask in itertools.product([0, 1], repeat=m):
+        mask = np.array(mask)
+        prob = np.prod(np.where(mask == 1, keep, 1 - keep))
+        x = mask @ C / keep
+        mean += prob * x
+        second += prob * x * x
+    want = th.variance(th.PairStats.of(a, bb, block=b), "bernoulli", keep * m)
+    assert mean == pytest.approx(a @ bb, rel=1e-10)
+    assert second - mean**2 == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("law,d,b,q", [("fixed", 6, 2, 1 / 3), ("fixed", 6, 2, 2 / 3),
+                                       ("fixed", 8, 4, 0.5), ("bernoulli", 6, 2, 0.4),
+                                       ("bernoulli", 8, 4, 0.7)])
+def test_block_variance_by_order_is_the_exact_mean_over_all_orders(law, d, b, q):
+    """Average the block mask's variance over all d! orders of the coordinates."""
+    rng = np.random.default_rng(d * 10 + b)
+    a = rng.standard_normal(d) + 0.5  # a mean product away from 0 matters for Bernoulli
+    bb = a * rng.uniform(0.2, 1.5, d)
+    perms = np.array(list(itertools.permutations(range(d))))
+    st_perm = th.PairStats.of(a[perms], bb[perms], block=b)
+    k = q * st_perm.d
+    mean_over_orders = th.variance(st_perm, law, k).mean()
+    want = th.block_variance_by_order(th.PairStats.of(a, bb), law, q, b)
+    assert mean_over_orders == pytest.approx(want, rel=1e-10)
+    unit = th.variance(th.PairStats.of(a, bb), law, q * d)
+    if law == "fixed":  # free on average
+        assert want == pytest.approx(unit, rel=1e-10)
+    else:  # the mean product adds (1-q)/q (b-1) d (cbar^2 - S/(d(d-1))) > 0 here
+        assert want > unit * (1 + 1e-6)
+
+
+def test_block_pairwise_equals_single_pairs_and_checks():
+    rng = np.random.default_rng(0)
+    A, B = rng.standard_normal((4, 23)), rng.standard_normal((3, 23))
+    P = th.PairStats.pairwise(A, B, block=5)
+    Q = th.PairStats.of(A[:, None], B[None], block=5)
+    for f in ("aa", "bb", "ab", "cc"):
+        want = np.broadcast_to(getattr(Q, f), (4, 3))
+        np.testing.assert_allclose(getattr(P, f), want, rtol=1e-12, atol=1e-12)
+    assert P.d == Q.d == 4 and P.block == 5
+    unit = th.PairStats.pairwise(A, B)
+    np.testing.assert_allclose(th.PairStats.pairwise(A, B, block=1).cc, unit.cc)
+    with pytest.raises(ValueError, match="block"):
+        th.variance(P, "sjlt", 4)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="block"):
+            th.PairStats.of(A[0], B[0], block=bad)
+    with pytest.raises(ValueError, match="divid"):
+        th.block_variance_by_order(unit, "fixed", 0.5, 5)
