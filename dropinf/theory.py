@@ -100,10 +100,10 @@ class PairStats:
             raise ValueError(f"A and B must be (n, d) and (m, d), got {A.shape} and {B.shape}")
         aa = np.sum(A * A, axis=1)[:, None]
         bb = np.sum(B * B, axis=1)[None, :]
+        bounds = _block_bounds(A.shape[1], block)
         if block == 1:
             cc, n_blocks = (A * A) @ (B * B).T, A.shape[1]
         else:
-            bounds = _block_bounds(A.shape[1], block)
             cc, n_blocks = np.zeros((A.shape[0], B.shape[0])), len(bounds) - 1
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 cc += (A[:, lo:hi] @ B[:, lo:hi].T) ** 2
@@ -163,10 +163,8 @@ def block_sums(c: ArrayLike, block: int) -> Array:
     """``(..., M)`` sums of ``c`` ``(..., d)`` over the M mask blocks of ``block`` coordinates
     (:class:`PairStats`); ``c`` itself when ``block == 1``."""
     c = np.asarray(c, dtype=np.float64)
-    if block == 1:
-        return c
     bounds = _block_bounds(c.shape[-1], block)
-    return np.add.reduceat(c, bounds[:-1], axis=-1)
+    return c if block == 1 else np.add.reduceat(c, bounds[:-1], axis=-1)
 
 
 def block_variance_by_order(stats: PairStats, law: str, q: float, block: int) -> Array:
