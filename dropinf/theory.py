@@ -109,6 +109,16 @@ class PairStats:
                 cc += (A[:, lo:hi] @ B[:, lo:hi].T) ** 2
         return cls(*np.broadcast_arrays(aa, bb, A @ B.T, cc), n_blocks, block)
 
+    @classmethod
+    def concat(cls, parts: list[PairStats]) -> PairStats:
+        """Statistics of the concatenated vectors ``(a_1, a_2, ...) . (b_1, b_2, ...)`` from those
+        of the pieces (every field adds up), e.g. a block mask applied to each parameter of a
+        model separately, as :class:`dropinf.Dropout` does. The pieces share one ``block``."""
+        if not parts or len({p.block for p in parts}) != 1:
+            raise ValueError("concat needs at least one PairStats, all with the same block")
+        return cls(*(sum(getattr(p, f) for p in parts) for f in ("aa", "bb", "ab", "cc", "d")),
+                   parts[0].block)
+
     @property
     def coherence(self) -> Array:
         """``d * sum(a^2 b^2) / (|a|^2 |b|^2)`` (see :func:`coherence` for its meaning)."""

@@ -393,3 +393,24 @@ def test_block_pairwise_equals_single_pairs_and_checks():
             th.PairStats.of(A[0], B[0], block=bad)
     with pytest.raises(ValueError, match="divid"):
         th.block_variance_by_order(unit, "fixed", 0.5, 5)
+
+
+def test_concat_is_the_statistics_of_the_concatenation():
+    rng = np.random.default_rng(1)
+    A, B = rng.standard_normal((3, 40)), rng.standard_normal((2, 40))
+    cuts = [0, 17, 33, 40]
+    for block in (1, 4):
+        parts = [th.PairStats.pairwise(A[:, i:j], B[:, i:j], block) for i, j in zip(cuts, cuts[1:])]
+        whole = th.PairStats.concat(parts)
+        want = th.PairStats.pairwise(A, B, block)
+        for f in ("aa", "bb", "ab"):
+            np.testing.assert_allclose(getattr(whole, f), getattr(want, f), rtol=1e-12)
+        if block == 1:  # blocks inside each piece differ from blocks of the whole vector
+            np.testing.assert_allclose(whole.cc, want.cc, rtol=1e-12)
+        else:
+            sums = np.concatenate([th.block_sums(A[:, None, i:j] * B[None, :, i:j], block)
+                                   for i, j in zip(cuts, cuts[1:])], -1)
+            np.testing.assert_allclose(whole.cc, np.sum(sums**2, -1), rtol=1e-12)
+            assert whole.d == sums.shape[-1] == 4 + 4 + 1
+    with pytest.raises(ValueError, match="same block"):
+        th.PairStats.concat([th.PairStats.of(A[0], B[0]), th.PairStats.of(A[0], B[0], block=2)])
