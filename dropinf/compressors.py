@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -84,9 +85,9 @@ def _side(n: int, p: float) -> int:
 
 
 def _check_block(block: int) -> int:
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
         raise ValueError(f"block={block!r}: units per mask block must be an integer >= 1")
-    return block
+    return int(block)
 
 
 def _n_blocks(n: int, block: int) -> int:
@@ -339,7 +340,9 @@ class Dropout(Compressor):
             also takes the remainder (so the bias unit joins the last block of inputs when
             ``n_in`` is a multiple of ``block``). The laws above then apply to blocks: a fixed
             mask keeps ``round((1-p) m)`` of a side's ``m = max(1, n // block)`` blocks, scaled
-            by ``sqrt(m/k)``. 1 (the default) is plain unit dropout. Larger blocks read only
+            by ``sqrt(m/k)``; a Bernoulli mask keeps each block with probability 1-p, so a side
+            of fewer than ``2 * block`` units (one block) is kept or dropped whole. 1 (the
+            default) is plain unit dropout. Larger blocks read only
             the kept blocks' cache lines of each factor (a gather of single units touches
             nearly all of them), at a cost in variance: the estimate then samples blocks, so
             its variance is the mask law's formula applied to the per-block sums of
@@ -363,8 +366,10 @@ class Dropout(Compressor):
         self.block = _check_block(block)
 
     def config(self) -> dict:
-        return {"p": self.p, "factored": self.factored, "mask": self.mask, "seed": self.seed,
-                "block": self.block}
+        out = {"p": self.p, "factored": self.factored, "mask": self.mask, "seed": self.seed}
+        # block=1 draws what Dropout drew before blocks existed: same fingerprint, so stores
+        # written then still resume
+        return out if self.block == 1 else {**out, "block": self.block}
 
     def _units(self, n: int, *key: object) -> tuple[Tensor, float]:
         """Kept unit indices out of n (sorted) and the per-side scale."""

@@ -31,7 +31,8 @@ from dropinf.experiments.common import seed_for
 Z = 5.0
 TINY = dict(n_trials=50, d=64, coherences=[1, 4], rates=[0.5, 0.9], hidden=4, n_train=60,
             n_test=10, fit_iter=20, n_real_pairs=1, library_trials=10, fisher_rates=[0.5],
-            dampings=[0.1], n_mask_seeds=2)
+            dampings=[0.1], n_mask_seeds=2, block_seeds=10, block_n_test=2, block_n_train=5,
+            block_max_length=16)
 
 
 @pytest.fixture(scope="module")
@@ -438,3 +439,143 @@ def test_notebook_runs_and_is_reproducible(tmp_path):
     assert a["max_abs_z"] == pytest.approx(z.z.abs().max(), rel=1e-5)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["params"]["n_trials"] == TINY["n_trials"] and manifest["seeds"]["seed"] == 0
+
+
+# --------------------------------------------------------------------------- block masks
+
+
+def _partition(n: int, b: int) -> list[range]:
+    m = max(1, n // b)
+    return [range(j * b, (j + 1) * b if j < m - 1 else n) for j in range(m)]
+
+
+def _fixed_dev(c: np.ndarray) -> float:
+    """``d/(d-1) sum (c - cbar)^2``: the fixed mask's variance up to the factor (1-q)/q."""
+    return len(c) / (len(c) - 1) * float(np.sum((c - c.mean()) ** 2))
+
+
+def test_block_table_against_a_per_pair_loop(tiny):
+    _, data = tiny
+    table, ratios = T.block_table(data, (4, 16), seed=0)
+    params = data.task.params
+    for block in (4, 16):
+        got = ratios[block, "model"].reshape(data.G_test.shape[0], data.G_train.shape[0])
+        for i, j in [(0, 0), (3, 7), (9, 59)]:
+            c = data.G_test[i] * data.G_train[j]
+            sums = [c[q.offset + r.start: q.offset + r.stop].sum()
+                    for q in params for r in _partition(q.numel, block)]
+            want = _fixed_dev(np.array(sums)) / _fixed_dev(c)
+            assert got[i, j] == pytest.approx(want, rel=1e-9)
+        row = table[(table.block == block) & (table.order == "model")].iloc[0]
+        assert row.n_blocks == sum(len(_partition(q.numel, block)) for q in params)
+        assert row.median_ratio == pytest.approx(np.median(got))
+    assert set(table.order) == {"model", "shuffled"}
+
+
+def test_library_check_with_blocks_uses_the_block_formula(tiny):
+    _, data = tiny
+    a, b = data.G_test[0], data.G_train[1]
+    df = T.library_check(data, 0, 1, 0.5, 12, seed=3, blocks=(4,))
+    params = data.task.params
+    sums = np.array([(a * b)[q.offset + r.start: q.offset + r.stop].sum()
+                     for q in params for r in _partition(q.numel, 4)])
+    for law in ("fixed", "bernoulli"):
+        base = seed_for(3, "library", law, 4)
+        x = []
+        for s in range(12):
+            comp = di.Dropout(0.5, mask=law, seed=base + s, block=4).bind(data.task)
+            idx, sc = comp.kept_indices()
+            idx, sc = idx.numpy(), sc.double().numpy()
+            x.append(np.sum(a[idx] * sc * b[idx] * sc))
+        r = df[df.law == law].iloc[0]
+        assert r.block == 4 and "blocks of 4" in r.pair
+        assert r.mean_mc == pytest.approx(np.mean(x), rel=1e-4, abs=1e-9)
+        assert r.var_mc == pytest.approx(np.var(x, ddof=1), rel=1e-3, abs=1e-12)
+        m = len(sums)
+        if law == "fixed":  # k = round(m/2) blocks of m, scale m/k per product
+            k = round(0.5 * m)
+            want = m * (m - k) / (k * (m - 1)) * np.sum((sums - sums.mean()) ** 2)
+        else:
+            want = np.sum(sums**2)  # (1-q)/q = 1 at q = 1/2
+        assert r.var_formula == pytest.approx(want, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def small_pairs():
+    """FactorPairs of a small MLP with a bias, built by hand."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6))
+    task = di.Task(model, di.losses.cross_entropy)
+    x, y = torch.randn(7, 12), torch.randint(0, 6, (7,))
+    with di.PerSampleGrads(task) as psg:
+        bg, _ = psg((x, y))
+    G = loop_grads(model, di.losses.cross_entropy,
+                   [(x[i : i + 1], y[i : i + 1]) for i in range(7)],
+                   [q.name for q in task.params]).double()
+    return T.FactorPairs(task, (x, y), bg, 3, (G[:3] @ G[3:].T).numpy(), "small"), G
+
+
+def test_shuffled_units_keep_the_dot_products(small_pairs):
+    fp, G = small_pairs
+    sh = T.shuffled_units(fp.bg, seed=1)
+    Gs = sh.flat().double()
+    np.testing.assert_allclose(Gs @ Gs.T, G @ G.T, rtol=1e-5, atol=1e-6)  # float32 grads
+    assert not torch.allclose(Gs, G)  # the coordinates did move
+    comp = di.Dropout(0.5, factored=True, block=2, seed=0).bind(fp.task)
+    assert not torch.allclose(comp.compress(sh), comp.compress(fp.bg))
+
+
+def test_factored_block_mc_against_kept_indices(small_pairs):
+    fp, G = small_pairs
+    n = 12
+    table, var = T.factored_block_mc(fp, 0.5, (2,), n, seed=5)
+    for (block, order), stream in [((1, "model"), "factored block mc"),
+                                   ((1, T.CONTROL), "control"),
+                                   ((2, "model"), "factored block mc")]:
+        x = []
+        for s in range(n):
+            comp = di.Dropout(0.5, factored=True, block=block,
+                              seed=seed_for(5, stream, block) + s).bind(fp.task)
+            idx, sc = comp.kept_indices()
+            Z = G[:, idx] * sc.double()
+            x.append((Z[:3] @ Z[3:].T).numpy())
+        np.testing.assert_allclose(var[block, order], np.var(x, axis=0, ddof=1),
+                                   rtol=1e-6, atol=1e-12)
+    unit = var[1, "model"]
+    for _, row in table.iterrows():
+        assert row.median_ratio == pytest.approx(np.median(var[row.block, row.order] / unit))
+    assert table[(table.block == 1) & (table.order == "model")].median_ratio.item() == 1.0
+    assert set(table.order) == {"model", T.CONTROL, "shuffled"}
+
+
+def test_minilm_factors_are_exact_gradient_products():
+    cfg = T.Config(block_n_test=2, block_n_train=3, block_max_length=12)
+    fp = T.minilm_factors(cfg)
+    names = [q.name for q in fp.task.params]
+    assert names and all(n.startswith("layers.") for n in names)  # the head is left out
+    samples = [{k: v[i : i + 1] for k, v in fp.batch.items()} for i in range(5)]
+    G = loop_grads(fp.task.model, fp.task.loss, samples, names).double()
+    np.testing.assert_allclose(fp.exact, (G[:2] @ G[2:].T).numpy(), rtol=1e-4, atol=1e-8)
+
+
+def test_conclusion_reports_the_block_numbers(tiny, small_pairs):
+    cfg, data = tiny
+    fp, _ = small_pairs
+    checks = T.check_pairs(T.synthetic_pairs(cfg), cfg.rates, 100, cfg.seed)
+    real = T.real_pair_table(data, cfg.rates)
+    cross = T.crossover_table(cfg, T.ratio_table(checks), real)
+    fisher = T.fisher_bias(cfg, data)
+    flat, _ = T.block_table(data, (4, 16), seed=0)
+    factored, _ = T.factored_block_mc(fp, 0.5, (4, 16), 10, seed=0)
+    text, nums = T.conclude(cfg, checks, cross, real, T.pair_coherences(data), data.d, fisher,
+                            flat, factored)
+    b = nums["blocks"]
+    assert b["block"] == 16
+    want = flat[(flat.block == 16) & (flat.order == "model")].median_ratio.item()
+    assert b["flat_mlp"]["model"]["median_ratio"] == pytest.approx(want)
+    assert f"{want:.2f} times the unit mask's" in text
+    fm = factored[(factored.block == 16) & (factored.order == "model")].median_ratio.item()
+    assert f"median {fm:.2f} times the unit mask's variance" in text
+    ctrl = factored[factored.order == T.CONTROL].median_ratio.item()
+    assert b["factored_unit_control"]["median_ratio"] == pytest.approx(ctrl)
+    json.dumps(nums)

