@@ -579,3 +579,21 @@ def test_conclusion_reports_the_block_numbers(tiny, small_pairs):
     ctrl = factored[factored.order == T.CONTROL].median_ratio.item()
     assert b["factored_unit_control"]["median_ratio"] == pytest.approx(ctrl)
     json.dumps(nums)
+
+
+def test_block_verdict_follows_the_control_spread(tiny, small_pairs):
+    cfg, data = tiny
+    checks = T.check_pairs(T.synthetic_pairs(cfg), cfg.rates, 100, cfg.seed)
+    real = T.real_pair_table(data, cfg.rates)
+    args = (checks, T.crossover_table(cfg, T.ratio_table(checks), real), real,
+            T.pair_coherences(data), data.d, T.fisher_bias(cfg, data))
+    flat, _ = T.block_table(data, (16,), seed=0)
+    factored, _ = T.factored_block_mc(small_pairs[0], 0.5, (16,), 10, seed=0)
+    ctrl = factored.order == T.CONTROL
+    for lo, hi, inside in [(0.0, 1e9, True), (1e8, 1e9, False)]:
+        f = factored.copy()
+        f.loc[ctrl, "q10_ratio"], f.loc[ctrl, "q90_ratio"] = lo, hi
+        text, nums = T.conclude(cfg, *args, flat, f)
+        assert nums["blocks"]["factored_within_control_spread"] is inside
+        assert ("no cost of blocks is visible" in text) is inside
+        assert ("blocks save variance" in text) is not inside

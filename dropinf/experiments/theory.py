@@ -909,6 +909,7 @@ def _block_sentences(flat: pd.DataFrame, factored: pd.DataFrame, nums: dict) -> 
     fl = flat[flat.block == b].set_index("order")
     fa = factored[factored.block == b].set_index("order")
     ctrl = factored[factored.order == CONTROL].iloc[0]
+    inside = ctrl.q10_ratio <= fa.median_ratio["model"] <= ctrl.q90_ratio
     nums["blocks"] = {
         "block": b,
         "flat_mlp": {o: {"median_ratio": float(r.median_ratio), "q10": float(r.q10_ratio),
@@ -922,6 +923,7 @@ def _block_sentences(flat: pd.DataFrame, factored: pd.DataFrame, nums: dict) -> 
                             for o, r in fa.iterrows()},
         "factored_unit_control": {"median_ratio": float(ctrl.median_ratio),
                                   "q10": float(ctrl.q10_ratio), "q90": float(ctrl.q90_ratio)},
+        "factored_within_control_spread": bool(inside),
         "factored_p": float(fa.p.iloc[0]),
         "factored_pairs": int(fa.n_pairs.iloc[0]),
         "factored_seeds": int(fa.n_seeds.iloc[0]),
@@ -941,7 +943,12 @@ def _block_sentences(flat: pd.DataFrame, factored: pd.DataFrame, nums: dict) -> 
         f"(10-90%: {fa.q10_ratio['model']:.2f} to {fa.q90_ratio['model']:.2f}; "
         f"{fa.median_ratio['shuffled']:.2f} with the units shuffled); the unit mask against "
         f"itself with other masks gives {ctrl.median_ratio:.2f} ({ctrl.q10_ratio:.2f} to "
-        f"{ctrl.q90_ratio:.2f}), the spread of the estimates alone."
+        f"{ctrl.q90_ratio:.2f}), the spread of the estimates alone, "
+        + ("inside which the block mask's median falls: no cost of blocks is visible at this "
+           "precision." if inside else
+           "outside which the block mask's median falls: blocks "
+           + ("cost" if fa.median_ratio["model"] > ctrl.q90_ratio else "save")
+           + " variance here.")
     )
 
 
