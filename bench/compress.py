@@ -5,6 +5,7 @@ Run from the repository root::
     .venv/bin/python bench/compress.py                   # defaults, about 20-40 s on 2 idle cores
     .venv/bin/python bench/compress.py --p 0.99          # k = 312: the dense Gaussian fits in 4 GB
     .venv/bin/python bench/compress.py --threads 1 --methods dropout_factored gaussian_factored
+    .venv/bin/python bench/compress.py --device cuda     # on a GPU (peak: CUDA allocator)
 
 Two stages (``--stage``):
 
@@ -87,7 +88,13 @@ import warnings
 
 from dropinf.experiments import methods
 from dropinf.experiments.cost import compression_step, needs_bytes
-from dropinf.experiments.measure import OtherLoad, proc_status_kb, reset_peak, time_calls
+from dropinf.experiments.measure import (
+    OtherLoad,
+    proc_status_kb,
+    reset_peak,
+    sync,
+    time_calls,
+)
 
 METHODS = methods.METHODS
 LAYERS = (("attn.proj", 768, 768), ("mlp.fc", 768, 3072))  # (module, n_in, n_out)
@@ -130,6 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=16,
         help="also time factored dropout with mask blocks of this many units (1: skip that row)",
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (factors, model and maps there)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -165,8 +173,8 @@ def batch(lay, args: argparse.Namespace):
     B, T = args.batch, args.tokens
     blocks = []
     for s in lay.factored:
-        x = torch.randn(B, T, s.n_in, generator=gen)
-        delta = torch.randn(B, T, s.n_out, generator=gen)
+        x = torch.randn(B, T, s.n_in, generator=gen).to(args.device)
+        delta = torch.randn(B, T, s.n_out, generator=gen).to(args.device)
         blocks.append(LinearFactors(s.module, x, delta, s.weight, s.bias, rows=slice(0, s.n_out)))
     return BatchGrads(params=list(lay.params), blocks=blocks, size=B)
 
@@ -249,11 +257,12 @@ class TwoLayers:
         self.model = nn.ModuleDict({n.replace(".", "_"): nn.Linear(i, o) for n, i, o in LAYERS})
         self.batch = {
             n: (
-                torch.randn(B, T, m.in_features, generator=gen),
-                torch.randn(B, T, m.out_features, generator=gen),
+                torch.randn(B, T, m.in_features, generator=gen).to(args.device),
+                torch.randn(B, T, m.out_features, generator=gen).to(args.device),
             )
             for n, m in self.model.items()
         }
+        self.model.to(args.device)
 
     def loss(self, model, batch):
         return sum((model[n](x) * r).sum((1, 2)) for n, (x, r) in batch.items())
@@ -276,14 +285,20 @@ def paired(step, baseline, args: argparse.Namespace) -> tuple[float, float, floa
     """Marginal cost of ``step`` over ``baseline``, timed in alternating pairs so that a change
     in the machine's load hits both alike: (median of the paired differences, min step - min
     baseline, median baseline, pairs), in ms."""
+    import torch
+
+    dev = torch.device(args.device)
     for _ in range(args.warmup):
         baseline()
     steps, bases = [], []
     while len(steps) < max(args.repeats, 20) or sum(steps) + sum(bases) < 2 * args.min_time:
+        sync(dev)
         t0 = time.perf_counter()
         baseline()
+        sync(dev)
         t1 = time.perf_counter()
         step()
+        sync(dev)
         bases.append(t1 - t0)
         steps.append(time.perf_counter() - t1)
     diffs = [s - b for s, b in zip(steps, bases)]
@@ -295,13 +310,13 @@ def paired(step, baseline, args: argparse.Namespace) -> tuple[float, float, floa
     )
 
 
-def evictor(mb: int):
-    """A call that writes ``mb`` MB (evicting the caches), or None for 0."""
+def evictor(mb: int, device: str = "cpu"):
+    """A call that writes ``mb`` MB on ``device`` (evicting its caches), or None for 0."""
     import torch
 
     if mb <= 0:
         return None
-    buf = torch.zeros(mb * 2**20 // 4)
+    buf = torch.zeros(mb * 2**20 // 4, device=device)
     return lambda: buf.add_(1.0)
 
 
@@ -312,6 +327,9 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     import torch
 
     warnings.simplefilter("ignore")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -326,26 +344,32 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         step, baseline = in_pipeline(comp, args)
     else:
         step, baseline = compression_step(comp, bg), None
-    evict = evictor(args.evict_mb) if args.stage == "factors" else None
+    evict = evictor(args.evict_mb, args.device) if args.stage == "factors" else None
     if evict is not None:
         evict()  # resident before the peak is reset, so it is not counted
     gc.collect()
     rss0 = proc_status_kb("VmRSS")
     exact_peak = reset_peak()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        alloc0 = torch.cuda.memory_allocated(dev)
     z = step()
     shape, finite = tuple(z.shape), bool(torch.isfinite(z).all())
     del z
     for _ in range(args.warmup - 1):
         step()
-    cpu = torch.device("cpu")
     with OtherLoad(min_wall=0.0) as load:  # other processes' share of the CPUs while we time
         if baseline is None:
-            t = time_calls(step, cpu, 0, args.repeats, args.min_time, evict)
+            t = time_calls(step, dev, 0, args.repeats, args.min_time, evict)
             ms, ms_min, base, calls = 1e3 * t.median, 1e3 * t.min, None, t.calls
         else:
             ms, ms_min, base, calls = paired(step, baseline, args)
-    if exact_peak:
+    if dev.type == "cuda":  # device memory: the allocator's peak above what was allocated
+        peak_kb = (torch.cuda.max_memory_allocated(dev) - alloc0) / 1024
+        exact_peak = True
+    elif exact_peak:
         peak_kb = proc_status_kb("VmHWM") - rss0
     else:  # high-water mark could not be reset: ru_maxrss is the whole process's peak
         peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0, 0)
@@ -365,6 +389,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         "peak_mb": peak_kb / 1024,
         "exact_peak": exact_peak,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU",
         "config": comp.fingerprint,
     }
 
@@ -420,6 +445,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args.worker, args)))
         return
 
+    import torch
+
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here; use --device cpu")
     t_start = time.perf_counter()
     lay = layout()
     d, k = lay.dim, methods.match(lay, p=args.p).k
@@ -448,13 +477,16 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.warmup} warm-up, then >= {args.repeats} timed calls of compress(bg) and >= "
         f"{args.min_time:g} s (median; min too), torch threads {any_res.get('threads', '?')}, "
-        f"CPU, fp32; memory budget {args.budget_gb:g} GB; "
+        f"{any_res.get('device', args.device)}, fp32; memory budget {args.budget_gb:g} GB; "
         + (f"caches evicted ({args.evict_mb} MB written) before each call"
            if args.stage == "factors" and args.evict_mb > 0 else "warm caches")
     )
     print(
-        "peak MB: resident memory above the resident set just before the calls (VmHWM - VmRSS, "
-        "fresh subprocess per row, includes allocator slack); map B: comp.map_bytes (must be "
+        ("peak MB: the CUDA allocator's peak above what it held just before the calls"
+         if args.device.startswith("cuda") else
+         "peak MB: resident memory above the resident set just before the calls (VmHWM - VmRSS, "
+         "fresh subprocess per row, includes allocator slack)")
+        + "; map B: comp.map_bytes (must be "
         "stored); held B: tensors the bound compressor keeps (masks/hashes, regenerable); "
         "other%: share of the machine's CPU used by other processes while the row was timed"
     )
