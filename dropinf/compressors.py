@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -92,8 +93,8 @@ def _check_block(block: int) -> int:
 
 def _n_blocks(n: int, block: int) -> int:
     """Mask blocks over n units: aligned runs of ``block``; the last also takes the remainder
-    ``n mod block`` (so no block is shorter than ``block`` unless n is)."""
-    return max(1, n // block)
+    ``n mod block`` (so no block is shorter than ``block`` unless n is); none when n = 0."""
+    return max(1, n // block) if n > 0 else 0
 
 
 def _expand(kept: Tensor, n: int, block: int) -> Tensor:
@@ -103,7 +104,7 @@ def _expand(kept: Tensor, n: int, block: int) -> Tensor:
     m = _n_blocks(n, block)
     units = (kept[:, None] * block + torch.arange(block)).flatten()
     units = units[units < n]
-    if len(kept) and int(kept[-1]) == m - 1 and n > m * block:
+    if len(kept) and int(kept[-1]) == m - 1 and n > m * block:  # the remainder
         units = torch.cat([units, torch.arange(m * block, n)])
     return units
 
@@ -228,9 +229,10 @@ class _FlatMask:
         if law == "fixed":
             k = round((1.0 - p) * m)
             if k < 1:
-                what = "coordinate" if block == 1 else f"block of {block} coordinates"
+                what = "coordinates" if block == 1 else f"blocks of {block} coordinates"
                 raise ValueError(
-                    f"dropout rate p={p} keeps no {what} of {m}; use p <= {1 - 1 / m:.6g}"
+                    f"dropout rate p={p} keeps none of the {m} {what} (round((1-p) {m}) = 0); "
+                    f"use p <= {1 - 1 / m:.6g}" + ("" if block == 1 else " or a smaller block")
                 )
             rng = np.random.default_rng([seed, 0x5EED])
             counts = rng.multivariate_hypergeometric(sizes, k)
@@ -339,14 +341,17 @@ class Dropout(Compressor):
             together in aligned blocks of ``block`` consecutive ones; the last block of a side
             also takes the remainder (so the bias unit joins the last block of inputs when
             ``n_in`` is a multiple of ``block``). The laws above then apply to blocks: a fixed
-            mask keeps ``round((1-p) m)`` of a side's ``m = max(1, n // block)`` blocks, scaled
-            by ``sqrt(m/k)``; a Bernoulli mask keeps each block with probability 1-p, so a side
-            of fewer than ``2 * block`` units (one block) is kept or dropped whole. 1 (the
-            default) is plain unit dropout. Larger blocks read only
-            the kept blocks' cache lines of each factor (a gather of single units touches
-            nearly all of them), at a cost in variance: the estimate then samples blocks, so
+            mask keeps ``max(1, round((1-p) m))`` of a side's ``m = max(1, n // block)``
+            blocks, scaled by ``sqrt(m/k)``; a Bernoulli mask keeps each block with
+            probability 1-p. A side of fewer than ``2 * block`` units is one block: a fixed
+            mask keeps it whole (no compression there) and a Bernoulli mask keeps or drops it
+            whole (a warning names such layers). 1 (the default) is plain unit dropout. With
+            16 fp32 units to a 64-byte line, a gather of single units at rate p touches a
+            fraction ``1 - p^16`` of a factor's cache lines (81% at p = 0.9); aligned blocks of
+            16 touch only the kept ones. The estimate then samples blocks: for the flat mask
             its variance is the mask law's formula applied to the per-block sums of
-            ``a_i b_i`` (:meth:`dropinf.theory.PairStats.of` with ``block``).
+            ``a_i b_i`` (:meth:`dropinf.theory.PairStats.of` with ``block``), which for a
+            fixed mask equals the unit mask's on average over the order of the units.
         seed: the draw.
 
     Kept entries are scaled by ``sqrt(n/k)`` per side for a fixed mask (k out of n; this
@@ -385,6 +390,18 @@ class Dropout(Compressor):
 
     def _draw(self, layout: Layout) -> None:
         self.units: dict[str, tuple[Tensor, Tensor, float]] = {}
+        if self.factored and self.block > 1:
+            whole = [f"{s.module} ({side}: {n})" for s in layout.factored
+                     for side, n in (("outputs", s.n_out), ("inputs", s.n_in_aug))
+                     if _n_blocks(n, self.block) == 1]
+            if whole:
+                what = "kept whole" if self.mask == "fixed" else "kept or dropped whole"
+                warnings.warn(
+                    f"block={self.block}: these sides have fewer than {2 * self.block} units, "
+                    f"one block each, {what}: {', '.join(whole)}; use a smaller block or leave "
+                    "these layers out of Task(params=...)",
+                    stacklevel=3,
+                )
         if self.factored:
             for s in layout.factored:
                 s_out, a = self._units(s.n_out, s.module, "out")
@@ -413,14 +430,14 @@ class Dropout(Compressor):
         out = {}
         for s in self.bound.factored if self.factored else ():
             s_out, s_in, _ = self.units[s.module]
-            keep_in = _Columns(s_in[s_in < s.n_in].to(device))
+            keep_in = _Columns(s_in[s_in < s.n_in], device)
             if len(keep_in.idx) < len(s_in):  # the bias unit is kept: its input is 1
 
                 def keep_in(x: Tensor, weights=keep_in) -> Tensor:
                     a = weights(x)
                     return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
 
-            out[s.module] = FactorReducer(keep_in, _Columns(s_out.to(device)))
+            out[s.module] = FactorReducer(keep_in, _Columns(s_out, device))
         return out
 
     def _layer(self, s: FactorSpec, blocks: list, bg: BatchGrads) -> Tensor:
@@ -428,12 +445,12 @@ class Dropout(Compressor):
         reduced = _reduced(blocks)
         if reduced is not None:
             return reduced.mul_(scale)
-        w_in = s_in[s_in < s.n_in].to(bg.device)
+        w_in = s_in[s_in < s.n_in]  # indices stay on the CPU: _columns moves them
         bias_kept = len(w_in) < len(s_in)  # the bias unit is the last input index
         parts = []
         for b in blocks:  # one per group, in row order; rows of S_out falling in this group
             sel = s_out[(s_out >= b.rows.start) & (s_out < b.rows.stop)] - b.rows.start
-            d = _columns(b.delta, sel.to(bg.device))
+            d = _columns(b.delta, sel)
             g = torch.bmm(d.transpose(1, 2), _columns(b.x, w_in))  # (B, k_out_g, k_in_w)
             if bias_kept:
                 g = torch.cat([g, d.sum(1).unsqueeze(-1)], -1)
@@ -468,29 +485,33 @@ class Dropout(Compressor):
             i = self.flat.index[q.name]
             idx.append(q.offset + i)
             scale.append(torch.full((len(i),), self.flat.scale))
+        if not idx:  # a Bernoulli mask may keep nothing at all
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
         return torch.cat(idx), torch.cat(scale)
 
 
 class _Columns:
     """Copies columns ``idx`` (sorted) of a (B, T, n) factor into a contiguous float32
-    (B, T, len(idx)).
+    (B, T, len(idx)), on ``device`` (default: where ``idx`` is).
 
     Where the indices form long runs (block masks), it concatenates slices of the runs, which
     reads only their cache lines. Otherwise it uses ``gather`` with a broadcast index, which
     reads each row once and measured about twice as fast as ``index_select`` along the last
-    dimension on CPU.
+    dimension on CPU. The runs are found once, here (pass ``idx`` on the CPU to avoid a
+    device-to-host copy).
     """
 
     MIN_RUN = 8  # mean run length from which slices beat the gather
 
-    def __init__(self, idx: Tensor):
-        self.idx = idx
+    def __init__(self, idx: Tensor, device: torch.device | None = None):
         cpu = idx.cpu()
+        self.idx = idx if device is None else idx.to(device)
         cut = ((cpu[1:] != cpu[:-1] + 1).nonzero().flatten() + 1).tolist()
         starts, ends = [0, *cut], [*cut, len(cpu)]
         self.runs = [(int(cpu[a]), int(cpu[b - 1]) + 1) for a, b in zip(starts, ends)
                      if len(cpu)]
-        self.sliced = len(cpu) >= self.MIN_RUN * len(self.runs) > 0
+        long_runs = len(cpu) >= self.MIN_RUN * len(self.runs)
+        self.sliced = bool(self.runs) and long_runs
 
     def __call__(self, t: Tensor) -> Tensor:
         if self.sliced:
@@ -502,8 +523,9 @@ class _Columns:
 
 
 def _columns(t: Tensor, idx: Tensor) -> Tensor:
-    """Columns ``idx`` of a (B, T, n) factor (see :class:`_Columns`)."""
-    return _Columns(idx)(t)
+    """Columns ``idx`` (on the CPU) of a (B, T, n) factor, on its device (see
+    :class:`_Columns`)."""
+    return _Columns(idx, t.device)(t)
 
 
 # ----------------------------------------------------------------------------- Gaussian

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -428,7 +429,7 @@ def test_bad_block_is_named(block):
 def test_a_fixed_block_mask_that_keeps_no_block_is_refused():
     task, _ = CASES["mixed"]()
     M = sum(len(partition(q.numel, 64)) for q in task.params)  # one block per parameter
-    with pytest.raises(ValueError, match="keeps no block of 64 coordinates"):
+    with pytest.raises(ValueError, match=r"keeps none of the \d+ blocks of 64 coordinates"):
         di.Dropout(1 - 0.4 / M, block=64).bind(task)
 
 
@@ -444,3 +445,60 @@ def test_block_is_part_of_the_fingerprint_and_the_draw_is_reproducible():
         )
         assert torch.equal(a, a2)
         assert a.shape != one.shape or not torch.allclose(a, one)
+
+
+def test_one_block_sides_are_named_in_a_warning():
+    model = nn.Sequential(nn.Linear(40, 20), nn.Tanh(), nn.Linear(20, 3))
+    task = di.Task(model, di.losses.cross_entropy)
+    sides = r"0 \(outputs: 20\), 2 \(outputs: 3\), 2 \(inputs: 21\);"
+    with pytest.warns(UserWarning, match="kept whole: " + sides):
+        di.Dropout(0.5, factored=True, block=16).bind(task)
+    with pytest.warns(UserWarning, match="kept or dropped whole"):
+        di.Dropout(0.5, factored=True, block=16, mask="bernoulli").bind(task)
+    wide = di.Task(nn.Sequential(nn.Linear(40, 20), nn.Tanh(), nn.Linear(20, 4)),
+                   di.losses.cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        di.Dropout(0.5, factored=True, block=2).bind(wide)  # every side has two blocks or more
+
+
+def test_a_bernoulli_mask_that_keeps_nothing_has_empty_indices():
+    model = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 3))
+    task = di.Task(model, di.losses.cross_entropy)
+    x, y = torch.randn(4, 10), torch.randint(0, 3, (4,))
+    empty = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(40):
+            comp = di.Dropout(0.5, factored=True, block=16, mask="bernoulli", seed=seed)
+            comp.bind(task)
+            idx, sc = comp.kept_indices()
+            z = di.gradients(task, [(x, y)], comp, progress=False).data
+            assert z.shape == (4, comp.dim) == (4, len(idx)) and len(sc) == len(idx)
+            empty += comp.dim == 0
+    assert empty > 0  # each side is one block, dropped with probability 1/2
+
+
+def test_an_empty_parameter_gets_no_block():
+    class WithEmpty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+            self.nothing = nn.Parameter(torch.zeros(0))
+
+        def forward(self, x):
+            return self.fc(x) + self.nothing.sum()
+
+    model = WithEmpty()
+    task = di.Task(model, di.losses.cross_entropy)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    exact = di.gradients(task, [(x, y)], di.Identity(), progress=False).data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the empty parameter goes through torch.func
+        for block in (1, 4):
+            for seed in range(5):
+                comp = di.Dropout(0.5, block=block, seed=seed).bind(task)
+                assert len(comp.flat.index["nothing"]) == 0
+                idx, sc = comp.kept_indices()
+                z = di.gradients(task, [(x, y)], comp, progress=False).data
+                torch.testing.assert_close(z, exact[:, idx] * sc)
