@@ -66,10 +66,15 @@ class PairStats:
     fixed variances of :func:`variance` then hold with k the number of kept blocks; the
     Gaussian's does not depend on blocks and SJLT's is refused.
 
-    Averaged over a uniformly random order of the coordinates, a fixed block mask has exactly
-    the variance of a fixed unit mask that keeps the same fraction (b dividing d and k):
-    :func:`block_variance_by_order`. Blocks cost variance only when the order carries structure,
-    i.e. when neighbouring products ``a_i b_i`` are correlated.
+    For a fixed mask with blocks of equal size (b dividing d), averaged over a uniformly random
+    order of the coordinates, the block mask has exactly the variance of the unit mask that
+    keeps the same number of coordinates: under a random order the kept coordinates are a
+    uniform subset, i.e. the unit mask, and since the estimate is unbiased under every order,
+    the law of total variance leaves ``E_order Var(block mask | order) = Var(unit mask)``
+    (:func:`block_variance_by_order`; the argument holds per side of a factored mask too). So
+    for a fixed mask, blocks cost variance only through the order: when neighbouring products
+    ``a_i b_i`` are correlated. A Bernoulli block mask differs even on average (its kept count
+    moves in steps of b).
     """
 
     aa: Array
@@ -93,7 +98,7 @@ class PairStats:
 
         From Gram matrices: ``ab = A B^T`` and ``cc = (A * A) (B * B)^T``, so memory is
         ``O((n + m) d + n m)``. With ``block > 1``, ``cc = sum_J (A_J B_J^T)^2`` over the column
-        blocks J, a few blocks at a time (``O(n m)`` per block in the chunk).
+        blocks J, one block at a time (``O(n m)`` more memory; a Python loop over the blocks).
         """
         A, B = _pair(A, B)
         if A.ndim != 2 or B.ndim != 2:
@@ -190,8 +195,10 @@ def block_variance_by_order(stats: PairStats, law: str, q: float, block: int) ->
       ``m (m-K)/(K (m-1)) * (d - b)/(d - 1) S`` ``= d (d-k) / (k (d-1)) S`` with k = q d: the
       unit mask's variance, exactly. Block masks are free on average.
     - Bernoulli: ``Var = (1-q)/q sum_J C_J^2``, whose mean is the unit variance
-      ``(1-q)/q sum c^2`` plus ``(1-q)/q (b-1) d (cbar^2 - S / (d (d-1)))``: the mean product,
-      ``cbar = a.b / d``, adds to the variance because the number of kept blocks varies.
+      ``(1-q)/q sum c^2`` plus ``(1-q)/q (b-1) d (cbar^2 - S / (d (d-1)))``. That term is
+      positive when the mean product ``cbar = a.b / d`` dominates (the kept count moves in steps
+      of b) and negative when it is small against the spread S; it does not depend on the
+      order.
 
     Returns the shape of ``stats``' arrays.
     """

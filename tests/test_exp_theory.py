@@ -130,7 +130,8 @@ def test_config_profiles_and_overrides():
     ("n_trials", 5), ("seed", -1), ("hidden", 1.5), ("d", True), ("n_mask_seeds", 1),
     ("coherences", [0.5]), ("coherences", [400.0]), ("rates", [1.0]), ("rates", []),
     ("fisher_rates", [0.0]), ("dampings", [0.0]), ("rho", 2.0), ("library_rate", 1.0),
-    ("n_train", 1797), ("l2", -1.0), ("rates", "abc"),
+    ("n_train", 1797), ("l2", -1.0), ("rates", "abc"), ("blocks", ()), ("blocks", (1,)),
+    ("blocks", (True,)), ("block_p", 1.0), ("block_seeds", 5), ("block_layers", 0),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -541,6 +542,17 @@ def test_factored_block_mc_against_kept_indices(small_pairs):
             x.append((Z[:3] @ Z[3:].T).numpy())
         np.testing.assert_allclose(var[block, order], np.var(x, axis=0, ddof=1),
                                    rtol=1e-6, atol=1e-12)
+    sh = T.shuffled_units(fp.bg, seed_for(5, "unit order")).flat().double()
+    x = []
+    for s in range(n):  # the same masks on the shuffled units
+        comp = di.Dropout(0.5, factored=True, block=2,
+                          seed=seed_for(5, "factored block mc", 2) + s).bind(fp.task)
+        idx, sc = comp.kept_indices()
+        Z = sh[:, idx] * sc.double()
+        x.append((Z[:3] @ Z[3:].T).numpy())
+    np.testing.assert_allclose(var[2, "shuffled"], np.var(x, axis=0, ddof=1), rtol=1e-6,
+                               atol=1e-12)
+    assert not np.allclose(var[2, "shuffled"], var[2, "model"])
     unit = var[1, "model"]
     for _, row in table.iterrows():
         assert row.median_ratio == pytest.approx(np.median(var[row.block, row.order] / unit))
@@ -581,19 +593,21 @@ def test_conclusion_reports_the_block_numbers(tiny, small_pairs):
     json.dumps(nums)
 
 
-def test_block_verdict_follows_the_control_spread(tiny, small_pairs):
+def test_block_verdict_follows_the_bootstrap_interval(tiny, small_pairs):
     cfg, data = tiny
     checks = T.check_pairs(T.synthetic_pairs(cfg), cfg.rates, 100, cfg.seed)
     real = T.real_pair_table(data, cfg.rates)
     args = (checks, T.crossover_table(cfg, T.ratio_table(checks), real), real,
             T.pair_coherences(data), data.d, T.fisher_bias(cfg, data))
     flat, _ = T.block_table(data, (16,), seed=0)
-    factored, _ = T.factored_block_mc(small_pairs[0], 0.5, (16,), 10, seed=0)
-    ctrl = factored.order == T.CONTROL
-    for lo, hi, inside in [(0.0, 1e9, True), (1e8, 1e9, False)]:
+    factored, _ = T.factored_block_mc(small_pairs[0], 0.5, (16,), 10, seed=0, n_boot=20)
+    row = (factored.block == 16) & (factored.order == "model")
+    for lo, hi, verdict, phrase in [(0.5, 2.0, "none visible", "no cost of blocks is visible"),
+                                    (1.2, 2.0, "cost", "blocks cost variance here"),
+                                    (0.3, 0.8, "save", "blocks save variance here")]:
         f = factored.copy()
-        f.loc[ctrl, "q10_ratio"], f.loc[ctrl, "q90_ratio"] = lo, hi
+        f.loc[row, "median_ratio_lo"], f.loc[row, "median_ratio_hi"] = lo, hi
         text, nums = T.conclude(cfg, *args, flat, f)
-        assert nums["blocks"]["factored_within_control_spread"] is inside
-        assert ("no cost of blocks is visible" in text) is inside
-        assert ("blocks save variance" in text) is not inside
+        assert nums["blocks"]["factored_verdict"] == verdict
+        assert phrase in text and f"masks {lo:.2f} to {hi:.2f}" in text
+        assert small_pairs[0].label in text

@@ -52,6 +52,7 @@ from .common import check_int, float_list, from_profile, rng_for, seed_for, thre
 from .methods import COLORS as METHOD_COLORS
 
 LAWS = th.LAWS
+Ratios = dict[tuple[int, str], np.ndarray]  # per-pair arrays by (block size, unit order)
 LAW_LABELS = {
     "fixed": "dropout, fixed k-subset",
     "bernoulli": "dropout, Bernoulli",
@@ -133,6 +134,8 @@ class Config:
         if not 0.0 < self.block_p < 1.0:
             raise ValueError(f"block_p={self.block_p!r} must be in (0, 1)")
         object.__setattr__(self, "blocks", tuple(self.blocks))
+        if not self.blocks:
+            raise ValueError("blocks=(): give at least one block size >= 2 (section 5 needs one)")
         for b in self.blocks:
             if isinstance(b, bool) or not isinstance(b, int) or b < 2:
                 raise ValueError(f"blocks contains {b!r}; block sizes must be integers >= 2")
@@ -392,18 +395,20 @@ def library_check(data: DigitsMLP, test_i: int, train_j: int, p: float, n_seeds:
     seeds each give one draw of the compressed dot product of test point ``test_i`` and
     training point ``train_j`` (computed by the library from the model, in float32); compared
     with the closed form for the exact gradients, with blocks of b coordinates within each
-    parameter (:func:`mask_stats`). Rows as in :func:`check_pairs`, ``source == "library"``,
-    and the ``block`` size, which the pair's label also names when it is above 1.
+    parameter (:func:`mask_stats`). Rows as in :func:`check_pairs`, ``source == "library"``
+    (``coherence`` and ``cosine`` of the pair itself; ``k`` counts kept blocks of the
+    ``n_blocks``), and the ``block`` size, which the pair's label also names when above 1.
     """
     a, b = data.G_test[test_i], data.G_train[train_j]
     batch = [(torch.stack([data.test[0][test_i], data.train[0][train_j]]),
               torch.stack([data.test[1][test_i], data.train[1][train_j]]))]
     rows = []
+    unit = th.PairStats.of(a, b)
     for block in blocks:
         st = mask_stats(data.task.params, a, b, block)
         for law in ("fixed", "bernoulli"):
-            base = seed_for(seed, "library", law) if block == 1 else \
-                seed_for(seed, "library", law, block)
+            keys = ("library", law) if block == 1 else ("library", law, block)
+            base = seed_for(seed, *keys)
             x = np.empty(n_seeds)
             with threads(1):
                 for s in tqdm(range(n_seeds), desc=f"Dropout({p}, {law}, block={block})",
@@ -417,16 +422,17 @@ def library_check(data: DigitsMLP, test_i: int, train_j: int, p: float, n_seeds:
             rows.append({
                 "source": "library",
                 "pair": label if block == 1 else f"{label}, blocks of {block}",
-                "d": data.d, "coherence": float(st.coherence), "cosine": float(st.cosine),
-                "norm_prod": math.sqrt(float(st.aa * st.bb)), "law": law, "p": p, "k": k,
-                "block": block, "n_trials": n_seeds, "mean_formula": float(st.ab),
-                "var_formula": var, **summarize_draws(x, float(st.ab), var),
+                "d": data.d, "coherence": float(unit.coherence), "cosine": float(unit.cosine),
+                "norm_prod": math.sqrt(float(unit.aa * unit.bb)), "law": law, "p": p, "k": k,
+                "block": block, "n_blocks": st.d, "n_trials": n_seeds,
+                "mean_formula": float(st.ab), "var_formula": var,
+                **summarize_draws(x, float(st.ab), var),
             })
     return pd.DataFrame(rows)
 
 
 def block_table(data: DigitsMLP, blocks: tuple[int, ...], seed: int
-                ) -> tuple[pd.DataFrame, dict[tuple[int, str], np.ndarray]]:
+                ) -> tuple[pd.DataFrame, Ratios]:
     """Closed-form variance of a fixed block mask over that of a fixed unit mask keeping the
     same fraction of the coordinates, for every test-train pair of MLP gradients, per block
     size. Both variances carry the same factor ``(1-q)/q`` of the kept fraction q, so the ratio
@@ -435,9 +441,11 @@ def block_table(data: DigitsMLP, blocks: tuple[int, ...], seed: int
     ``order``: ``"model"`` takes the coordinates in the parameters' order, blocks within each
     parameter as :class:`dropinf.Dropout` draws them; ``"shuffled"`` first permutes the d
     coordinates at random (one permutation from ``seed``), the control: averaged over orders
-    the two variances are equal exactly (:func:`dropinf.theory.block_variance_by_order`).
-    Columns: the ratio's median, mean and 10% / 90% quantiles over pairs, and the share of
-    pairs where the block mask is worse. Also returns the per-pair ratios by (block, order).
+    the two variances are equal where the blocks have equal sizes
+    (:func:`dropinf.theory.block_variance_by_order`; a parameter whose size b does not divide
+    has a longer last block, and one smaller than b is a single short block). Columns: the
+    ratio's median, mean and 10% / 90% quantiles over pairs, and the share of pairs where the
+    block mask is worse. Also returns the per-pair ratios by (block, order).
     """
     params = data.task.params
     unit = th.PairStats.pairwise(data.G_test, data.G_train)
@@ -471,7 +479,7 @@ class FactorPairs:
     """
 
     task: Task
-    batch: dict
+    batch: object
     bg: BatchGrads
     n_test: int
     exact: np.ndarray
@@ -543,64 +551,65 @@ CONTROL = "model, other masks"  # factored_block_mc's unit mask with an independ
 
 
 def factored_block_mc(fp: FactorPairs, p: float, blocks: tuple[int, ...], n_seeds: int,
-                      seed: int) -> tuple[pd.DataFrame, dict[tuple[int, str], np.ndarray]]:
+                      seed: int, n_boot: int = 200) -> tuple[pd.DataFrame, Ratios]:
     """Monte Carlo over ``n_seeds`` masks of factored dropout at rate p per side, with blocks of
     each size in ``(1, *blocks)`` units, for every test-train pair of ``fp``: in the model's
     unit order and with the units shuffled (:func:`shuffled_units`).
 
-    Returns a summary table, one row per (block, order): output dimension, the median over
-    pairs of the variance of ``ahat . bhat`` relative to the unit mask's (and its 10% / 90%
-    quantiles and the share of pairs where blocks are worse; order :data:`CONTROL` is the unit
-    mask again with other masks: its spread is that of the estimates alone), the same per
-    output coordinate
-    (variance times dimension, which removes the difference in the number of kept units), and
-    the largest |z| of a pair's mean against its exact dot product; and the per-pair variances
-    by ``(block, order)``.
+    Returns a summary table, one row per (block, order), and the per-pair variances of
+    ``ahat . bhat`` by ``(block, order)``. Columns: output dimension; the median over pairs of
+    the variance relative to the unit mask's, with a 95% percentile interval from ``n_boot``
+    bootstrap resamples of the masks (each run's masks resampled independently, all pairs
+    together), its 10% / 90% quantiles over pairs and the share of pairs where blocks are
+    worse; the median per output coordinate (variance times dimension, which removes the
+    difference in the number of kept units); the largest |z| of a pair's mean against its
+    exact dot product. Order :data:`CONTROL` is the unit mask again with independent masks:
+    its interval should hold 1, and its spread over pairs is that of the estimates alone.
     """
     nt = fp.n_test
-    variances: dict[tuple[int, str], np.ndarray] = {}
+    draws: dict[tuple[int, str], np.ndarray] = {}
     dims: dict[tuple[int, str], float] = {}
-    max_z: dict[tuple[int, str], float] = {}
     orders = {"model": fp.bg, "shuffled": shuffled_units(fp.bg, seed_for(seed, "unit order"))}
-    # (block, order, units, seed stream): the unit mask twice, with independent masks, so the
-    # second's ratio to the first shows the sampling spread of a ratio of two estimates
+    # (block, order, units, seed stream): the unit mask twice, with independent masks
     runs = [(1, "model", "model", "factored block mc"), (1, CONTROL, "model", "control")]
     runs += [(b, o, o, "factored block mc") for b in blocks for o in orders]
     with threads(1):
         for block, order, units, stream in runs:
             base = seed_for(seed, stream, block)
-            bg = orders[units]
-            total = np.zeros_like(fp.exact)
-            square = np.zeros_like(fp.exact)
+            x = np.empty((n_seeds, *fp.exact.shape))
             dim = []
             for s in tqdm(range(n_seeds), desc=f"factored, block={block}, {order}",
                           unit="mask"):
                 comp = Dropout(p, factored=True, seed=base + s, block=block).bind(fp.task)
-                z = comp.compress(bg).double()
-                x = (z[:nt] @ z[nt:].T).numpy()
-                total += x
-                square += x * x
+                z = comp.compress(orders[units]).double()
+                x[s] = (z[:nt] @ z[nt:].T).numpy()
                 dim.append(comp.dim)
-            mean = total / n_seeds
-            var = np.maximum(square - n_seeds * mean**2, 0.0) / (n_seeds - 1)
-            variances[block, order] = var
+            draws[block, order] = x
             dims[block, order] = float(np.mean(dim))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z = np.abs(mean - fp.exact) / np.sqrt(var / n_seeds)
-            max_z[block, order] = float(np.nanmax(z))
+    variances = {key: x.var(axis=0, ddof=1) for key, x in draws.items()}
     unit = variances[1, "model"]
+    rng = rng_for(seed, "factored block bootstrap")
     rows = []
-    for (block, order), var in variances.items():
-        r = var / unit
-        per_coord = r * dims[block, order] / dims[1, "model"]
+    for (block, order), x in draws.items():
+        r = variances[block, order] / unit
+        lo = hi = 1.0
+        if (block, order) != (1, "model"):
+            boot = [np.median(x[rng.integers(0, n_seeds, n_seeds)].var(axis=0, ddof=1)
+                              / draws[1, "model"][rng.integers(0, n_seeds, n_seeds)]
+                              .var(axis=0, ddof=1))
+                    for _ in range(n_boot)]
+            lo, hi = (float(v) for v in np.quantile(boot, [0.025, 0.975]))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.abs(x.mean(0) - fp.exact) / np.sqrt(variances[block, order] / n_seeds)
         rows.append({"block": block, "order": order, "p": p, "dim": dims[block, order],
-                     "median_ratio": float(np.median(r)),
-                     "q10_ratio": float(np.quantile(r, 0.1)),
+                     "median_ratio": float(np.median(r)), "median_ratio_lo": lo,
+                     "median_ratio_hi": hi, "q10_ratio": float(np.quantile(r, 0.1)),
                      "q90_ratio": float(np.quantile(r, 0.9)),
                      "block_worse": float(np.mean(r > 1.0)),
-                     "median_ratio_per_coordinate": float(np.median(per_coord)),
-                     "max_abs_z_mean": max_z[block, order], "n_pairs": r.size,
-                     "n_seeds": n_seeds})
+                     "median_ratio_per_coordinate":
+                         float(np.median(r * dims[block, order] / dims[1, "model"])),
+                     "max_abs_z_mean": float(np.nanmax(z)), "n_pairs": r.size,
+                     "n_seeds": n_seeds, "model": fp.label})
     return pd.DataFrame(rows), variances
 
 
@@ -909,46 +918,54 @@ def _block_sentences(flat: pd.DataFrame, factored: pd.DataFrame, nums: dict) -> 
     fl = flat[flat.block == b].set_index("order")
     fa = factored[factored.block == b].set_index("order")
     ctrl = factored[factored.order == CONTROL].iloc[0]
-    inside = ctrl.q10_ratio <= fa.median_ratio["model"] <= ctrl.q90_ratio
+    lo, hi = float(fa.median_ratio_lo["model"]), float(fa.median_ratio_hi["model"])
+    verdict = "none visible" if lo <= 1.0 <= hi else ("cost" if lo > 1.0 else "save")
     nums["blocks"] = {
         "block": b,
         "flat_mlp": {o: {"median_ratio": float(r.median_ratio), "q10": float(r.q10_ratio),
                          "q90": float(r.q90_ratio), "block_worse": float(r.block_worse)}
                      for o, r in fl.iterrows()},
+        "factored_model": str(fa.model.iloc[0]),
         "factored_minilm": {o: {"median_ratio": float(r.median_ratio),
+                                "median_ratio_ci95": [float(r.median_ratio_lo),
+                                                      float(r.median_ratio_hi)],
                                 "q10": float(r.q10_ratio), "q90": float(r.q90_ratio),
                                 "median_ratio_per_coordinate":
                                     float(r.median_ratio_per_coordinate),
                                 "max_abs_z_mean": float(r.max_abs_z_mean)}
                             for o, r in fa.iterrows()},
         "factored_unit_control": {"median_ratio": float(ctrl.median_ratio),
+                                  "median_ratio_ci95": [float(ctrl.median_ratio_lo),
+                                                        float(ctrl.median_ratio_hi)],
                                   "q10": float(ctrl.q10_ratio), "q90": float(ctrl.q90_ratio)},
-        "factored_within_control_spread": bool(inside),
+        "factored_verdict": verdict,
         "factored_p": float(fa.p.iloc[0]),
         "factored_pairs": int(fa.n_pairs.iloc[0]),
         "factored_seeds": int(fa.n_seeds.iloc[0]),
     }
+    m_flat, s_flat = float(fl.median_ratio["model"]), float(fl.median_ratio["shuffled"])
+    why = (": the excess comes from the order (along a weight row the products share the "
+           "row's output gradient)" if m_flat > 1.1 * s_flat else "")
+    text = {
+        "none visible": "The interval holds 1: no cost of blocks is visible at this precision.",
+        "cost": "The interval lies above 1: blocks cost variance here.",
+        "save": "The interval lies below 1: blocks save variance here.",
+    }[verdict]
     return (
-        f"Masks that keep or drop aligned blocks of {b} units together (Dropout(block={b}), "
-        "whose gathers copy whole cache lines) have, averaged over the order of the units, "
-        "exactly the variance of unit masks (fixed law). On the MLP's gradients in the "
-        f"parameters' own order, the flat block mask's variance is a median "
-        f"{fl.median_ratio['model']:.2f} times the unit mask's (10-90% of pairs: "
-        f"{fl.q10_ratio['model']:.2f} to {fl.q90_ratio['model']:.2f}) and "
-        f"{fl.median_ratio['shuffled']:.2f} after shuffling the coordinates: along a weight row "
-        "the products share the row's output gradient. Factored block masks on MiniLM's "
-        f"last layer at p = {fa.p.iloc[0]:g} per side ({int(fa.n_pairs.iloc[0])} pairs, "
-        f"{int(fa.n_seeds.iloc[0])} masks each) have a median "
-        f"{fa.median_ratio['model']:.2f} times the unit mask's variance "
-        f"(10-90%: {fa.q10_ratio['model']:.2f} to {fa.q90_ratio['model']:.2f}; "
-        f"{fa.median_ratio['shuffled']:.2f} with the units shuffled); the unit mask against "
-        f"itself with other masks gives {ctrl.median_ratio:.2f} ({ctrl.q10_ratio:.2f} to "
-        f"{ctrl.q90_ratio:.2f}), the spread of the estimates alone, "
-        + ("inside which the block mask's median falls: no cost of blocks is visible at this "
-           "precision." if inside else
-           "outside which the block mask's median falls: blocks "
-           + ("cost" if fa.median_ratio["model"] > ctrl.q90_ratio else "save")
-           + " variance here.")
+        f"A fixed mask that keeps or drops aligned blocks of {b} units together "
+        f"(Dropout(block={b}), whose gathers copy whole cache lines) has, averaged over the "
+        "order of the units, exactly the variance of the unit mask when the blocks have equal "
+        "sizes. On the MLP's gradients in the parameters' own order, the flat block mask's "
+        f"variance is a median {m_flat:.2f} times the unit mask's (10-90% of pairs: "
+        f"{fl.q10_ratio['model']:.2f} to {fl.q90_ratio['model']:.2f}) and {s_flat:.2f} after "
+        f"shuffling the coordinates{why}. Factored block masks on {fa.model.iloc[0]}, at "
+        f"p = {fa.p.iloc[0]:g} per side ({int(fa.n_pairs.iloc[0])} pairs, "
+        f"{int(fa.n_seeds.iloc[0])} masks each), have a median "
+        f"{fa.median_ratio['model']:.2f} times the unit mask's variance (95% interval over "
+        f"masks {lo:.2f} to {hi:.2f}; {fa.median_ratio['shuffled']:.2f} with the units "
+        f"shuffled), where the unit mask against itself with other masks gives "
+        f"{ctrl.median_ratio:.2f} ({ctrl.median_ratio_lo:.2f} to {ctrl.median_ratio_hi:.2f}). "
+        + text
     )
 
 
@@ -1143,9 +1160,6 @@ def plot_coherence(cfg: Config, ratios: pd.DataFrame, real: pd.DataFrame,
     bx.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     return fig
-
-
-Ratios = dict[tuple[int, str], np.ndarray]  # per-pair arrays by (block size, unit order)
 
 
 def plot_blocks(flat: Ratios, factored: Ratios, d_mlp: int, factored_label: str):
