@@ -351,7 +351,8 @@ class Dropout(Compressor):
             16 touch only the kept ones. The estimate then samples blocks: for the flat mask
             its variance is the mask law's formula applied to the per-block sums of
             ``a_i b_i`` (:meth:`dropinf.theory.PairStats.of` with ``block``), which for a
-            fixed mask equals the unit mask's on average over the order of the units.
+            fixed mask with blocks of equal size equals the unit mask's on average over the
+            order of the units.
         seed: the draw.
 
     Kept entries are scaled by ``sqrt(n/k)`` per side for a fixed mask (k out of n; this
