@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_close
-from test_compressors import CASES, Reusing, grads
+from test_compressors import CASES, grads
 from torch import nn
 
 import dropinf as di
@@ -240,37 +240,6 @@ def test_factored_block_dropout_is_flat_dropout_with_a_kronecker_mask(case, b, m
             M = sum(len(partition(q.numel, b)) for q in rest)
             assert n_rest == round((1 - p) * M)
     assert bias_kept, "no draw kept a bias unit: the case does not cover it"
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: di.Dropout(0.5, factored=True, seed=1, block=4),
-        lambda: di.Dropout(0.6, factored=True, mask="bernoulli", seed=2, block=4),
-        lambda: di.Dropout(0.5, factored=True, seed=1, block=16),
-        lambda: di.Dropout(0.6, factored=True, mask="bernoulli", seed=2, block=16),
-    ],
-    ids=["fixed-4", "bernoulli-4", "fixed-16", "bernoulli-16"],
-)
-@pytest.mark.parametrize("model", ["reusing", "mixed", "gpt2"])
-def test_block_reduction_at_capture_equals_compressing_the_full_factors(make, model):
-    if model == "reusing":
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(5, 2, 5, 5, generator=g), torch.randint(0, 4, (5,), generator=g)
-        task, batches = di.Task(Reusing().eval(), losses.cross_entropy), [(x, y)]
-    else:
-        task, batches = CASES[model]()
-    comp = make().bind(task)
-    with PerSampleGrads(task) as psg:  # full factors, compressed afterwards
-        full = comp.compress(psg(batches[0])[0])
-    with PerSampleGrads(task, comp) as psg:
-        bg = psg(batches[0])[0]
-    expected = {"reusing": {"conv", "fc", "pos", "head"}, "mixed": {"fc1", "fc2"}}  # grouped conv
-    assert set(psg.reducers) == expected.get(model, {s.module for s in comp.bound.factored})
-    assert full.shape[1] > 0, "the draw kept nothing: nothing to compare"
-    assert_close(comp.compress(bg), full)
-    if model == "gpt2" and comp.block == 16 and comp.mask == "fixed":  # runs of 16: slices
-        assert any(r.outputs.sliced for r in comp.reducers(torch.device("cpu")).values())
 
 
 def test_columns_copy_by_slices_or_gather_like_indexing():

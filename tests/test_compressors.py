@@ -359,10 +359,16 @@ class Reusing(nn.Module):
         lambda: di.Dropout(0.5, factored=True, seed=1),
         lambda: di.Dropout(0.6, factored=True, mask="bernoulli", seed=2),
         lambda: di.Gaussian(factored=True, p=0.5, seed=3),
+        lambda: di.Dropout(0.5, factored=True, seed=1, block=4),
+        lambda: di.Dropout(0.6, factored=True, mask="bernoulli", seed=2, block=4),
+        lambda: di.Dropout(0.5, factored=True, seed=1, block=16),
+        lambda: di.Dropout(0.6, factored=True, mask="bernoulli", seed=2, block=16),
     ],
-    ids=["dropout-fixed", "dropout-bernoulli", "gaussian"],
+    ids=["dropout-fixed", "dropout-bernoulli", "gaussian", "fixed-block4", "bernoulli-block4",
+         "fixed-block16", "bernoulli-block16"],
 )
 @pytest.mark.parametrize("model", ["reusing", "mixed", "gpt2"])
+@pytest.mark.filterwarnings("ignore:block=")  # small layers are single blocks
 def test_reduction_at_capture_equals_compressing_the_full_factors(make, model):
     if model == "reusing":
         g = torch.Generator().manual_seed(0)
@@ -377,9 +383,13 @@ def test_reduction_at_capture_equals_compressing_the_full_factors(make, model):
         bg = psg(batches[0])[0]
     expected = {"reusing": {"conv", "fc", "pos", "head"}, "mixed": {"fc1", "fc2"}}  # grouped conv
     assert set(psg.reducers) == expected.get(model, {s.module for s in comp.bound.factored})
+    assert full.shape[1] > 0, "the draw kept nothing: nothing to compare"
     assert_close(comp.compress(bg), full)
     with pytest.raises(ValueError, match="compressed as it was captured"):
         bg.flat()
+    if model == "gpt2" and getattr(comp, "block", 1) == 16 and comp.mask == "fixed":
+        # runs of 16 kept units: the reducers copy slices
+        assert any(r.outputs.sliced for r in comp.reducers(torch.device("cpu")).values())
 
 
 def test_gradients_reduce_factors_at_capture(monkeypatch):
