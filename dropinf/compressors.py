@@ -507,12 +507,12 @@ class _Columns:
     def __init__(self, idx: Tensor, device: torch.device | None = None):
         cpu = idx.cpu()
         self.idx = idx if device is None else idx.to(device)
-        cut = ((cpu[1:] != cpu[:-1] + 1).nonzero().flatten() + 1).tolist()
-        starts, ends = [0, *cut], [*cut, len(cpu)]
-        self.runs = [(int(cpu[a]), int(cpu[b - 1]) + 1) for a, b in zip(starts, ends)
-                     if len(cpu)]
-        long_runs = len(cpu) >= self.MIN_RUN * len(self.runs)
-        self.sliced = bool(self.runs) and long_runs
+        self.runs: list[tuple[int, int]] = []  # [start, stop) of each run of consecutive idx
+        if len(cpu):
+            cut = ((cpu[1:] != cpu[:-1] + 1).nonzero().flatten() + 1).tolist()
+            bounds = zip([0, *cut], [*cut, len(cpu)])
+            self.runs = [(int(cpu[a]), int(cpu[b - 1]) + 1) for a, b in bounds]
+        self.sliced = bool(self.runs) and len(cpu) >= self.MIN_RUN * len(self.runs)
 
     def __call__(self, t: Tensor) -> Tensor:
         if self.sliced:
