@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .persample import (
     BatchGrads,
+    DenseGrad,
     FactorReducer,
     FactorSpec,
     LinearFactors,
@@ -313,6 +314,23 @@ def _layer_blocks(bg: BatchGrads) -> dict[str, list[LinearFactors | ReducedFacto
     return out
 
 
+def _dense_layer(s: FactorSpec, bg: BatchGrads) -> Tensor | None:
+    """(B, n_out, n_in_aug) per-sample gradient of factored layer ``s`` (bias column last) when
+    its parameters came as plain per-sample gradients rather than factors (the self-check of
+    :class:`~dropinf.PerSampleGrads` sent them to ``torch.func``); None when they did not."""
+    if not any(isinstance(b, DenseGrad) and s.weight in b.params for b in bg.blocks):
+        return None
+    info = {q.name: q for q in bg.params}
+    W = bg.param_grad(info[s.weight])
+    if s.transposed:  # stored (I, O)
+        W = W.view(bg.size, s.n_in, s.n_out).transpose(1, 2)
+    else:
+        W = W.view(bg.size, s.n_out, s.n_in)
+    if s.bias is not None:
+        W = torch.cat([W, bg.param_grad(info[s.bias]).unsqueeze(-1)], -1)
+    return W.float()
+
+
 def _reduced(blocks: list) -> Tensor | None:
     """The product of a layer's reduced factors, or None if it was captured in full."""
     if len(blocks) == 1 and isinstance(blocks[0], ReducedFactors):
@@ -446,6 +464,10 @@ class Dropout(Compressor):
         reduced = _reduced(blocks)
         if reduced is not None:
             return reduced.mul_(scale)
+        if not blocks and (M := _dense_layer(s, bg)) is not None:
+            M = M[:, _on(self, f"{s.module}:out", s_out, bg.device)]
+            M = M[:, :, _on(self, f"{s.module}:in", s_in, bg.device)]
+            return M.reshape(bg.size, -1) * scale
         w_in = s_in[s_in < s.n_in]  # indices stay on the CPU: _columns moves them
         bias_kept = len(w_in) < len(s_in)  # the bias unit is the last input index
         parts = []
@@ -619,6 +641,9 @@ class Gaussian(Compressor):
                     _on(self, f"{s.module}:{i}", t, bg.device)
                     for i, t in enumerate(self.proj[s.module])
                 )
+                if not blocks.get(s.module) and (M := _dense_layer(s, bg)) is not None:
+                    parts.append((p_out @ M @ p_in.T).reshape(bg.size, -1))
+                    continue
                 out = torch.zeros(bg.size, p_out.shape[0], p_in.shape[0], device=bg.device)
                 for b in blocks.get(s.module, []):
                     # P_in x_aug without building x_aug: the bias unit's column is added after.

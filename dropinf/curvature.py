@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.func import grad, hessian, jvp, vjp, vmap
 
 from .losses import SplitLoss
-from .persample import _Functional
+from .persample import _losses_of, call_with
 from .task import Task, batch_size, to_device
 
 KINDS = ("identity", "fisher", "exact", "ggn")
@@ -310,7 +310,7 @@ def _flat_loss(task: Task, batch: object):
             q.name: theta[q.offset : q.stop].view(q.shape).to(p.dtype)
             for q, p in zip(task.params, _selected(task))
         }
-        return task.per_sample_losses(batch, _Functional(task.model, params)).sum().double()
+        return call_with(task.model, params, _losses_of(task), batch).sum().double()
 
     return f
 
@@ -324,7 +324,7 @@ def _ggn_product(task: Task, batch: object, theta: Tensor):
             q.name: t[q.offset : q.stop].view(q.shape).to(p.dtype)
             for q, p in zip(task.params, _selected(task))
         }
-        return loss.output(_Functional(task.model, params), batch).double()
+        return call_with(task.model, params, loss.output, batch).double()
 
     def total(o: Tensor) -> Tensor:
         return loss.from_output(o, batch).sum()

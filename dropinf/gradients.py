@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .compressors import Compressor
 from .persample import PerSampleGrads
 from .store import GradientWriter, Store, hash_batch, loss_name, model_hash, sorted_positions
-from .task import Task, batch_size, to_device
+from .task import Task, as_tree, batch_size, to_device
 
 
 @dataclass
@@ -149,6 +149,7 @@ def gradients(
     progress: bool = True,
     desc: str = "gradients",
     dtype: torch.dtype = torch.float32,
+    check: bool = True,
 ) -> Gradients:
     """Per-sample gradients of every sample ``loader`` yields, compressed by ``compressor``.
 
@@ -172,6 +173,15 @@ def gradients(
         progress: show a tqdm bar labelled ``desc``.
         dtype: of the result (float64 keeps a float64 model's precision). A store takes float32,
             float16, bfloat16 or float64.
+        check: run the self-check of :class:`~dropinf.PerSampleGrads` on the first batch: the
+            per-sample gradients (before compression) are compared with autograd's gradient of
+            a randomly weighted sum of the batch's losses, parameter by parameter; a parameter
+            whose gradient the hooks miss in part (used outside its module, in the loss, on
+            inputs that are not batch-first) goes through ``torch.func`` with a warning, or a
+            ValueError says why it cannot. It costs about one training step per call.
+            ``check=False`` skips it; do that only for a model you know (each parameter used
+            once, inside its own hooked module, batch-first), since a missed use then gives
+            silently wrong gradients.
 
     Returns:
         :class:`Gradients` with ``data`` of shape (n, compressor.dim), on the CPU, rows sorted by
@@ -212,9 +222,10 @@ def gradients(
         sink = _Chunks(writer, chunk_size)
     device = task.device
     seen = 0
-    with task.evaluating(), PerSampleGrads(task, compressor) as psg:
+    with task.evaluating(), PerSampleGrads(task, compressor, check=check) as psg:
         for item in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
             bidx, batch = item if order is not None else (None, item)
+            batch = as_tree(batch)  # a BatchEncoding or other Mapping: a dict of its tensors
             if bidx is None and (m := batch_size(batch)) is not None:
                 bidx = torch.arange(seen, seen + m)
             if sink.skip(bidx, batch):  # in a chunk already stored: its hash was checked
@@ -249,7 +260,7 @@ class _Memory:
             return
         self.indices, self.pos = sorted_positions(order)
         self.data = torch.empty(len(order), k, dtype=dtype)
-        self.losses = torch.empty(len(order))
+        self.losses = torch.empty(len(order), dtype=torch.float32)  # as a store keeps them
 
     def skip(self, bidx: Tensor | None, batch: object) -> bool:
         return False

@@ -15,10 +15,11 @@ the full ``(B, d)`` per-sample gradient when a compressor needs it.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from .task import ParamInfo, Task, batch_size
+from .task import ParamInfo, Task, as_tree, batch_size
 
 # ----------------------------------------------------------------------------- factored blocks
 
@@ -77,6 +78,23 @@ class LinearFactors:
         if self.bias is not None and only in (None, self.bias):
             yield self.bias, self.rows.start, self.delta.sum(1)
 
+    def abs(self) -> LinearFactors:
+        """The block with absolute values: its weighted sums (with |w|) bound this block's
+        elementwise, the scale of their rounding error."""
+        return replace(self, x=self.x.abs(), delta=self.delta.abs())
+
+    def weighted_sums(self, w: Tensor) -> Iterator[tuple[str, int, Tensor]]:
+        """Like :meth:`contributions`, but ``sum_b w_b g_b`` (n,) over the batch, from the
+        factors (one (O, B T) x (B T, I) product; no per-sample weight gradient)."""
+        n_out, n_in = self.delta.shape[-1], self.x.shape[-1]
+        d = (self.delta * w.to(self.delta.dtype)[:, None, None]).reshape(-1, n_out)
+        if self.weight is not None:
+            gw = d.T @ self.x.reshape(-1, n_in)
+            gw = gw.T if self.transposed else gw
+            yield self.weight, self.rows.start * n_in, gw.reshape(-1)
+        if self.bias is not None:
+            yield self.bias, self.rows.start, d.sum(0)
+
 
 @dataclass
 class EmbeddingFactors:
@@ -105,6 +123,16 @@ class EmbeddingFactors:
         g.index_add_(0, flat_ids, self.delta[keep])
         yield self.weight, 0, g.view(B, -1)
 
+    def abs(self) -> EmbeddingFactors:
+        return replace(self, delta=self.delta.abs())
+
+    def weighted_sums(self, w: Tensor) -> Iterator[tuple[str, int, Tensor]]:
+        keep = self.ids >= 0
+        d = self.delta * w.to(self.delta.dtype)[:, None, None]
+        g = self.delta.new_zeros(self.num_embeddings, self.delta.shape[-1])
+        g.index_add_(0, self.ids[keep], d[keep])
+        yield self.weight, 0, g.reshape(-1)
+
 
 @dataclass
 class DenseGrad:
@@ -119,6 +147,12 @@ class DenseGrad:
 
     def contributions(self, only: str | None = None) -> Iterator[tuple[str, int, Tensor]]:
         yield self.param, 0, self.g
+
+    def abs(self) -> DenseGrad:
+        return replace(self, g=self.g.abs())
+
+    def weighted_sums(self, w: Tensor) -> Iterator[tuple[str, int, Tensor]]:
+        yield self.param, 0, w.to(self.g.dtype) @ self.g
 
 
 @dataclass(frozen=True)
@@ -203,6 +237,24 @@ class BatchGrads:
                     out[:, start : start + g.shape[1]] += g
         return out
 
+    def weighted_sums(self, w: Tensor, absolute: bool = False) -> dict[str, Tensor]:
+        """``{name: sum_b w_b g_b}`` (numel,) for every parameter that a block holds, formed
+        from the factors. ``absolute``: the same sums of absolute values (with ``|w|``), which
+        bound the sums elementwise and set the scale of their rounding error."""
+        out: dict[str, Tensor] = {}
+        for b in self.blocks:
+            if absolute:
+                b, w = b.abs(), w.abs()
+            for name, start, g in b.weighted_sums(w):
+                info = self._info[name]
+                acc = out.setdefault(name, g.new_zeros(info.numel))
+                acc[start : start + g.shape[0]] += g
+        return out
+
+    @property
+    def _info(self) -> dict[str, ParamInfo]:
+        return {p.name: p for p in self.params}
+
     def flat(self) -> Tensor:
         """(B, d) per-sample gradients in the task's parameter order (``Task.params``)."""
         layout = {p.name: p for p in self.params}
@@ -238,13 +290,27 @@ def _hookable(m: nn.Module) -> str | None:
     return None
 
 
+def _no_vmap(m: nn.Module) -> str | None:
+    """Why ``torch.func`` cannot give per-sample gradients of a module, or None."""
+    if isinstance(m, (nn.RNN, nn.GRU)):
+        return "its fused recurrent kernel does not run under torch.func.vmap"
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
+        return "max_norm renormalises the table in place during the forward pass"
+    return None
+
+
 @dataclass
 class Plan:
-    """Which selected parameters go through hooks (by module) and which through ``torch.func``."""
+    """Which selected parameters go through hooks (by module) and which through ``torch.func``.
+
+    ``rerouted``: parameters that a hookable module owns but that go through ``torch.func``
+    because the self-check found that the hooks miss part of their gradient (name -> why).
+    """
 
     hooked: dict[str, str]  # module name -> kind
     func: list[str]  # parameter names
     unsupported: dict[str, str]  # module name -> type name, for modules whose params use func
+    rerouted: dict[str, str] = field(default_factory=dict)
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
@@ -258,20 +324,24 @@ def _own(m: nn.Module, canon: dict[int, str], selected: set[str]) -> dict[str, s
     return {a: n for a, n in names.items() if n in selected}
 
 
-def make_plan(task: Task) -> Plan:
+def make_plan(task: Task, rerouted: dict[str, str] | None = None) -> Plan:
     """Route each selected parameter.
 
     A parameter goes through hooks only if every module that owns it (tied weights have several
-    owners) is hookable; otherwise through ``torch.func``. A hookable module is hooked when at
-    least one of its own parameters is selected and none of them is routed to ``torch.func``.
+    owners) is hookable and it is not in ``rerouted`` (name -> why, from the self-check);
+    otherwise through ``torch.func``. A hookable module is hooked when at least one of its own
+    parameters is selected and none of them is routed to ``torch.func``. A selected parameter
+    of a module that ``torch.func`` cannot differentiate per sample (GRU, an embedding with
+    ``max_norm``) is refused with a ValueError naming the module.
     """
+    rerouted = dict(rerouted or {})
     selected = {p.name for p in task.params}
     canon = _param_names(task.model)
     owners: dict[str, list[tuple[str, nn.Module]]] = defaultdict(list)
     for mname, m in task.model.named_modules(remove_duplicate=False):
         for pname in _own(m, canon, selected).values():
             owners[pname].append((mname, m))
-    func: set[str] = set()
+    func: set[str] = set(rerouted) & selected
     unsupported: dict[str, str] = {}
     for pname, mods in owners.items():
         for mname, m in mods:
@@ -289,6 +359,15 @@ def make_plan(task: Task) -> Plan:
                 if own & func and not own <= func:
                     func |= own
                     changed = True
+    for pname in sorted(func):
+        for mname, m in owners.get(pname, []):
+            if why := _no_vmap(m):
+                raise ValueError(
+                    f"module {mname!r} ({type(m).__name__}) has no exact per-sample gradient in "
+                    f"dropinf: it is not a hooked layer and {why}. Leave its parameters out of "
+                    f"Task(params=...) (e.g. params=[names without {mname!r}]), or use a module "
+                    "that torch.func supports (nn.LSTM, an embedding without max_norm)"
+                )
     hooked: dict[str, str] = {}
     seen: set[int] = set()
     for mname, m in task.model.named_modules(remove_duplicate=False):
@@ -298,7 +377,8 @@ def make_plan(task: Task) -> Plan:
             hooked[mname] = kind
             seen.add(id(m))
     func_list = [p.name for p in task.params if p.name in func]  # layout order
-    return Plan(hooked, func_list, unsupported)
+    why = {n: rerouted[n] for n in func_list if n in rerouted}
+    return Plan(hooked, func_list, unsupported, why)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -330,11 +410,27 @@ class _Call:
 
 
 class _Capture:
-    """Installs forward hooks on the planned modules for the duration of a ``with`` block."""
+    """Installs forward hooks on the planned modules for the duration of a ``with`` block.
 
-    def __init__(self, task: Task, plan: Plan, reducers: dict[str, FactorReducer] | None = None):
+    A hooked module whose input does not have the batch's B samples along dimension 0 is
+    *misfit* (its name and input shape go to ``misfit``) and is not tapped: its parameters then
+    miss gradient, which the self-check finds and reroutes; after the check such an input is an
+    error (``strict``). An input with 1 along dimension 0 in a batch of B > 1 is taken as shared
+    by every sample (GPT-2's position embeddings) and expanded, which the self-check verifies.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        plan: Plan,
+        reducers: dict[str, FactorReducer] | None = None,
+        strict: bool = True,
+    ):
         self.task, self.plan, self.reducers = task, plan, reducers or {}
+        self.strict = strict
         self.calls: dict[str, list[_Call]] = defaultdict(list)
+        self.misfit: dict[str, tuple[int, ...]] = {}  # module -> input shape
+        self.expanded: dict[str, tuple[int, ...]] = {}  # module -> input shape
         self.anchor: Tensor | None = None
         self.size = 0
         self.handles = []
@@ -352,6 +448,8 @@ class _Capture:
 
     def reset(self, device: torch.device, size: int) -> Tensor:
         self.calls.clear()
+        self.misfit.clear()
+        self.expanded.clear()
         self.size = size
         self.anchor = torch.zeros((), device=device, requires_grad=True)
         return self.anchor
@@ -363,13 +461,18 @@ class _Capture:
             inp, B = args[0].detach(), self.size
             if inp.shape[0] != B:
                 if inp.shape[0] != 1:
-                    raise ValueError(
-                        f"module {name!r} got input of shape {tuple(inp.shape)} in a batch of "
-                        f"{B}; hooked layers need the samples along dimension 0 (batch_first). "
-                        f"Leave this module out of Task(params=...) or reshape its input."
-                    )
+                    if self.strict:
+                        raise ValueError(
+                            f"module {name!r} got input of shape {tuple(inp.shape)} in a batch "
+                            f"of {B}; hooked layers need the samples along dimension 0 "
+                            "(batch_first). Leave this module out of Task(params=...) or "
+                            "reshape its input."
+                        )
+                    self.misfit[name] = tuple(inp.shape)
+                    return None
                 # Shared across the batch (e.g. GPT-2 position embeddings): give each sample its
                 # own copy so that its output gradient is per-sample, not summed over samples.
+                self.expanded[name] = tuple(inp.shape)
                 inp = inp.expand(B, *inp.shape[1:])
                 output = output.expand(B, *output.shape[1:])
             reducer, record = self.reducers.get(name), None
@@ -492,16 +595,39 @@ class PerSampleGrads:
     """Computes :class:`BatchGrads` for batches of a task. Use as a context manager.
 
     >>> with PerSampleGrads(task) as psg:
-    ...     bg = psg(batch)        # BatchGrads; bg.flat() is (B, d)
+    ...     bg, losses = psg(batch)        # BatchGrads; bg.flat() is (B, d)
 
     With a ``compressor`` (bound to the task here), layers that it reduces factor by factor
     (:meth:`~dropinf.Compressor.reducers`: factored dropout and Gaussian) are reduced as they are
     captured and come back as :class:`ReducedFactors`, which only ``compressor.compress`` reads.
+
+    **Self-check** (``check=True``, the default). The hooks see only the gradient that flows
+    through a hooked module's own call; a parameter also used elsewhere (a penalty on it in the
+    loss, ``F.linear`` on a layer's weight, a weight tied outside its module) or a layer whose
+    samples are not along dimension 0 would get a silently wrong per-sample gradient. So on the
+    first batch (and, if that batch has one sample, on the first batch of two or more), for
+    random sample weights ``w`` (fixed seed) and every selected parameter, the weighted sum
+    ``sum_b w_b g_b`` of the per-sample gradients is compared with autograd's gradient of
+    ``sum_b w_b loss_b``: one extra forward and two backward passes (the second with weight
+    gradients), about one training step per featurisation. Random weights make the check see a
+    sample's gradient attributed to another sample, which a plain sum would not. The tolerance is
+    ``sqrt(eps)`` of the parameter's dtype relative to the sums of absolute values (the scale of
+    their rounding error): 3.5e-4 in float32, 1.5e-8 in float64. A parameter that fails is
+    routed to ``torch.func`` (which sees every use of it, the loss included) with a warning
+    naming it and why, and the check is repeated; if it fails again (the model or loss treats a
+    sample differently in a batch than alone, or ``torch.func`` cannot trace it) a ValueError
+    names the parameter and the fix. ``check=False`` skips all this: use it only for a model
+    whose parameters are each used once, inside their own module, on batch-first inputs.
     """
 
-    def __init__(self, task: Task, compressor=None):
+    def __init__(self, task: Task, compressor=None, check: bool = True):
         self.task = task
-        self.plan = make_plan(task)
+        self.compressor = None if compressor is None else compressor.bind(task)
+        self._pending = bool(check)  # a batch of >= 2 samples is still to be checked
+        self._checked = False
+        self._entered = False
+        self._capture: _Capture | None = None
+        self._set_plan(make_plan(task))
         if self.plan.unsupported:
             mods = ", ".join(f"{m} ({t})" for m, t in self.plan.unsupported.items())
             warnings.warn(
@@ -510,56 +636,84 @@ class PerSampleGrads:
                 "which costs an extra forward and backward pass",
                 stacklevel=2,
             )
-        self._canon = _param_names(task.model)
-        self._selected = {p.name for p in task.params}
-        self._modules = dict(task.model.named_modules(remove_duplicate=False))
+
+    def _set_plan(self, plan: Plan) -> None:
+        self.plan = plan
+        self._modules = dict(self.task.model.named_modules(remove_duplicate=False))
         self.reducers: dict[str, FactorReducer] = {}
-        if compressor is not None:
+        if self.compressor is not None:
             self.reducers = {
                 name: r
-                for name, r in compressor.bind(task).reducers(task.device).items()
+                for name, r in self.compressor.reducers(self.task.device).items()
                 # grouped convolutions split the factors per group: compressors handle those
-                if name in self.plan.hooked and getattr(self._modules[name], "groups", 1) == 1
+                if name in plan.hooked and getattr(self._modules[name], "groups", 1) == 1
             }
-        self._capture = _Capture(task, self.plan, self.reducers)
+        if self._capture is not None and self._entered:
+            self._capture.__exit__()
+        self._capture = _Capture(self.task, plan, self.reducers)
+        if self._entered:
+            self._capture.__enter__()
 
     def __enter__(self) -> PerSampleGrads:
         self._capture.__enter__()
+        self._entered = True
         return self
 
     def __exit__(self, *exc) -> None:
         self._capture.__exit__(*exc)
+        self._entered = False
 
     def __call__(self, batch: object) -> tuple[BatchGrads, Tensor]:
         """Per-sample gradients and the per-sample losses (B,) of one batch."""
-        task, plan = self.task, self.plan
+        batch = as_tree(batch)
+        B = batch_size(batch)
+        if self._pending and B is not None and (B >= 2 or not self._checked):
+            checked = self._self_check(batch, B)
+            self._checked, self._pending = True, B < 2
+            if not self.reducers:  # the check's uncompressed capture is this call's result
+                return checked
+        bg, losses, _ = self._run(batch, self._capture)
+        return bg, losses
+
+    def _run(
+        self, batch: object, capture: _Capture, w: Tensor | None = None
+    ) -> tuple[BatchGrads, Tensor, dict[str, Tensor] | None]:
+        """One forward and backward with ``capture``; with weights ``w`` (B,) also autograd's
+        gradient of ``sum_b w_b loss_b`` for every selected parameter (the self-check's
+        reference)."""
+        task, plan = self.task, capture.plan
         out = BatchGrads(task.params)
         device = task.device
-        losses = None
-        if plan.hooked:
+        losses, ref = None, None
+        if plan.hooked or w is not None:
             B = batch_size(batch)
             if B is None:
                 raise ValueError("batch has no tensor with the samples along dimension 0")
-            anchor = self._capture.reset(device, B)
+            anchor = capture.reset(device, B)
             try:
                 with torch.enable_grad():
                     losses = task.per_sample_losses(batch)
-                    if losses.requires_grad:
-                        torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
+                    if losses.requires_grad and plan.hooked:
+                        torch.autograd.grad(
+                            losses.sum(), anchor, allow_unused=True, retain_graph=w is not None
+                        )
+                    if w is not None:
+                        ref = _autograd_grads(task, losses, w)
             finally:
-                self._capture.anchor = None
+                capture.anchor = None
             for name, kind in plan.hooked.items():
-                calls = self._capture.calls.get(name, [])
+                if name in capture.misfit:
+                    continue
                 out.blocks += _factors(
                     name,
                     kind,
                     self._modules[name],
-                    calls,
-                    self._selected,
-                    self._canon,
-                    reduced=name in self.reducers,
+                    capture.calls.get(name, []),
+                    {p.name for p in task.params},
+                    _param_names(task.model),
+                    reduced=name in capture.reducers,
                 )
-            self._capture.calls.clear()
+            capture.calls.clear()
         if plan.func:
             func_losses, grads = _func_grads(task, batch, plan.func)
             losses = func_losses if losses is None else losses
@@ -567,20 +721,176 @@ class PerSampleGrads:
         if losses is None:
             raise AssertionError("plan routes no parameter")  # Task guarantees one is selected
         out.size = losses.shape[0]
-        return out, losses.detach()
+        return out, losses.detach(), ref
+
+    def _self_check(self, batch: object, B: int) -> tuple[BatchGrads, Tensor]:
+        """Check (and if needed reroute) the plan on ``batch``; see the class docstring."""
+        task = self.task
+        g = torch.Generator().manual_seed(_CHECK_SEED)
+        w = (0.5 + torch.rand(B, generator=g, dtype=torch.float64)).to(task.device)
+        plan = self.plan
+        while True:
+            capture = _Capture(task, plan, strict=False)
+            try:
+                with capture:
+                    bg, losses, ref = self._run(batch, capture, w)
+                bad = _compare(task, plan, bg, ref, w, capture)
+            except Exception as e:
+                if not capture.expanded:
+                    if not plan.rerouted:
+                        raise
+                    raise ValueError(
+                        f"the self-check sent {', '.join(plan.rerouted)} to torch.func because "
+                        f"the hooks miss part of their gradient, and then the model failed "
+                        f"({type(e).__name__}: {e}). The cause found first: "
+                        + "; ".join(f"{n}: {why}" for n, why in plan.rerouted.items())
+                    ) from e
+                # Giving a shared input one copy per sample broke the forward pass: the input
+                # was not shared but a batch along another dimension (x.unsqueeze(0)).
+                bad = _module_params(task, capture.expanded, B, "expanded, the forward failed")
+            if not bad:
+                break
+            new = {n: why for n, (why, _) in bad.items() if n not in plan.func}
+            if not new:
+                raise ValueError(_check_failed(bad, plan))
+            plan = make_plan(task, {**plan.rerouted, **new})
+            warnings.warn(
+                "per-sample gradient self-check: the hooks miss part of the gradient of "
+                + "; ".join(f"{n} ({why})" for n, why in new.items())
+                + f". These parameters go through torch.func instead ({', '.join(plan.func)}),"
+                " which is exact but costs an extra forward and backward per batch",
+                stacklevel=4,
+            )
+        if plan is not self.plan:
+            self._set_plan(plan)
+        return bg, losses
 
 
-class _Functional:
-    """Stands in for the model inside ``torch.func``: calls it with substituted parameters."""
+_CHECK_SEED = 0x5E1F  # the self-check's sample weights: a fixed draw, reproducible
 
-    def __init__(self, module: nn.Module, params: dict[str, Tensor]):
-        self._module, self._params = module, params
 
-    def __call__(self, *args, **kwargs):
-        return functional_call(self._module, self._params, args, kwargs)
+def _autograd_grads(task: Task, losses: Tensor, w: Tensor) -> dict[str, Tensor]:
+    """Autograd's gradient of ``sum_b w_b loss_b`` for every selected parameter (flattened)."""
+    named = dict(task.model.named_parameters())
+    params = [named[q.name] for q in task.params]
+    total = (losses * w.to(losses.dtype)).sum()
+    gs = torch.autograd.grad(total, params, allow_unused=True) if total.requires_grad else None
+    return {
+        q.name: (torch.zeros_like(p) if gs is None or gs[i] is None else gs[i]).reshape(-1)
+        for i, (q, p) in enumerate(zip(task.params, params))
+    }
 
-    def __getattr__(self, name: str):
-        return getattr(self._module, name)
+
+def _module_params(
+    task: Task, shapes: dict[str, tuple[int, ...]], B: int, what: str = ""
+) -> dict[str, tuple[str, float]]:
+    """The selected parameters of the modules in ``shapes`` (module -> input shape), each with
+    why it fails: the module's input is not batch-first."""
+    modules = dict(task.model.named_modules(remove_duplicate=False))
+    canon, selected = _param_names(task.model), {q.name for q in task.params}
+    out = {}
+    for m, shape in shapes.items():
+        why = (
+            f"module {m!r} got input of shape {shape} in a batch of {B}"
+            + (f" ({what})" if what else "")
+            + ": its samples are not along dimension 0"
+        )
+        for n in _own(modules[m], canon, selected).values():
+            out[n] = (why, 1.0)
+    return out
+
+
+def _compare(
+    task: Task,
+    plan: Plan,
+    bg: BatchGrads,
+    ref: dict[str, Tensor],
+    w: Tensor,
+    capture: _Capture,
+) -> dict[str, tuple[str, float]]:
+    """Parameters whose weighted per-sample sum misses autograd's: name -> (why, relative
+    error). Tolerance ``sqrt(eps)`` of the parameter's dtype times the sum of absolute values."""
+    sums, mags = bg.weighted_sums(w), bg.weighted_sums(w, absolute=True)
+    named = dict(task.model.named_parameters())
+    shape_of = {
+        **_module_params(task, capture.expanded, len(w), "taken as shared by every sample"),
+        **_module_params(task, capture.misfit, len(w)),
+    }
+    bad = {}
+    for q in task.params:
+        want = ref[q.name].double()
+        got = sums[q.name].double() if q.name in sums else torch.zeros_like(want)
+        mag = mags[q.name].double().norm() if q.name in mags else 0.0
+        err = float((got - want).norm())
+        tol = math.sqrt(torch.finfo(named[q.name].dtype).eps) * float(mag + want.norm())
+        if err <= tol:
+            continue
+        rel = err / max(float(want.norm()), float(got.norm()), 1e-300)
+        if q.name in shape_of:
+            bad[q.name] = shape_of[q.name]
+            continue
+        miss = want - got
+        theta = named[q.name].detach().double().reshape(-1)
+        cos = float(miss @ theta) / max(float(miss.norm() * theta.norm()), 1e-300)
+        why = f"relative error {rel:.2g}"
+        if q.name in plan.func:
+            why += " between torch.func's per-sample gradients and the batch's gradient"
+        elif cos > 0.99:
+            why += (
+                "; the missing part is parallel to the parameter itself: an L2 penalty on it "
+                "inside the loss? Give it as fit_exact(l2=...) instead"
+            )
+        else:
+            why += (
+                "; it is used outside its module's own call (a functional call on it, a "
+                "weight tied outside its module, a term of the loss) or its module's input "
+                "is not batch-first. Tie weights by reusing the module"
+            )
+        bad[q.name] = (why, rel)
+    return bad
+
+
+def _check_failed(bad: dict[str, tuple[str, float]], plan: Plan) -> str:
+    lines = "; ".join(f"{n}: {why}" for n, (why, _) in bad.items())
+    via = [n for n in bad if n in plan.func]
+    hint = ""
+    if via:
+        hint = (
+            f" torch.func's per-sample gradient of {', '.join(via)} disagrees with the batch's "
+            "gradient: the model or loss treats a sample differently in a batch than alone "
+            "(batch statistics, part of the batch under torch.no_grad, samples not along "
+            "dimension 0, a loss that mixes samples). Per-sample influence needs each sample's "
+            "loss to depend on that sample only."
+        )
+    return (
+        f"per-sample gradients failed the self-check (weighted sum over the batch against "
+        f"autograd): {lines}.{hint} Pass check=False only if you know the gradients are right."
+    )
+
+
+class _LossCall(nn.Module):
+    """``fn(model, *args)`` as a module, so that ``functional_call`` substitutes the model's
+    parameters for the whole call: the loss's own uses of them (a penalty, a submodule called
+    directly, ``model.scale``) see the substitutes too, not only ``model(...)``."""
+
+    def __init__(self, model: nn.Module, fn: Callable):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(self.model, *args)
+
+
+def call_with(model: nn.Module, params: dict[str, Tensor], fn: Callable, *args) -> object:
+    """``fn(model, *args)`` with the named parameters of ``model`` replaced by ``params`` (by
+    name, as in ``model.named_parameters()``; tied parameters follow) for the whole call."""
+    return functional_call(_LossCall(model, fn), {f"model.{n}": t for n, t in params.items()}, args)
+
+
+def _losses_of(task: Task) -> Callable[[nn.Module, object], Tensor]:
+    """``(model, batch) -> task.per_sample_losses(batch, model)``, for :func:`call_with`."""
+    return lambda model, batch: task.per_sample_losses(batch, model)
 
 
 def _func_grads(task: Task, batch: object, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -590,15 +900,28 @@ def _func_grads(task: Task, batch: object, names: list[str]) -> tuple[Tensor, di
         raise ValueError("the torch.func path needs a batch with at least one tensor of samples")
     named = dict(task.model.named_parameters())
     params = {n: named[n].detach() for n in names}
+    # the other parameters are constants here (they would otherwise carry autograd history)
+    fixed = {n: p.detach() for n, p in named.items() if n not in params}
     in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.ndim > 0 else None, batch)
 
     def one(p: dict[str, Tensor], sample: object) -> tuple[Tensor, Tensor]:
         batch1 = tree_map(lambda t, d: t if d is None else t.unsqueeze(0), sample, in_dims)
-        loss = task.per_sample_losses(batch1, _Functional(task.model, p)).reshape(())
+        loss = call_with(task.model, {**fixed, **p}, _losses_of(task), batch1).reshape(())
         return loss, loss
 
-    with torch.enable_grad():
-        grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, in_dims))(params, batch)
+    try:
+        with torch.enable_grad():
+            grads, losses = vmap(grad(one, has_aux=True), in_dims=(None, in_dims))(params, batch)
+    except (ValueError, TypeError):
+        raise  # dropinf's own errors (a loss that is not per-sample, ...) pass as they are
+    except Exception as e:
+        raise ValueError(
+            f"torch.func (vmap over grad) could not compute per-sample gradients of "
+            f"{', '.join(names)}: {type(e).__name__}: {e}. These parameters are not in layers "
+            "dropinf hooks (Linear, Conv2d, Conv1D, LayerNorm, Embedding) or were rerouted by "
+            "the self-check. Leave them out of Task(params=...), or make the model traceable "
+            "by torch.func (no .item() or data-dependent Python control flow in forward)"
+        ) from e
     return losses.detach(), {n: g.detach().reshape(B, -1) for n, g in grads.items()}
 
 

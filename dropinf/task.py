@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -81,6 +82,32 @@ class Task:
     def param_names(self) -> list[str]:
         return [p.name for p in self.params]
 
+    def l2_vector(
+        self, l2: float | Mapping[str, float], device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """(d,) float64 coefficients of an L2 regulariser ``sum_i l2_i / 2 * theta_i^2`` over the
+        selected parameters, in gradient order.
+
+        ``l2``: one number for every selected parameter, or a mapping from parameter name (as
+        in :attr:`param_names`) to its coefficient; parameters not named get 0. This states
+        weight decay on some parameters only (optimizer groups that leave biases and norms
+        out), so the curvature matches the objective the model was trained on.
+        """
+        if isinstance(l2, Mapping):
+            unknown = sorted(set(l2) - set(self.param_names))
+            if unknown:
+                raise ValueError(
+                    f"l2 names {unknown}, which are not selected parameters; use names from "
+                    f"task.param_names, e.g. {self.param_names[:3]}"
+                )
+            out = torch.zeros(self.dim, dtype=torch.float64)
+            for q in self.params:
+                if q.name in l2:
+                    out[q.offset : q.stop] = _coefficient(l2[q.name], f"l2[{q.name!r}]")
+        else:
+            out = torch.full((self.dim,), _coefficient(l2, "l2"), dtype=torch.float64)
+        return out.to(device)
+
     def per_sample_losses(self, batch: object, model: object | None = None) -> Tensor:
         """Call the loss and check that it returned one finite-shaped value per sample: ``(B,)``."""
         out = self.loss(self.model if model is None else model, batch)
@@ -128,6 +155,26 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def as_tree(batch: object) -> object:
+    """``batch`` with every mapping that is not a ``dict`` (a Hugging Face ``BatchEncoding``, a
+    ``UserDict``) turned into a ``dict``, inside tuples and lists too, so that its tensors are
+    seen as the batch's leaves. Other objects are returned as they are."""
+    if isinstance(batch, Mapping):
+        return {k: as_tree(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
+        return type(batch)(as_tree(v) for v in batch)
+    return batch
+
+
+def _coefficient(v: object, name: str) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not ok or not math.isfinite(v) or v < 0:
+        raise ValueError(
+            f"{name}={v!r} must be a finite number >= 0 (the coefficient c of c/2 * |theta|^2)"
+        )
+    return float(v)
 
 
 def batch_size(batch: object) -> int | None:
