@@ -45,6 +45,7 @@ from .persample import (
 from .task import ParamInfo, Task
 
 REGISTRY: dict[str, type[Compressor]] = {}
+F32 = torch.float32  # every map is drawn in float32, whatever the default dtype
 
 
 @dataclass(frozen=True)
@@ -173,8 +174,9 @@ class Compressor(ABC):
 
     @abstractmethod
     def compress(self, bg: BatchGrads) -> Tensor:
-        """(B, dim) compressed per-sample gradients of one batch (float32; Identity keeps a
-        float64 model's precision)."""
+        """(B, dim) compressed per-sample gradients of one batch: float64 for a float64
+        model, float32 otherwise (maps are drawn in float32 whatever the default dtype, so a
+        fingerprint always means the same map)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -243,7 +245,7 @@ class _FlatMask:
             self.scale = math.sqrt(m / k)
         else:
             for q, n in zip(params, sizes):
-                u = torch.rand(n, generator=_generator(seed, "flat", q.name))
+                u = torch.rand(n, generator=_generator(seed, "flat", q.name), dtype=F32)
                 kept = (u < 1.0 - p).nonzero().flatten()
                 self.index[q.name] = _expand(kept, q.numel, block)
             self.scale = 1.0 / math.sqrt(1.0 - p)
@@ -254,7 +256,7 @@ class _FlatMask:
         for q in self.params:
             idx = _on(self, q.name, self.index[q.name], bg.device)
             if len(idx):
-                out.append(bg.param_grad(q)[:, idx].float() * self.scale)
+                out.append(bg.param_grad(q)[:, idx] * self.scale)
         return out
 
 
@@ -268,7 +270,7 @@ class _Projection:
     def gaussian(cls, params: tuple[ParamInfo, ...], k: int, seed: int) -> _Projection:
         """iid N(0, 1/k) entries, drawn per parameter from (seed, name)."""
         blocks = {
-            q.name: torch.randn(k, q.numel, generator=_generator(seed, "gauss", q.name))
+            q.name: torch.randn(k, q.numel, generator=_generator(seed, "gauss", q.name), dtype=F32)
             / math.sqrt(k)
             for q in params
         }
@@ -281,21 +283,30 @@ class _Projection:
     def apply(self, bg: BatchGrads) -> list[Tensor]:
         if not self.params:
             return []
-        z = torch.zeros(bg.size, self.dim, device=bg.device)
+        z = torch.zeros(bg.size, self.dim, device=bg.device, dtype=bg.dtype)
         for q in self.params:
-            z += bg.param_grad(q).float() @ _on(self, q.name, self.blocks[q.name], bg.device).T
+            z += bg.param_grad(q) @ _on(self, q.name, self.blocks[q.name], bg.device, bg.dtype).T
         return [z]
 
 
-def _on(owner: object, key: str, t: Tensor, device: torch.device) -> Tensor:
-    """``t`` on ``device``: maps are drawn on the CPU, so copy them to an accelerator once per
-    device (cached on ``owner`` under ``key``), not once per batch."""
-    if t.device == device:
+def _on(
+    owner: object, key: str, t: Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``t`` on ``device`` (and in ``dtype``, for a float map): maps are drawn on the CPU in
+    float32, so copy them to an accelerator or to float64 once (cached on ``owner`` under
+    ``key``), not once per batch."""
+    dtype = t.dtype if dtype is None or not t.is_floating_point() else dtype
+    if t.device == device and t.dtype == dtype:
         return t
     cache = owner.__dict__.setdefault("_on_device", {})
-    if (key, device) not in cache:
-        cache[key, device] = t.to(device)
-    return cache[key, device]
+    if (key, device, dtype) not in cache:
+        cache[key, device, dtype] = t.to(device, dtype)
+    return cache[key, device, dtype]
+
+
+def _work(t: Tensor) -> Tensor:
+    """The dtype compression works in: float64 for a float64 model, float32 otherwise."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _nbytes(tensors) -> int:
@@ -303,7 +314,9 @@ def _nbytes(tensors) -> int:
 
 
 def _cat(parts: list[Tensor], bg: BatchGrads) -> Tensor:
-    return torch.cat(parts, 1) if parts else torch.zeros(bg.size, 0, device=bg.device)
+    if parts:
+        return torch.cat(parts, 1)
+    return torch.zeros(bg.size, 0, device=bg.device, dtype=bg.dtype)
 
 
 def _layer_blocks(bg: BatchGrads) -> dict[str, list[LinearFactors | ReducedFactors]]:
@@ -328,7 +341,7 @@ def _dense_layer(s: FactorSpec, bg: BatchGrads) -> Tensor | None:
         W = W.view(bg.size, s.n_out, s.n_in)
     if s.bias is not None:
         W = torch.cat([W, bg.param_grad(info[s.bias]).unsqueeze(-1)], -1)
-    return W.float()
+    return W
 
 
 def _reduced(blocks: list) -> Tensor | None:
@@ -403,7 +416,7 @@ class Dropout(Compressor):
             k = _side(m, self.p)
             kept, scale = torch.randperm(m, generator=g)[:k].sort().values, math.sqrt(m / k)
         else:
-            kept = (torch.rand(m, generator=g) < 1.0 - self.p).nonzero().flatten()
+            kept = (torch.rand(m, generator=g, dtype=F32) < 1.0 - self.p).nonzero().flatten()
             scale = 1.0 / math.sqrt(1.0 - self.p)
         return _expand(kept, n, self.block), scale
 
@@ -479,7 +492,7 @@ class Dropout(Compressor):
                 g = torch.cat([g, d.sum(1).unsqueeze(-1)], -1)
             parts.append(g)
         if not parts:  # the layer did not reach the loss
-            return torch.zeros(bg.size, len(s_out) * len(s_in), device=bg.device)
+            return torch.zeros(bg.size, len(s_out) * len(s_in), device=bg.device, dtype=bg.dtype)
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out.reshape(bg.size, -1).mul_(scale)
 
@@ -500,16 +513,16 @@ class Dropout(Compressor):
                         pos = w_in * s.n_out + o if s.transposed else o * s.n_in + w_in
                         cols.append(info[s.weight].offset + pos)
                     if s.bias is not None and bool((s_in == s.n_in).any()):
-                        cols.append(torch.tensor([info[s.bias].offset + o]))
+                        cols.append(torch.tensor([info[s.bias].offset + o], dtype=torch.long))
                     row = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
                     idx.append(row)
-                    scale.append(torch.full((len(row),), sc))
+                    scale.append(torch.full((len(row),), sc, dtype=F32))
         for q in self.flat.params:
             i = self.flat.index[q.name]
             idx.append(q.offset + i)
-            scale.append(torch.full((len(i),), self.flat.scale))
+            scale.append(torch.full((len(i),), self.flat.scale, dtype=F32))
         if not idx:  # a Bernoulli mask may keep nothing at all
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=F32)
         return torch.cat(idx), torch.cat(scale)
 
 
@@ -538,11 +551,11 @@ class _Columns:
 
     def __call__(self, t: Tensor) -> Tensor:
         if self.sliced:
-            return torch.cat([t[..., a:b] for a, b in self.runs], -1).float()
+            return _work(torch.cat([t[..., a:b] for a, b in self.runs], -1))
         B, T, n = t.shape
         rows = t.reshape(B * T, n)
         out = torch.gather(rows, 1, self.idx.expand(B * T, len(self.idx)))
-        return out.view(B, T, -1).float()
+        return _work(out.view(B, T, -1))
 
 
 def _columns(t: Tensor, idx: Tensor) -> Tensor:
@@ -597,8 +610,8 @@ class Gaussian(Compressor):
         for s in layout.factored:
             k_out, k_in = _side(s.n_out, self.p), _side(s.n_in_aug, self.p)
             g = _generator(self.seed, "gauss", s.module)
-            p_out = torch.randn(k_out, s.n_out, generator=g) / math.sqrt(k_out)
-            p_in = torch.randn(k_in, s.n_in_aug, generator=g) / math.sqrt(k_in)
+            p_out = torch.randn(k_out, s.n_out, generator=g, dtype=F32) / math.sqrt(k_out)
+            p_in = torch.randn(k_in, s.n_in_aug, generator=g, dtype=F32) / math.sqrt(k_in)
             self.proj[s.module] = (p_out, p_in)
         rest = layout.rest()
         d_rest = sum(q.numel for q in rest)
@@ -622,10 +635,15 @@ class Gaussian(Compressor):
             w_t, b = p_in[:, : s.n_in].T, p_in[:, s.n_in] if s.bias is not None else None
 
             def inputs(x: Tensor, w_t=w_t, b=b) -> Tensor:
-                a = x.float() @ w_t
+                x = _work(x)
+                a = x @ w_t.to(x.dtype)
                 return a if b is None else a.add_(b)
 
-            out[s.module] = FactorReducer(inputs, lambda d, p=p_out.T: d.float() @ p)
+            def outputs(d: Tensor, p=p_out.T) -> Tensor:
+                d = _work(d)
+                return d @ p.to(d.dtype)
+
+            out[s.module] = FactorReducer(inputs, outputs)
         return out
 
     def compress(self, bg: BatchGrads) -> Tensor:
@@ -638,7 +656,7 @@ class Gaussian(Compressor):
                     parts.append(reduced)
                     continue
                 p_out, p_in = (
-                    _on(self, f"{s.module}:{i}", t, bg.device)
+                    _on(self, f"{s.module}:{i}", t, bg.device, bg.dtype)
                     for i, t in enumerate(self.proj[s.module])
                 )
                 if not blocks.get(s.module) and (M := _dense_layer(s, bg)) is not None:
@@ -647,10 +665,10 @@ class Gaussian(Compressor):
                 out = torch.zeros(bg.size, p_out.shape[0], p_in.shape[0], device=bg.device)
                 for b in blocks.get(s.module, []):
                     # P_in x_aug without building x_aug: the bias unit's column is added after.
-                    a = b.x.float() @ p_in[:, : s.n_in].T  # (B, T, k_in)
+                    a = _work(b.x) @ p_in[:, : s.n_in].T  # (B, T, k_in)
                     if s.bias is not None:
                         a += p_in[:, s.n_in]
-                    c = b.delta.float() @ p_out[:, b.rows].T  # (B, T, k_out)
+                    c = _work(b.delta) @ p_out[:, b.rows].T  # (B, T, k_out)
                     out += torch.bmm(c.transpose(1, 2), a)
                 parts.append(out.reshape(bg.size, -1))
         parts += self.flat.apply(bg)
@@ -694,7 +712,7 @@ class SJLT(Compressor):
             g = _generator(self.seed, "sjlt", q.name)
             rows = torch.randint(block, (q.numel, self.c), generator=g)
             rows += torch.arange(self.c) * block
-            signs = torch.randint(2, (q.numel, self.c), generator=g).float() * 2 - 1
+            signs = torch.randint(2, (q.numel, self.c), generator=g).to(F32) * 2 - 1
             self.hash[q.name] = (rows.flatten(), signs.flatten() / math.sqrt(self.c))
 
     @property
@@ -702,12 +720,12 @@ class SJLT(Compressor):
         return self.k
 
     def compress(self, bg: BatchGrads) -> Tensor:
-        z = torch.zeros(bg.size, self.k, device=bg.device)
+        z = torch.zeros(bg.size, self.k, device=bg.device, dtype=bg.dtype)
         for q in self.bound.params:
             rows, signs = (
                 _on(self, f"{q.name}:{i}", t, bg.device) for i, t in enumerate(self.hash[q.name])
             )
-            vals = bg.param_grad(q).float().unsqueeze(-1) * signs.view(q.numel, self.c)
+            vals = bg.param_grad(q).unsqueeze(-1) * signs.view(q.numel, self.c).to(bg.dtype)
             z.index_add_(1, rows, vals.reshape(bg.size, -1))
         return z
 

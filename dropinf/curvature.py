@@ -14,7 +14,7 @@ point is helpful: removing it raises the test loss by about ``score / n``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -123,13 +123,22 @@ class Preconditioner:
         task: Task,
         loader: Iterable,
         damping: float = 0.0,
-        l2: float = 0.0,
+        l2: float | Mapping[str, float] = 0.0,
         solver: str = "auto",
         cg_tol: float = 1e-8,
         cg_maxiter: int = 500,
         kind: str = "exact",
+        check: bool = True,
     ) -> Preconditioner:
-        """Curvature of the mean training loss plus ``l2 I``, in the full parameter space.
+        """Curvature of the mean training loss plus the training regulariser ``diag(l2)``, in the
+        full parameter space.
+
+        ``l2``: the coefficient c of the training objective's ``c / 2 * |theta|^2``, one number
+        for every selected parameter or a mapping from parameter name (``task.param_names``)
+        to its coefficient, 0 for those not named (weight decay on weights only, say); see
+        :meth:`~dropinf.Task.l2_vector`. Keep it out of the loss: at a regularised stationary
+        point the mean loss gradient is ``-l2 * theta``, not 0, and ``info["grad_norm"]`` is
+        that of the whole objective, ``|mean loss gradient + l2 * theta|``.
 
         ``kind``: ``"exact"``, the Hessian; ``"ggn"``, the Gauss-Newton matrix ``J^T H_out J``
         (J the Jacobian of the model output, H_out the Hessian of the loss in the output),
@@ -138,7 +147,10 @@ class Preconditioner:
         ``"cg"`` (conjugate gradient on curvature-vector products, each a pass over
         ``loader``) or ``"auto"`` (dense up to :data:`EXACT_DENSE_MAX` parameters). Scores
         then need the uncompressed gradients (``Identity``). Refuses an indefinite
-        ``C + lambda I``.
+        ``C + lambda I``. ``check``: compare the gradient of the first batch, as the functional
+        form used here computes it, with autograd's on the model, parameter by parameter
+        (tolerance ``sqrt(eps)`` of the parameter dtype), and refuse a mismatch naming the
+        parameter: it means the loss does something the functional form does not see.
         """
         _check_damping(damping)
         if solver not in ("auto", "dense", "cg"):
@@ -159,14 +171,19 @@ class Preconditioner:
         d = theta.numel()
         solver = ("dense" if d <= EXACT_DENSE_MAX else "cg") if solver == "auto" else solver
         n = sum(batch_size(b) for b in batches)
+        l2_vec = task.l2_vector(l2, dev)
         with task.evaluating():
             fs = [_flat_loss(task, b) for b in batches]
             with torch.enable_grad():
                 g = torch.zeros(d, dtype=torch.float64, device=dev)
-                for f in fs:
-                    g += grad(f)(theta)
-            grad_norm = float((g / n + l2 * theta).norm())
-            info = {"n": n, "grad_norm": grad_norm, "l2": l2, "solver": solver}
+                for i, f in enumerate(fs):
+                    g_i = grad(f)(theta)
+                    if check and i == 0:
+                        _check_functional(task, batches[0], g_i)
+                    g += g_i
+            grad_norm = float((g / n + l2_vec * theta).norm())
+            l2_info = dict(l2) if isinstance(l2, Mapping) else l2
+            info = {"n": n, "grad_norm": grad_norm, "l2": l2_info, "solver": solver}
             if kind == "ggn":
                 products = [_ggn_product(task, b, theta) for b in batches]
             else:
@@ -181,12 +198,12 @@ class Preconditioner:
                     for i in range(0, d, 256):
                         for prod in products:
                             H[:, i : i + 256] += vmap(prod)(eye[i : i + 256]).T
-                H = (H + H.T).cpu() / 2 / n + l2 * torch.eye(d, dtype=torch.float64)
+                H = (H + H.T).cpu() / 2 / n + torch.diag(l2_vec.cpu())
                 return cls._from_matrix(kind, H, damping, info)
 
         def hvp(v: Tensor) -> Tensor:  # on the CPU, computed on the model's device
             v_dev = v.to(dev)
-            out = l2 * v_dev
+            out = l2_vec * v_dev
             with task.evaluating(), torch.enable_grad():
                 for prod in products:
                     out = out + prod(v_dev) / n
@@ -302,17 +319,48 @@ def _selected(task: Task) -> list[Tensor]:
     return [named[q.name] for q in task.params]
 
 
+def _params_at(task: Task, theta: Tensor) -> dict[str, Tensor]:
+    """Every parameter of the model for :func:`~dropinf.persample.call_with`: the selected ones
+    from ``theta`` (d,), in their own dtype; the others as constants (detached), so nothing
+    fitted here keeps autograd history of parameters left out of ``Task(params=...)``."""
+    named = dict(task.model.named_parameters())
+    out = {n: p.detach() for n, p in named.items()}
+    for q in task.params:
+        out[q.name] = theta[q.offset : q.stop].view(q.shape).to(named[q.name].dtype)
+    return out
+
+
 def _flat_loss(task: Task, batch: object):
     """theta (d,) float64 -> summed per-sample loss of ``batch`` at those parameters."""
 
     def f(theta: Tensor) -> Tensor:
-        params = {
-            q.name: theta[q.offset : q.stop].view(q.shape).to(p.dtype)
-            for q, p in zip(task.params, _selected(task))
-        }
-        return call_with(task.model, params, _losses_of(task), batch).sum().double()
+        losses = call_with(task.model, _params_at(task, theta), _losses_of(task), batch)
+        return losses.sum().double()
 
     return f
+
+
+def _check_functional(task: Task, batch: object, g_func: Tensor) -> None:
+    """Refuse when the functional gradient of ``batch``'s summed loss (``g_func``, (d,)) differs
+    from autograd's on the model itself, naming the parameter."""
+    named = dict(task.model.named_parameters())
+    params = [named[q.name] for q in task.params]
+    total = task.per_sample_losses(batch).sum()
+    gs = torch.autograd.grad(total, params, allow_unused=True) if total.requires_grad else None
+    for i, (q, p) in enumerate(zip(task.params, params)):
+        want = torch.zeros_like(p) if gs is None or gs[i] is None else gs[i]
+        want, got = want.double().reshape(-1), g_func[q.offset : q.stop]
+        err, scale = float((got - want).norm()), float(got.norm() + want.norm())
+        if err > math.sqrt(torch.finfo(p.dtype).eps) * scale:
+            raise ValueError(
+                f"fit_exact: the gradient of {q.name!r} on the first batch differs between the "
+                f"functional form (parameters substituted for the whole loss call) and autograd "
+                f"on the model (relative error {err / max(scale / 2, 1e-300):.2g}). The loss "
+                "reads the parameter in a way torch.func does not see (e.g. through .data, a "
+                "copy made before the call, or state cached across calls); compute it from "
+                "model(...) or model's attributes inside the loss, and give a weight penalty "
+                "as fit_exact(l2=...) rather than in the loss"
+            )
 
 
 def _ggn_product(task: Task, batch: object, theta: Tensor):
@@ -320,11 +368,7 @@ def _ggn_product(task: Task, batch: object, theta: Tensor):
     loss: SplitLoss = task.loss  # checked by the caller
 
     def out(t: Tensor) -> Tensor:
-        params = {
-            q.name: t[q.offset : q.stop].view(q.shape).to(p.dtype)
-            for q, p in zip(task.params, _selected(task))
-        }
-        return call_with(task.model, params, loss.output, batch).double()
+        return call_with(task.model, _params_at(task, t), loss.output, batch).double()
 
     def total(o: Tensor) -> Tensor:
         return loss.from_output(o, batch).sum()

@@ -342,3 +342,77 @@ def test_a_batch_encoding_batch_is_accepted():
     G = di.gradients(task, [BatchEncoding({"x": x, "y": y})], di.Identity(), progress=False)
     ref = di.gradients(task, [{"x": x, "y": y}], di.Identity(), progress=False)
     torch.testing.assert_close(G.data, ref.data, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- fit_exact
+
+
+def test_fit_exact_with_a_subset_of_trainable_parameters_gives_plain_tensors(tmp_path):
+    """Task(params=[...]) a subset while the other parameters still require grad: the fit holds
+    no autograd history, so scoring and saving work."""
+    torch.manual_seed(0)
+    model = mlp().eval()
+    task = di.Task(model, ce, params=["2"])
+    x, y = make_batch("vec")
+    pre = di.Preconditioner.fit_exact(task, [(x, y)], l2=0.5)
+    assert not pre.eigvecs.requires_grad and not pre.eigvals.requires_grad
+    G = di.gradients(task, [(x, y)], di.Identity(), progress=False)
+    S = di.scores(G, G, pre)
+    assert not S.requires_grad
+    di.Store(tmp_path / "s").save_preconditioner(pre, "exact")
+    pre_cg = di.Preconditioner.fit_exact(task, [(x, y)], l2=0.5, solver="cg")
+    torch.testing.assert_close(di.scores(G, G, pre_cg), S, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_exact_l2_per_parameter_enters_the_gradient_norm():
+    """At a minimum of the loss plus weight decay on the weight only, the objective's gradient
+    norm that fit_exact reports is small; stated as decay on every parameter it is not."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    x, y = make_batch("vec")
+    x = x.double()
+    c = 0.2
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12,
+                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        obj = ce(model, (x, y)).mean() + c / 2 * (model.weight**2).sum()
+        obj.backward()
+        return obj
+
+    opt.step(closure)
+    task = di.Task(model.eval(), ce)
+    right = di.Preconditioner.fit_exact(task, [(x, y)], l2={"weight": c})
+    wrong = di.Preconditioner.fit_exact(task, [(x, y)], l2=c)
+    obj = ce(model, (x, y)).mean() + c / 2 * (model.weight**2).sum()
+    true_norm = float(torch.cat([g.flatten() for g in torch.autograd.grad(obj, [
+        model.weight, model.bias])]).norm())
+    assert right.info["grad_norm"] == pytest.approx(true_norm, abs=1e-12)
+    bias_norm = float(model.bias.detach().norm())
+    assert true_norm < 1e-3 * c * bias_norm  # trained to a stationary point of the objective
+    assert wrong.info["grad_norm"] == pytest.approx(c * bias_norm, rel=1e-3)
+    assert right.info["l2"] == {"weight": c}
+
+
+def test_fit_exact_l2_names_are_checked():
+    task = di.Task(mlp().eval(), ce)
+    with pytest.raises(ValueError, match=r"l2 names \['fc.weight'\].*task.param_names"):
+        di.Preconditioner.fit_exact(task, [make_batch("vec")], l2={"fc.weight": 1.0})
+    with pytest.raises(ValueError, match=r"l2\['0.bias'\]=-1"):
+        di.Preconditioner.fit_exact(task, [make_batch("vec")], l2={"0.bias": -1})
+
+
+def test_fit_exact_refuses_a_loss_that_reads_parameters_behind_its_back():
+    """A loss holding its own reference to a parameter (captured before the call) is not seen
+    by the functional form; the check compares with autograd and names the parameter."""
+    model = mlp().eval()
+    held = model[2].weight
+
+    def loss(m, b):
+        return ce(m, b) + 0.1 * (held**2).sum()
+
+    task = di.Task(model, loss)
+    with pytest.raises(ValueError, match=r"gradient of '2\.weight' .* differs"):
+        di.Preconditioner.fit_exact(task, [make_batch("vec")], l2=0.5)
+    di.Preconditioner.fit_exact(task, [make_batch("vec")], l2=0.5, check=False)  # the user's call
