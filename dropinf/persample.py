@@ -640,6 +640,8 @@ class PerSampleGrads:
     def _set_plan(self, plan: Plan) -> None:
         self.plan = plan
         self._modules = dict(self.task.model.named_modules(remove_duplicate=False))
+        self._canon = _param_names(self.task.model)
+        self._selected = {p.name for p in self.task.params}
         self.reducers: dict[str, FactorReducer] = {}
         if self.compressor is not None:
             self.reducers = {
@@ -709,8 +711,8 @@ class PerSampleGrads:
                     kind,
                     self._modules[name],
                     capture.calls.get(name, []),
-                    {p.name for p in task.params},
-                    _param_names(task.model),
+                    self._selected,
+                    self._canon,
                     reduced=name in capture.reducers,
                 )
             capture.calls.clear()
