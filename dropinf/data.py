@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from ._seed import seeded
+
 
 class DatasetUnavailable(RuntimeError, FileNotFoundError):
     """A dataset or pretrained model is not available locally.
@@ -1081,8 +1083,6 @@ def pretrained(
         "base": transformers.AutoModel,
     }[kind]
     kwargs: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
-    from .models import seeded
-
     path = _resolve_model(name)
     try:
         with seeded(seed):
