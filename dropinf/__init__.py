@@ -10,7 +10,7 @@ from .curvature import Preconditioner
 from .gradients import Gradients, gradients
 from .persample import BatchGrads, PerSampleGrads
 from .scores import scores, self_influence, top_k
-from .store import CorruptStoreError, Store
+from .store import CorruptStoreError, Store, StoreLockedError
 from .task import Task
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "Identity",
     "PerSampleGrads",
     "Store",
+    "StoreLockedError",
     "Task",
     "gradients",
     "losses",

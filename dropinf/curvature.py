@@ -13,9 +13,10 @@ point is helpful: removing it raises the test loss by about ``score / n``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,6 +29,104 @@ from .task import Task, batch_size, to_device
 KINDS = ("identity", "fisher", "exact", "ggn")
 EXACT_DENSE_MAX = 20_000  # above this many parameters, exact curvature uses conjugate gradient
 _COLUMNS = 16_384  # column block of the kernel form's float64 products
+_FIT_ROWS = 4096  # row block of the dense Fisher's float64 accumulation
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where gradient rows come from: rows of different sources must not be scored together.
+
+    ``compressor``: the compressor's fingerprint; ``model``: the model hash
+    (:func:`dropinf.store.model_hash`); ``param_names``: the parameters whose gradients were
+    taken, in gradient order. None: unknown, not compared.
+    """
+
+    compressor: str | None = None
+    model: str | None = None
+    param_names: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, G: object) -> Source | None:
+        """The source of :class:`~dropinf.Gradients`; None for plain tensors and arrays."""
+        from .gradients import Gradients  # here: gradients imports this module (through store)
+
+        if not isinstance(G, Gradients):
+            return None
+        return cls(G.compressor, G.model, tuple(G.param_names))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Source | None:
+        if d is None:
+            return None
+        names = d.get("param_names")
+        return cls(d.get("compressor"), d.get("model"), None if names is None else tuple(names))
+
+
+_SOURCE_FIX = {
+    "compressor": (
+        "compressors",
+        "Use one compressor (same kind, arguments and seed) for test and training rows, and fit "
+        "the preconditioner on those training rows",
+    ),
+    "model": (
+        "models (model hashes: sha256 of every parameter and buffer)",
+        "Compute test and training rows from the same model (the same weights: a training step "
+        "or another checkpoint changes the hash), and fit the preconditioner on those training "
+        "rows",
+    ),
+    "param_names": (
+        "parameter selections",
+        "Compute test and training rows with the same Task(params=...) selection, and fit the "
+        "preconditioner on those training rows",
+    ),
+}
+
+
+def check_sources(**sources: Source | None) -> None:
+    """Refuse rows (or a preconditioner, ``pre``) of different origins: each field of
+    :class:`Source` known on both sides of a pair must agree. Unknown sources pass."""
+    known = [(name, s) for name, s in sources.items() if s is not None]
+    for (a, sa), (b, sb) in itertools.combinations(known, 2):
+        for fld, (what, fix) in _SOURCE_FIX.items():
+            va, vb = getattr(sa, fld), getattr(sb, fld)
+            if va is None or vb is None or va == vb:
+                continue
+            if fld == "param_names":
+                i = next(
+                    (i for i, (x, y) in enumerate(zip(va, vb)) if x != y), min(len(va), len(vb))
+                )
+                xa, xb = (repr(v[i]) if i < len(v) else "(end)" for v in (va, vb))
+                detail = (
+                    f"{a}: {len(va)} parameters, {b}: {len(vb)}; they first differ at position "
+                    f"{i}: {a} {xa}, {b} {xb}"
+                )
+            else:
+                detail = f"{a}: {va}\n  {b}: {vb}"
+            raise ValueError(
+                f"{a} and {b} come from different {what}:\n  {detail}\n"
+                f"Their scores would be meaningless. {fix}."
+            )
+
+
+def check_finite(rows: Tensor, name: str, offset: int = 0) -> None:
+    """Raise a ValueError naming argument ``name`` and the first row (numbered from ``offset``)
+    with a NaN or inf entry. Row sums first, cheaply (in the rows' dtype: no copy): a row sum is
+    finite whenever every entry is (unless it overflows), so the entries are looked at only
+    after a non-finite sum."""
+    if torch.isfinite(rows.sum(1)).all():
+        return
+    bad = ~torch.isfinite(rows).all(1)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} row {offset + i} has a NaN or inf entry ({int(bad.sum())} such rows among "
+            f"rows {offset}..{offset + len(rows) - 1}): it would make scores NaN. Drop such rows "
+            f"(keep = torch.isfinite({name}).all(1)) or recompute them; dropinf.gradients "
+            "refuses non-finite gradients, so look at where these rows came from"
+        )
 
 
 @dataclass
@@ -39,6 +138,12 @@ class Preconditioner:
     for ``fisher`` the ``solver`` (dense or kernel form), for ``exact`` the gradient norm at the
     parameters and the smallest eigenvalue of ``C + lambda I`` (dense) or the
     conjugate-gradient residuals (matrix-free).
+
+    ``source``: the :class:`Source` of the rows it was fitted on (compressor fingerprint, model
+    hash, parameter names), recorded by :meth:`fit` from :class:`~dropinf.Gradients`, None when
+    unknown (plain tensors, preconditioners saved before it was recorded). :func:`dropinf.scores`
+    refuses rows of another source. A full-parameter-space preconditioner (:meth:`fit_exact`)
+    has the source of uncompressed rows: compressor ``Identity().fingerprint``.
     """
 
     kind: str
@@ -52,6 +157,7 @@ class Preconditioner:
     cg_tol: float = 1e-8
     cg_maxiter: int = 500
     info: dict = field(default_factory=dict)
+    source: Source | None = None  # where the rows it applies to must come from; None: unknown
 
     @classmethod
     def fit(
@@ -67,12 +173,17 @@ class Preconditioner:
         matrix is formed (it needs damping > 0, and G left unchanged while in use; its float64
         rounding error grows like 1 / damping, negligible above about 1e-6); ``"auto"`` takes
         the kernel form when k > n. Both give the same scores.
+
+        ``G_train`` given as :class:`~dropinf.Gradients` records their :class:`Source` in
+        ``source``. ``fisher`` reads every row once and refuses a row with a NaN or inf entry (a
+        ValueError naming it); ``identity`` reads none.
         """
+        source = Source.of(G_train)
         G = torch.as_tensor(G_train)
         if G.ndim != 2 or G.shape[0] == 0:
             raise ValueError(f"G_train must be (n, k) with n >= 1, got shape {tuple(G.shape)}")
         if kind == "identity":
-            return cls("identity", 0.0, G.shape[1])
+            return cls("identity", 0.0, G.shape[1], source=source)
         if kind != "fisher":
             hint = " (use Preconditioner.fit_exact)" if kind in ("exact", "ggn") else ""
             raise ValueError(f"kind={kind!r}; fit takes 'identity' or 'fisher'{hint}")
@@ -81,18 +192,23 @@ class Preconditioner:
             raise ValueError(f"solver={solver!r}; choose 'auto', 'dense' or 'kernel'")
         n, k = G.shape
         if solver == "kernel" or (solver == "auto" and k > n):
-            return cls._fit_kernel(G, damping)
+            return cls._fit_kernel(G, damping, source)
         F = torch.zeros(k, k, dtype=torch.float64)
-        for i in range(0, n, 4096):  # accumulate in float64 without a float64 copy of G
-            g = G[i : i + 4096].double()
+        for i in range(0, n, _FIT_ROWS):  # accumulate in float64 without a float64 copy of G
+            g = G[i : i + _FIT_ROWS].double()
+            check_finite(g, "G_train", i)
             F += g.T @ g
         F /= n
-        return cls._from_matrix("fisher", F, damping, {"n": n, "solver": "dense"})
+        pre = cls._from_matrix("fisher", F, damping, {"n": n, "solver": "dense"})
+        pre.source = source
+        return pre
 
     @classmethod
-    def _fit_kernel(cls, G: Tensor, damping: float) -> Preconditioner:
+    def _fit_kernel(cls, G: Tensor, damping: float, source: Source | None) -> Preconditioner:
         """The Fisher through ``K = G G^T = U diag(sigma) U^T``: F's nonzero eigenvalues are
-        ``sigma / n``, kept in ``eigvals`` (with U in ``eigvecs``), the rest are 0."""
+        ``sigma / n``, kept in ``eigvals`` (with U in ``eigvecs``), the rest are 0. A NaN or inf
+        entry of row i makes ``K[i, i]`` non-finite: K's diagonal detects it at no extra cost,
+        and only then are the rows scanned to name it."""
         n, k = G.shape
         if not damping > 0:
             raise ValueError(
@@ -103,6 +219,10 @@ class Preconditioner:
         for j in range(0, k, _COLUMNS):  # float64 products without a float64 copy of G
             g = G[:, j : j + _COLUMNS].double()
             K += g @ g.T
+        if not torch.isfinite(torch.diagonal(K)).all():
+            for i in range(0, n, _FIT_ROWS):  # name the first bad row
+                check_finite(G[i : i + _FIT_ROWS], "G_train", i)
+            raise ValueError("G_train has rows whose squared norm overflows float64; rescale it")
         lam = damping * float(torch.trace(K)) / n / k
         sigma, U = torch.linalg.eigh(K)
         info = {"n": n, "solver": "kernel", "lambda": lam, "min_eig": lam}  # F has rank <= n < k
@@ -115,6 +235,7 @@ class Preconditioner:
             eigvecs=U,
             rows=G,
             info=info,
+            source=source,
         )
 
     @classmethod
@@ -199,7 +320,9 @@ class Preconditioner:
                         for prod in products:
                             H[:, i : i + 256] += vmap(prod)(eye[i : i + 256]).T
                 H = (H + H.T).cpu() / 2 / n + torch.diag(l2_vec.cpu())
-                return cls._from_matrix(kind, H, damping, info)
+                pre = cls._from_matrix(kind, H, damping, info)
+                pre.source = _full_space(task)
+                return pre
 
         def hvp(v: Tensor) -> Tensor:  # on the CPU, computed on the model's device
             v_dev = v.to(dev)
@@ -223,6 +346,7 @@ class Preconditioner:
             cg_tol=cg_tol,
             cg_maxiter=cg_maxiter,
             info={**info, "trace_estimate": trace},
+            source=_full_space(task),
         )
 
     @classmethod
@@ -239,16 +363,24 @@ class Preconditioner:
             )
         return cls(kind, damping, k, lam=lam, eigvals=eigvals, eigvecs=eigvecs, info=info)
 
-    def apply(self, Q: Tensor) -> Tensor:
-        """``(C + lambda I)^{-1} q`` for each row of Q: (m, dim) -> (m, dim), float32 (float64
-        for float64 input)."""
+    def apply(self, Q: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``(C + lambda I)^{-1} q`` for each row of Q: (m, dim) -> (m, dim).
+
+        The solve runs in float64 (except ``identity``, a cast); the result is rounded to
+        ``dtype``: by default float32, float64 for float64 input. Its entries are amplified by
+        up to ``1 / lambda`` and cancel in a product with gradients, so rounding them to float32
+        costs about ``u32 * sum_i |q_i g_i|`` per score: :func:`dropinf.scores` asks for float64.
+        """
         Q = torch.as_tensor(Q)
         if Q.ndim != 2 or Q.shape[1] != self.dim:
             raise ValueError(
                 f"gradients of shape {tuple(Q.shape)} do not match this {self.kind} "
                 f"preconditioner of dimension {self.dim}; use gradients from the same compressor"
             )
-        dtype = torch.float64 if Q.dtype == torch.float64 else torch.float32
+        if dtype is None:
+            dtype = torch.float64 if Q.dtype == torch.float64 else torch.float32
+        elif dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype={dtype!r}; apply returns torch.float32 or torch.float64")
         if self.kind == "identity":
             return Q.to(dtype)
         if self.hvp is not None:
@@ -312,6 +444,15 @@ def _check_damping(damping: float) -> None:
         raise ValueError(
             f"damping={damping!r} must be a finite number >= 0 (a fraction of trace/dim)"
         )
+
+
+def _full_space(task: Task) -> Source:
+    """The source of the rows a full-parameter-space preconditioner applies to: the task's
+    uncompressed gradients (``Identity``)."""
+    from .compressors import Identity
+    from .store import model_hash  # here: store imports this module
+
+    return Source(Identity().fingerprint, model_hash(task.model), tuple(task.param_names))
 
 
 def _selected(task: Task) -> list[Tensor]:

@@ -27,9 +27,13 @@ class Gradients:
     Row i belongs to dataset item ``indices[i]``; when the loader exposes its dataset and sampler
     (a ``torch.utils.data.DataLoader`` over a map-style dataset), rows are sorted by dataset
     index whatever the sampling order. ``param_names`` gives the order of the parameters whose
-    gradients were taken (before compression), ``compressor`` the compressor's fingerprint.
-    Gradients are of the per-sample loss; influence built from them is positive when helpful.
-    ``path``: the store directory when ``data`` is memory-mapped from one (see :meth:`load`).
+    gradients were taken (before compression), ``compressor`` the compressor's fingerprint,
+    ``model`` the model's hash (:func:`dropinf.store.model_hash`; None: unknown). Scores,
+    self-influence, top-k and preconditioners refuse to combine rows whose compressor, model or
+    parameters differ (see :class:`dropinf.curvature.Source`); plain tensors (``G.data``) are
+    not checked. Gradients are of the per-sample loss; influence built from them is positive
+    when helpful. ``path``: the store directory when ``data`` is memory-mapped from one (see
+    :meth:`load`).
     """
 
     data: Tensor
@@ -38,6 +42,7 @@ class Gradients:
     param_names: list[str]
     compressor: str
     path: Path | None = None
+    model: str | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> Gradients:
@@ -46,7 +51,9 @@ class Gradients:
         store = Store(path)
         data, indices, losses = store.gradient_arrays(verify=verify)
         g = store.manifest["gradients"]
-        return cls(data, indices, losses, g["param_names"], g["compressor"], store.path)
+        return cls(
+            data, indices, losses, g["param_names"], g["compressor"], store.path, g.get("model")
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -206,12 +213,13 @@ def gradients(
     batches, order = _with_indices(loader)
     if order is not None and len(order) == 0:
         raise ValueError("loader yielded no batch; per-sample gradients need at least one sample")
+    model = model_hash(task.model)  # provenance of the rows (and the store's identity)
     if path is None:
         sink = _Memory(order, compressor.dim, dtype)
     else:
         writer = Store(path).write_gradients(
             compressor=compressor.fingerprint,
-            model=model_hash(task.model),
+            model=model,
             loss=loss_name(task.loss),
             param_names=task.param_names,
             k=compressor.dim,
@@ -222,24 +230,29 @@ def gradients(
         sink = _Chunks(writer, chunk_size)
     device = task.device
     seen = 0
-    with task.evaluating(), PerSampleGrads(task, compressor, check=check) as psg:
-        for item in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            bidx, batch = item if order is not None else (None, item)
-            batch = as_tree(batch)  # a BatchEncoding or other Mapping: a dict of its tensors
-            if bidx is None and (m := batch_size(batch)) is not None:
-                bidx = torch.arange(seen, seen + m)
-            if sink.skip(bidx, batch):  # in a chunk already stored: its hash was checked
+    try:
+        with task.evaluating(), PerSampleGrads(task, compressor, check=check) as psg:
+            for item in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+                bidx, batch = item if order is not None else (None, item)
+                batch = as_tree(batch)  # a BatchEncoding or other Mapping: a dict of tensors
+                if bidx is None and (m := batch_size(batch)) is not None:
+                    bidx = torch.arange(seen, seen + m)
+                if sink.skip(bidx, batch):  # in a chunk already stored: its hash was checked
+                    seen += len(bidx)
+                    continue
+                bg, loss = psg(to_device(batch, device))
+                z = compressor.compress(bg).detach()
+                bidx = torch.arange(seen, seen + z.shape[0]) if bidx is None else bidx
+                _check_finite(loss, z, bidx)
+                sink.add(bidx, batch, z.to(dtype).cpu(), loss.float().cpu())
                 seen += len(bidx)
-                continue
-            bg, loss = psg(to_device(batch, device))
-            z = compressor.compress(bg).detach()
-            bidx = torch.arange(seen, seen + z.shape[0]) if bidx is None else bidx
-            _check_finite(loss, z, bidx)
-            sink.add(bidx, batch, z.to(dtype).cpu(), loss.float().cpu())
-            seen += len(bidx)
-    if seen == 0:
-        raise ValueError("loader yielded no batch; per-sample gradients need at least one sample")
-    data, indices, losses = sink.finish()
+        if seen == 0:
+            raise ValueError(
+                "loader yielded no batch; per-sample gradients need at least one sample"
+            )
+        data, indices, losses = sink.finish()
+    finally:
+        sink.close()  # a store's lock is released whatever happened (no-op after finish)
     return Gradients(
         data,
         indices,
@@ -247,6 +260,7 @@ def gradients(
         task.param_names,
         compressor.fingerprint,
         None if path is None else Path(path),
+        model=model,
     )
 
 
@@ -265,6 +279,9 @@ class _Memory:
     def skip(self, bidx: Tensor | None, batch: object) -> bool:
         return False
 
+    def close(self) -> None:  # nothing held
+        pass
+
     def add(self, bidx: Tensor, batch: object, z: Tensor, loss: Tensor) -> None:
         if self.parts is not None:
             self.parts.append((z, bidx, loss))
@@ -282,13 +299,28 @@ class _Memory:
 
 class _Chunks:
     """Rows to a store in chunks of at least ``size`` samples (whole batches). On resume, the
-    batches of chunks already complete are only hashed and compared with the manifest."""
+    batches of chunks already complete are only hashed and compared with the manifest.
+
+    The writer holds the store's lock: :meth:`finish` releases it, and so does an error in any
+    method here (the run is over); :meth:`close` releases it whatever happened elsewhere, and a
+    ``with`` block around the run does so on an error."""
 
     def __init__(self, writer: GradientWriter, size: int):
         self.w, self.size = writer, size
         self.stored = len(writer.chunks)  # complete before this run: re-read and checked only
         self.checked = 0
         self._reset()
+
+    def __enter__(self) -> _Chunks:
+        return self
+
+    def __exit__(self, exc_type: type | None, *rest: object) -> None:
+        if exc_type is not None:
+            self.close()
+
+    def close(self) -> None:
+        """Release the store's lock (idempotent)."""
+        self.w.close()
 
     def _reset(self) -> None:
         self.h, self.parts, self.rows, self.batches = hashlib.sha256(), [], 0, 0
@@ -299,6 +331,10 @@ class _Chunks:
         self.batches += 1
 
     def skip(self, bidx: Tensor | None, batch: object) -> bool:
+        with self:
+            return self._skip(bidx, batch)
+
+    def _skip(self, bidx: Tensor | None, batch: object) -> bool:
         if self.checked >= self.stored:
             return False
         rec = self.w.chunks[self.checked]
@@ -329,10 +365,11 @@ class _Chunks:
         return True
 
     def add(self, bidx: Tensor, batch: object, z: Tensor, loss: Tensor) -> None:
-        self._take(bidx, batch)
-        self.parts.append((bidx, z, loss))
-        if self.rows >= self.size:
-            self._flush()
+        with self:
+            self._take(bidx, batch)
+            self.parts.append((bidx, z, loss))
+            if self.rows >= self.size:
+                self._flush()
 
     def _flush(self) -> None:
         if self.parts:
@@ -341,6 +378,10 @@ class _Chunks:
         self._reset()
 
     def finish(self) -> tuple[Tensor, Tensor, Tensor]:
+        with self:
+            return self._finish()
+
+    def _finish(self) -> tuple[Tensor, Tensor, Tensor]:
         if self.checked < self.stored:
             rec = self.w.chunks[self.stored - 1]
             raise ValueError(

@@ -22,15 +22,36 @@ Chunks: rows are written in chunks of consecutive rows in iteration order. A chu
 when its bytes are written and fsynced *and* the manifest, replaced atomically, lists it with the
 sha256 of those bytes and the hash of the batches (indices and tensors) that produced it. A run
 interrupted at any point leaves at worst bytes of an unlisted chunk, which a resumed run rewrites.
-One writer per store at a time (there is no lock).
+``order.npy`` is checked against its sha256 (``order_sha256``; stores written before it was
+recorded: against the hash of its contents, ``order``) whenever it is read: a damaged one would
+misplace every row.
+
+One writer per store: :meth:`Store.write_gradients` takes the store's lock, ``writer.lock``, a
+file created atomically (``O_CREAT | O_EXCL``) that holds the holder's pid, host, start time and
+purpose as JSON, and its writer keeps it until :meth:`GradientWriter.finish` or
+:meth:`GradientWriter.close` (a ``with`` block, its garbage collection or the interpreter's exit
+closes it too). Saving preconditioners or scores, ``truncate`` and ``clear`` take it briefly,
+re-reading the manifest under it. Another holder is refused (:class:`StoreLockedError`, naming
+it); a brief holder is waited for up to a few seconds. A lock whose holder ran on this host and no
+longer runs is taken over with a warning; a lock from another host is never assumed stale. The
+lock file is not part of the manifest: readers ignore it.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import re
+import socket
+import time
+import uuid
+import warnings
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +61,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ._io import atomic_write, fsync_dir, write_json
-from .curvature import Preconditioner
+from .curvature import Preconditioner, Source
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 ORDER = "order.npy"
+LOCK = "writer.lock"
+_WAIT_S = 10.0  # how long a lock request waits for a brief holder (a save), not for a writer
 # file -> (per-row shape suffix is (k,) for grads, () otherwise; fixed numpy dtype or None)
 FILES = {"grads.bin": None, "indices.bin": np.dtype(np.int64), "losses.bin": np.dtype(np.float32)}
 # storage dtype name -> (torch dtype, numpy dtype of the bytes); numpy has no bfloat16
@@ -73,6 +96,10 @@ _WHY = {
 
 class CorruptStoreError(ValueError):
     """A store file, or a chunk of it, does not match the checksum its manifest records."""
+
+
+class StoreLockedError(ValueError):
+    """Another writer (another process, or an unfinished writer of this one) holds the store."""
 
 
 def _version() -> str:
@@ -191,6 +218,162 @@ def _show(v: Any) -> str:
     return s if len(s) <= 300 else s[:297] + "..."
 
 
+# ----------------------------------------------------------------------------- the lock
+
+_HELD: set[Path] = set()  # lock files this process holds
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists
+        return True
+    return True
+
+
+class _Lock:
+    """The store's exclusive lock: file ``LOCK`` in the store directory, created with
+    ``O_CREAT | O_EXCL`` and holding the holder's pid, host, start time, purpose (``gradients``:
+    a writer, held long; anything else: brief) and a random token as JSON."""
+
+    def __init__(self, root: Path, purpose: str):
+        root.mkdir(parents=True, exist_ok=True)
+        self.file = root.resolve() / LOCK
+        self.info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "purpose": purpose,
+            "token": uuid.uuid4().hex,
+        }
+        self.held = False
+
+    def _read(self) -> tuple[str | None, dict | None]:
+        """(text, parsed holder) of the lock file: (None, None) if it is gone, (text, None) if
+        it cannot be parsed (being written, or damaged)."""
+        try:
+            text = self.file.read_text()
+        except FileNotFoundError:
+            return None, None
+        except OSError:
+            return "", None
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            return text, None
+        return text, holder if isinstance(holder, dict) else None
+
+    def acquire(self) -> _Lock:
+        deadline = time.monotonic() + _WAIT_S
+        while True:
+            try:
+                fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                text, holder = self._read()
+                if text is None:
+                    continue  # released meanwhile
+                mine = holder is not None and self._this_process(holder)
+                if mine and self.file in _HELD:
+                    gc.collect()  # a writer of this process that nothing refers to any more
+                    if self.file not in _HELD:  # was released by its collection
+                        continue
+                elif holder is not None and (mine or self._dead(holder)):
+                    self._take_over(text, holder)
+                    continue
+                brief = holder is None or holder.get("purpose") != "gradients"
+                if brief and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise StoreLockedError(self._refusal(holder)) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.info, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            _HELD.add(self.file)
+            return self
+
+    def release(self) -> None:
+        """Remove the lock file if this lock still holds it (idempotent; a forked child never
+        removes its parent's lock)."""
+        if not self.held or os.getpid() != self.info["pid"]:
+            return
+        self.held = False
+        _HELD.discard(self.file)
+        holder = self._read()[1]
+        if holder is not None and holder.get("token") == self.info["token"]:
+            self.file.unlink(missing_ok=True)
+
+    def _this_process(self, h: dict) -> bool:
+        return h.get("host") == self.info["host"] and h.get("pid") == self.info["pid"]
+
+    def _dead(self, h: dict) -> bool:
+        """Known dead: ran on this host and its pid no longer exists. Another host's process
+        cannot be checked, so it is never assumed dead."""
+        pid = h.get("pid")
+        return h.get("host") == self.info["host"] and isinstance(pid, int) and not _alive(pid)
+
+    def _take_over(self, text: str, h: dict) -> None:
+        """Remove the stale lock whose content is ``text``: move it aside atomically, and give it
+        back if it is not what was judged stale (another process took over first)."""
+        aside = self.file.with_name(f".{LOCK}.{self.info['token']}.tmp")
+        try:
+            os.rename(self.file, aside)
+        except FileNotFoundError:
+            return
+        if aside.read_text() != text:
+            with suppress(OSError):
+                os.link(aside, self.file)  # fails if yet another writer created one: keep that
+            aside.unlink()
+            return
+        aside.unlink()
+        why = (
+            "an earlier process with this pid (this one does not hold it)"
+            if self._this_process(h)
+            else "no longer running"
+        )
+        warnings.warn(
+            f"taking over the lock of store {self.file.parent}: its holder, pid {h.get('pid')} on "
+            f"this host ({h.get('host')}), since {h.get('started')}, is {why}. What it wrote is "
+            "checked as usual (complete chunks against their checksums) and resumed",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _refusal(self, h: dict | None) -> str:
+        root, file = self.file.parent, self.file
+        if h is None:
+            return (
+                f"store {root} is locked by {file}, which cannot be read (a writer may be "
+                f"starting, or the file is damaged). If no dropinf process uses this store, "
+                f"delete {file} by hand"
+            )
+        who = (
+            f"pid {h.get('pid')} on host {h.get('host')!r}, since {h.get('started')} "
+            f"({'writing gradients' if h.get('purpose') == 'gradients' else h.get('purpose')})"
+        )
+        if self._this_process(h):
+            return (
+                f"store {root} is already being written by this process ({who}): one writer "
+                "per store. finish() or close() the earlier writer (Store.write_gradients returns "
+                "it; use it in a `with` block), or use another path"
+            )
+        if h.get("host") != self.info["host"]:
+            return (
+                f"store {root} is locked by {who}: one writer per store. Wait for it, or use "
+                f"another path. A lock from another host is never assumed stale: if that "
+                f"process is known to be dead, delete {file} by hand"
+            )
+        return (
+            f"store {root} is locked by {who}, which is still running: one writer per store. "
+            f"Wait for it to finish, stop it, or use another path (if pid {h.get('pid')} is no "
+            f"dropinf process, its number reused, delete {file} by hand)"
+        )
+
+
 # ----------------------------------------------------------------------------- the store
 
 
@@ -200,7 +383,8 @@ class Store:
     Gradients: :meth:`write_gradients` starts or resumes writing (``dropinf.gradients(...,
     path=...)`` uses it), :meth:`gradient_arrays` maps them, :meth:`verify` checks every complete
     chunk. Also :meth:`save_preconditioner` / :meth:`load_preconditioner` and
-    :meth:`save_scores` / :meth:`load_scores`.
+    :meth:`save_scores` / :meth:`load_scores`. Methods that change the store hold its lock (see
+    the module docstring) and re-read the manifest under it.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -209,7 +393,7 @@ class Store:
             raise ValueError(f"store path {self.path} is a file; give a directory")
         self._pos: np.ndarray | None = None
         if (self.path / MANIFEST).exists():
-            self.manifest = json.loads((self.path / MANIFEST).read_text())
+            self._reload()
             return
         if self.path.is_dir() and any(not self._ours(p) for p in self.path.iterdir()):
             raise ValueError(
@@ -227,14 +411,34 @@ class Store:
         return {"format": FORMAT, "gradients": None, "preconditioners": {}, "scores": {}}
 
     def _ours(self, p: Path) -> bool:
-        known = {MANIFEST, ORDER, *FILES, "preconditioners", "scores"}
+        known = {MANIFEST, ORDER, LOCK, *FILES, "preconditioners", "scores"}
         return p.name in known or (p.name.startswith(".") and p.name.endswith(".tmp"))
+
+    def _reload(self) -> None:
+        """Re-read the manifest (another process may have changed it)."""
+        file = self.path / MANIFEST
+        self.manifest = json.loads(file.read_text()) if file.exists() else self._empty()
+        self._pos = None
+
+    @contextmanager
+    def _locked(self, purpose: str) -> Iterator[None]:
+        """Hold the store's lock briefly, on a freshly read manifest."""
+        lock = _Lock(self.path, purpose).acquire()
+        try:
+            self._reload()
+            yield
+        finally:
+            lock.release()
 
     def _commit(self) -> None:
         write_json(self.path / MANIFEST, self.manifest)
 
     def clear(self) -> None:
         """Delete everything this store wrote (only files it knows), leaving an empty store."""
+        with self._locked("clear"):
+            self._clear()
+
+    def _clear(self) -> None:
         # The manifest goes first: an interruption then leaves files no manifest claims.
         (self.path / MANIFEST).unlink(missing_ok=True)
         for rec in [
@@ -299,6 +503,10 @@ class Store:
         Resuming: every field above must equal the manifest's, or a ValueError names the field
         and both values. The complete chunks are verified against their checksums
         (:class:`CorruptStoreError` names a bad one) and kept; the writer continues after them.
+
+        The writer holds the store's lock until its ``finish()`` or ``close()`` (use it in a
+        ``with`` block): a second writer, here or in another process, gets a
+        :class:`StoreLockedError` naming the holder. Any refusal here releases it.
         """
         name = str(dtype).removeprefix("torch.")
         if name not in DTYPES:
@@ -317,23 +525,31 @@ class Store:
             "n": None if order is None else len(order),
             "order": None if order is None else _sha(order.numpy()),
         }
-        if overwrite:
-            self.clear()
-        g = self.manifest.get("gradients")
-        if g is None:
-            self._create(request, order)
-        else:
-            for field, want in request.items():
-                have = self.manifest["format"] if field == "format" else g.get(field)
-                if field == "n" and (want is None or have is None):
-                    continue  # unknown until a run without ``order`` finishes
-                if have != want:
-                    raise ValueError(
-                        f"store {self.path} holds gradients with {field} = {_show(have)}, but "
-                        f"this call asks for {field} = {_show(want)}{_WHY.get(field, '')}. {_FIX}"
-                    )
-            self.verify()
-        return GradientWriter(self, order)
+        lock = _Lock(self.path, "gradients").acquire()
+        try:
+            self._reload()
+            if overwrite:
+                self._clear()
+            g = self.manifest.get("gradients")
+            if g is None:
+                self._create(request, order)
+            else:
+                for field, want in request.items():
+                    have = self.manifest["format"] if field == "format" else g.get(field)
+                    if field == "n" and (want is None or have is None):
+                        continue  # unknown until a run without ``order`` finishes
+                    if have != want:
+                        raise ValueError(
+                            f"store {self.path} holds gradients with {field} = {_show(have)}, "
+                            f"but this call asks for {field} = {_show(want)}"
+                            f"{_WHY.get(field, '')}. {_FIX}"
+                        )
+                self.verify()
+                self._positions()  # checks order.npy even before the first chunk
+            return GradientWriter(self, order, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     def _create(self, request: dict, order: Tensor | None) -> None:
         try:
@@ -341,8 +557,10 @@ class Store:
         except (TypeError, ValueError):
             params = None
         self.path.mkdir(parents=True, exist_ok=True)
+        order_sha = None
         if order is not None:
             atomic_write(self.path / ORDER, lambda f: np.save(f, order.numpy()))
+            order_sha = _file_sha(self.path / ORDER)
         n = request["n"] or 0
         for name in FILES:
             with open(self.path / name, "wb") as f:  # preallocated (sparse) when n is known
@@ -352,6 +570,7 @@ class Store:
         self.manifest["gradients"] = {
             **request,
             "compressor_params": params,
+            "order_sha256": order_sha,
             "status": "in progress",
             "data_hash": None,
             "chunks": [],
@@ -370,8 +589,29 @@ class Store:
         if self.manifest["gradients"]["order"] is None:
             return None
         if self._pos is None:
-            self._pos = sorted_positions(torch.from_numpy(np.load(self.path / ORDER)))[1].numpy()
+            self._pos = sorted_positions(torch.from_numpy(self._order()))[1].numpy()
         return self._pos
+
+    def _order(self) -> np.ndarray:
+        """``order.npy``, checked against its sha256 in the manifest and its contents against
+        the request's ``order`` hash (all that a store written before the sha256 was has)."""
+        g, file = self.manifest["gradients"], self.path / ORDER
+        try:
+            if g.get("order_sha256") not in (None, _file_sha(file)):
+                problem = "does not match its sha256 in the manifest"
+            else:
+                a = np.load(file, allow_pickle=False)
+                ok = a.dtype == np.int64 and a.shape == (g["n"],) and _sha(a) == g["order"]
+                problem = None if ok else "does not hold the order the manifest records"
+        except (OSError, ValueError) as e:
+            problem = f"cannot be read ({type(e).__name__}: {e})"
+        if problem is None:
+            return a
+        raise CorruptStoreError(
+            f"{file} {problem}: the order file (the loader's order of the dataset indices, which "
+            f"places every row) is damaged or was modified, so no row's place can be trusted. "
+            f"Recompute the store: the same call with overwrite=True."
+        )
 
     def _map(self, name: str, rows: int, mode: str = "r") -> np.ndarray:
         g = self.manifest["gradients"]
@@ -412,14 +652,15 @@ class Store:
 
     def truncate(self, chunk: int) -> None:
         """Forget chunk ``chunk`` and the ones after it, so a resumed run recomputes them."""
-        g = self._gradients()
-        if not 0 <= chunk <= len(g["chunks"]):
-            raise ValueError(f"chunk={chunk}; the store has chunks 0..{len(g['chunks']) - 1}")
-        g["chunks"] = g["chunks"][:chunk]
-        g.update(status="in progress", data_hash=None)
-        if g["order"] is None:
-            g["n"] = None
-        self._commit()
+        with self._locked("truncate"):
+            g = self._gradients()
+            if not 0 <= chunk <= len(g["chunks"]):
+                raise ValueError(f"chunk={chunk}; the store has chunks 0..{len(g['chunks']) - 1}")
+            g["chunks"] = g["chunks"][:chunk]
+            g.update(status="in progress", data_hash=None)
+            if g["order"] is None:
+                g["n"] = None
+            self._commit()
 
     def gradient_arrays(self, verify: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """``(data (n, k), indices (n,), losses (n,))`` of a complete store.
@@ -443,8 +684,9 @@ class Store:
 
     def save_preconditioner(self, pre: Preconditioner, name: str) -> Path:
         """Save a fitted ``identity``, ``fisher`` or dense ``exact``/``ggn`` preconditioner as
-        ``preconditioners/NAME.npz`` (atomic), recorded in the manifest with its checksum and the
-        data hash of this store's gradients (if any)."""
+        ``preconditioners/NAME.npz`` (atomic), recorded in the manifest with its checksum, the
+        data hash of this store's gradients (if any) and its ``source`` (if known). Holds the
+        store's lock meanwhile."""
         _check_name(name)
         if pre.hvp is not None:
             raise ValueError(
@@ -457,33 +699,36 @@ class Store:
             for name in ("eigvals", "eigvecs")
             if (t := getattr(pre, name)) is not None
         }
-        # The Fisher's kernel form refers to its (n, k) training gradients: when they are this
-        # store's, the record points at them instead of copying them.
-        rows = None
-        if pre.rows is not None:
-            rows = "gradients" if self._holds(pre.rows) else "file"
-            if rows == "file":
-                arrays["rows"] = pre.rows.float().numpy()
-        file = f"preconditioners/{name}.npz"
-        atomic_write(self.path / file, lambda f: np.savez(f, **arrays))
-        g = self.manifest.get("gradients") or {}
-        self.manifest.setdefault("preconditioners", {})[name] = {
-            "rows": rows,
-            "file": file,
-            "sha256": _file_sha(self.path / file),
-            "kind": pre.kind,
-            "damping": pre.damping,
-            "dim": pre.dim,
-            "lam": pre.lam,
-            "info": pre.info,
-            "gradients_data_hash": g.get("data_hash"),
-            "dropinf_version": _version(),
-        }
-        self._commit()
+        with self._locked("save_preconditioner"):
+            # The Fisher's kernel form refers to its (n, k) training gradients: when they are
+            # this store's, the record points at them instead of copying them.
+            rows = None
+            if pre.rows is not None:
+                rows = "gradients" if self._holds(pre.rows) else "file"
+                if rows == "file":
+                    arrays["rows"] = pre.rows.float().numpy()
+            file = f"preconditioners/{name}.npz"
+            atomic_write(self.path / file, lambda f: np.savez(f, **arrays))
+            g = self.manifest.get("gradients") or {}
+            self.manifest.setdefault("preconditioners", {})[name] = {
+                "rows": rows,
+                "file": file,
+                "sha256": _file_sha(self.path / file),
+                "kind": pre.kind,
+                "damping": pre.damping,
+                "dim": pre.dim,
+                "lam": pre.lam,
+                "info": pre.info,
+                "source": None if pre.source is None else pre.source.to_dict(),
+                "gradients_data_hash": g.get("data_hash"),
+                "dropinf_version": _version(),
+            }
+            self._commit()
         return self.path / file
 
     def load_preconditioner(self, name: str) -> Preconditioner:
-        """The preconditioner saved under ``name``, checked against its checksum."""
+        """The preconditioner saved under ``name``, checked against its checksum (``source``
+        None when saved without one)."""
         rec = self._record("preconditioners", name)
         with np.load(self.path / rec["file"]) as z:
             eig = {k: torch.from_numpy(z[k]) for k in ("eigvals", "eigvecs", "rows") if k in z}
@@ -497,7 +742,13 @@ class Store:
                 )
             eig["rows"] = self.gradient_arrays(verify=False)[0]
         return Preconditioner(
-            rec["kind"], rec["damping"], rec["dim"], lam=rec["lam"], info=rec["info"], **eig
+            rec["kind"],
+            rec["damping"],
+            rec["dim"],
+            lam=rec["lam"],
+            info=rec["info"],
+            source=Source.from_dict(rec.get("source")),
+            **eig,
         )
 
     def _holds(self, rows: Tensor) -> bool:
@@ -513,20 +764,22 @@ class Store:
     def save_scores(self, S: Tensor, name: str, meta: dict | None = None) -> Path:
         """Save a score matrix (e.g. (n_test, n_train), positive = helpful) as
         ``scores/NAME.npy`` (atomic), recorded in the manifest with its checksum, shape, dtype
-        and ``meta`` (JSON: say which test set and preconditioner it came from)."""
+        and ``meta`` (JSON: say which test set and preconditioner it came from). Holds the
+        store's lock meanwhile."""
         _check_name(name)
         a = torch.as_tensor(S).detach().cpu().numpy()
         file = f"scores/{name}.npy"
-        atomic_write(self.path / file, lambda f: np.save(f, a))
-        self.manifest.setdefault("scores", {})[name] = {
-            "file": file,
-            "sha256": _file_sha(self.path / file),
-            "shape": list(a.shape),
-            "dtype": str(a.dtype),
-            "meta": meta or {},
-            "dropinf_version": _version(),
-        }
-        self._commit()
+        with self._locked("save_scores"):
+            atomic_write(self.path / file, lambda f: np.save(f, a))
+            self.manifest.setdefault("scores", {})[name] = {
+                "file": file,
+                "sha256": _file_sha(self.path / file),
+                "shape": list(a.shape),
+                "dtype": str(a.dtype),
+                "meta": meta or {},
+                "dropinf_version": _version(),
+            }
+            self._commit()
         return self.path / file
 
     def load_scores(self, name: str, verify: bool = True) -> Tensor:
@@ -556,12 +809,32 @@ class GradientWriter:
     ``chunks`` lists the complete chunks (each: ``chunk``, ``start``, ``stop`` in iteration
     order, ``batches``, ``data_hash``, ``checksum`` per file); ``rows_done`` is where the next
     chunk starts.
+
+    It holds the store's lock until :meth:`finish` succeeds or :meth:`close` is called (a
+    ``with`` block closes it on leaving, whatever happened); if neither happens, its garbage
+    collection or the interpreter's exit releases it.
     """
 
-    def __init__(self, store: Store, order: Tensor | None):
+    def __init__(self, store: Store, order: Tensor | None, lock: _Lock):
         self.store = store
         self.meta = store.manifest["gradients"]
         self.order = order
+        self._release = weakref.finalize(self, lock.release)
+
+    def __enter__(self) -> GradientWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return not self._release.alive
+
+    def close(self) -> None:
+        """Release the store's lock without finishing (idempotent): the store keeps its complete
+        chunks, and the same request resumes after them."""
+        self._release()
 
     @property
     def chunks(self) -> list[dict]:
@@ -585,6 +858,11 @@ class GradientWriter:
             batches: how many batches the chunk spans.
         """
         g, start = self.meta, self.rows_done
+        if self.closed:
+            raise ValueError(
+                f"this writer of store {self.store.path} is closed (finished, or close() was "
+                "called) and no longer holds its lock; start another with Store.write_gradients"
+            )
         if g["status"] == "complete":
             raise ValueError(
                 f"store {self.store.path} is complete with n={g['n']} rows, but more rows "
@@ -632,9 +910,12 @@ class GradientWriter:
         return rec
 
     def finish(self) -> None:
-        """Mark the store complete once every row is written (idempotent)."""
+        """Mark the store complete once every row is written (idempotent), and release the
+        store's lock. If it raises, the writer keeps the lock: write the missing rows, or
+        :meth:`close` it."""
         g, n = self.meta, self.rows_done
         if g["status"] == "complete":
+            self.close()
             return
         if n == 0:
             raise ValueError(
@@ -648,3 +929,4 @@ class GradientWriter:
         digest = hashlib.sha256("".join(c["data_hash"] for c in self.chunks).encode())
         g.update(n=n, status="complete", data_hash=digest.hexdigest())
         self.store._commit()
+        self.close()

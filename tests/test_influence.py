@@ -258,3 +258,94 @@ def test_fisher_kernel_form_refuses_what_it_cannot_do():
     lost = dataclasses.replace(di.Preconditioner.fit(G, "fisher", 0.1), rows=None)
     with pytest.raises(ValueError, match="lost its training rows"):
         lost.apply(G)
+
+
+def test_non_finite_rows_are_named_where_they_enter():
+    """A NaN or inf entry would make every Fisher score NaN (or the dense solve look
+    ill-conditioned): fit, scores, top_k and self_influence name the argument and the row."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(40, 12, generator=g)
+    T = torch.randn(6, 12, generator=g)
+    for n, bad, value in [(40, 37, float("nan")), (8, 5, float("inf"))]:  # dense, kernel form
+        Gb = G[:n].clone()
+        Gb[bad, 3] = value
+        with pytest.raises(ValueError, match=rf"G_train row {bad} has a NaN or inf entry"):
+            di.Preconditioner.fit(Gb, "fisher", damping=0.1)
+    pre = di.Preconditioner.fit(G, "fisher", damping=0.1)
+    Gb, Tb = G.clone(), T.clone()
+    Gb[29, 0], Tb[4, 11] = float("nan"), -float("inf")
+    for call, name, row in [
+        (lambda: di.scores(Tb, G, pre, block_test=3), "G_test", 4),
+        (lambda: di.scores(T, Gb, pre, block_train=7), "G_train", 29),
+        (lambda: di.top_k(Tb, G, pre, k=2), "G_test", 4),
+        (lambda: di.top_k(T, Gb, pre, k=2, block_train=7), "G_train", 29),
+        (lambda: di.self_influence(Gb, pre, block=8), "G_train", 29),
+        (lambda: di.scores(T.half(), Gb.bfloat16(), di.Preconditioner.fit(G, "identity")),
+         "G_train", 29),
+    ]:
+        with pytest.raises(ValueError, match=rf"{name} row {row} has a NaN or inf entry"):
+            call()
+    # finite rows whose float64 row sum overflows are not refused
+    huge = torch.full((2, 3), 1e308, dtype=torch.float64)
+    curvature.check_finite(huge, "G_train")
+
+
+U32, U64 = 2.0**-24, 2.0**-53
+
+
+@pytest.fixture(scope="module")
+def wide_mlp_grads():
+    """float32 gradients of an MLP with k = 517 parameters: 800 training rows, 30 test rows."""
+    torch.manual_seed(0)
+    task = di.Task(models.mlp([10, 32, 5]).eval(), di.losses.cross_entropy)
+    x, y = torch.randn(830, 10), torch.randint(0, 5, (830,))
+    G = di.gradients(task, [(x[:800], y[:800])], di.Identity(), progress=False).data
+    T = di.gradients(task, [(x[800:], y[800:])], di.Identity(), progress=False).data
+    return G, T
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1e-5])
+@pytest.mark.parametrize("n", [200, 800])  # k = 517: kernel form (k > n), dense form (k < n)
+def test_float32_scores_are_the_float64_scores_rounded(wide_mlp_grads, n, damping):
+    """float32 rows give the scores of a float64 computation on the same values, rounded.
+
+    Reference: numpy in float64, x_i = (F + lambda I)^{-1} t_i by a direct solve, S = X G^T.
+    Each float64 solve (numpy's, and dropinf's eigendecomposition) is backward stable, so its
+    error in x_i is at most about u64 kappa |x_i| (kappa = |F + lambda I|_2 / lambda), up to a
+    factor of order one (we allow 4 per solve); through the product with g_j, u64 kappa |x_i|
+    |g_j|. Rounding the result to float32 adds u32 |S_ij|. The float32 products this replaced
+    (and the query rounded to float32) cost about u32 sum_l |x_il g_jl|, which the 1 / lambda
+    in x makes far larger: the last assertion checks that this test tells them apart."""
+    G, T = wide_mlp_grads
+    G = G[:n]
+    k = G.shape[1]
+    Gd, Td = G.double().numpy(), T.double().numpy()  # the float32 values, exactly
+    A = Gd.T @ Gd / n
+    lam = damping * np.trace(A) / k
+    A += lam * np.eye(k)
+    kappa = np.linalg.norm(A, 2) / lam
+    pre = di.Preconditioner.fit(G, "fisher", damping)
+    assert pre.info["solver"] == ("kernel" if k > n else "dense")
+
+    def reference(Q):
+        X = np.linalg.solve(A, Q.T).T
+        slack = 2 * 4 * U64 * kappa * np.linalg.norm(X, axis=1)
+        return X, slack
+
+    X, slack = reference(Td)
+    S = X @ Gd.T
+    tol = U32 * np.abs(S) + np.outer(slack, np.linalg.norm(Gd, axis=1))
+    got = di.scores(T, G, pre, block_test=7, block_train=64)
+    assert got.dtype == torch.float32
+    assert (np.abs(got.double().numpy() - S) <= tol).all()
+    idx, val = di.top_k(T, G, pre, k=3, block_train=64)
+    ref_val = np.take_along_axis(S, idx.numpy(), 1)
+    assert (np.abs(val.double().numpy() - ref_val) <= np.take_along_axis(tol, idx.numpy(), 1)).all()
+    assert (ref_val[:, -1] >= np.sort(S, 1)[:, -3] - tol.max(1)).all()  # the best 3, up to tol
+    Xg, slack_g = reference(Gd)
+    s_ref = (Xg * Gd).sum(1)
+    s_tol = U32 * np.abs(s_ref) + slack_g * np.linalg.norm(Gd, axis=1)
+    s = di.self_influence(G, pre, block=50)
+    assert s.dtype == torch.float32 and (np.abs(s.double().numpy() - s_ref) <= s_tol).all()
+    fast = di.scores(T, G, pre, product_dtype=torch.float32).double().numpy()
+    assert (np.abs(fast - S) > tol).any()

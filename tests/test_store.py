@@ -4,7 +4,14 @@ corruption, mismatched requests and 16-bit storage."""
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dropinf as di
 import dropinf.store as store_mod
 from dropinf import losses, models
-from dropinf.store import CorruptStoreError, Store
+from dropinf.store import LOCK, CorruptStoreError, Store, StoreLockedError
 
 N, BS, CHUNK = 30, 4, 8  # 8 batches (the last of 2); a chunk = 2 batches
 
@@ -240,6 +247,185 @@ def test_truncated_file_is_reported(setup, tmp_path):
         f.truncate(8 * 20)
     with pytest.raises(CorruptStoreError, match=r"indices\.bin is 160 bytes.*30 rows"):
         Store(tmp_path / "s").verify()
+
+
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_damaged_order_file_is_named_not_a_chunk(setup, tmp_path, where):
+    """order.npy places every row: a flipped bit there must not pass for a damaged chunk (whose
+    fix, truncate and resume, would leave a store that verifies but is not sorted by index)."""
+    model, ds = setup
+    path = tmp_path / "s"
+    ref = run(model, ds, path, ld=loader(ds, seed=7))
+    size = (path / store_mod.ORDER).stat().st_size
+    flip_byte(path / store_mod.ORDER, 10 if where == "header" else size - 3)  # last index
+    calls = [
+        lambda: Store(path).verify(),
+        lambda: di.Gradients.load(path),
+        lambda: run(model, ds, path, ld=loader(ds, seed=7)),  # resume of a complete store
+    ]
+    for call in calls:
+        with pytest.raises(CorruptStoreError, match=r"order\.npy .*overwrite=True") as err:
+            call()
+        assert "chunk" not in str(err.value)
+    assert_same(run(model, ds, path, ld=loader(ds, seed=7), overwrite=True), ref)
+
+
+def test_store_without_an_order_checksum_still_loads_and_checks_the_order(setup, tmp_path):
+    """A store written before order.npy had a sha256 in the manifest: its contents are checked
+    against the manifest's hash of the loader's order instead."""
+    model, ds = setup
+    path = tmp_path / "s"
+    ref = run(model, ds, path, ld=loader(ds, seed=7))
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["gradients"].pop("order_sha256") == store_mod._file_sha(path / store_mod.ORDER)
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert_same(di.Gradients.load(path), ref)
+    assert_same(run(model, ds, path, ld=loader(ds, seed=7)), ref)
+    flip_byte(path / store_mod.ORDER, (path / store_mod.ORDER).stat().st_size - 3)
+    with pytest.raises(CorruptStoreError, match=r"order\.npy does not hold the order"):
+        di.Gradients.load(path)
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+def writer(path: Path, **kw) -> store_mod.GradientWriter:
+    return Store(path).write_gradients(
+        compressor="c", model="m", loss="l", param_names=["x"], k=2, **kw
+    )
+
+
+def write_some(w: store_mod.GradientWriter, m: int = 3) -> None:
+    a = w.rows_done
+    w.write_chunk(torch.arange(a, a + m), torch.ones(m, 2), torch.zeros(m), f"rows {a}")
+
+
+CHILD = """
+import sys, time
+from dropinf.store import Store, StoreLockedError
+try:
+    w = Store(sys.argv[1]).write_gradients(
+        compressor="c", model="m", loss="l", param_names=["x"], k=2
+    )
+except StoreLockedError as e:
+    print(e, flush=True)
+    sys.exit(3)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def child(path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_lock(setup, tmp_path):
+    model, ds = setup
+    path = tmp_path / "s"
+    w = writer(path)
+    holder = json.loads((path / LOCK).read_text())
+    assert (holder["pid"], holder["host"]) == (os.getpid(), socket.gethostname())
+    # in this process: another writer, dropinf.gradients, a save
+    with pytest.raises(StoreLockedError, match=rf"already being written by this process \(pid "
+                       rf"{os.getpid()} .*finish\(\) or close\(\)"):
+        writer(path)
+    with pytest.raises(StoreLockedError, match=str(path)):
+        run(model, ds, path)
+    with pytest.raises(StoreLockedError, match="writing gradients"):
+        Store(path).save_scores(torch.zeros(2, 2), "s")
+    # in another process: refused, naming this one
+    p = child(path)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 3, out
+    who = f"pid {os.getpid()} on host {socket.gethostname()!r}, since {holder['started']}"
+    assert who in out and "still running" in out and str(path) in out
+    # readers ignore the lock file, and the manifest does not list it
+    write_some(w)
+    assert Store(path).manifest["gradients"]["chunks"][0]["stop"] == 3
+    assert LOCK not in (path / "manifest.json").read_text()
+    # finish releases it
+    w.finish()
+    assert not (path / LOCK).exists()
+    assert Store(path).gradient_arrays()[0].shape == (3, 2)
+    Store(path).save_scores(torch.zeros(2, 2), "s")
+    writer(path).close()
+
+
+def test_lock_of_a_dead_writer_is_taken_over_and_a_foreign_one_is_not(tmp_path):
+    path = tmp_path / "s"
+    p = child(path)  # takes the lock, then is killed: nothing releases it
+    assert p.stdout.readline().strip() == "holding"
+    stale = json.loads((path / LOCK).read_text())
+    with pytest.raises(StoreLockedError, match=rf"pid {p.pid} .*still running"):
+        writer(path)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    p.stdout.close()
+    with pytest.warns(RuntimeWarning, match=rf"pid {p.pid} .*no longer running"):
+        w = writer(path)
+    assert json.loads((path / LOCK).read_text())["pid"] == os.getpid()
+    w.close()
+    assert not (path / LOCK).exists()
+    # the same record from another host cannot be checked: refused, with the manual fix
+    foreign = json.dumps({**stale, "host": "elsewhere.example"})
+    (path / LOCK).write_text(foreign)
+    msg = r"host 'elsewhere.example'.*never assumed stale.*delete .*writer\.lock by hand"
+    with pytest.raises(StoreLockedError, match=msg):
+        writer(path)
+    with pytest.raises(StoreLockedError, match=msg):
+        Store(path).save_scores(torch.zeros(1), "s")
+    assert (path / LOCK).read_text() == foreign
+    (path / LOCK).unlink()
+    writer(path).close()
+
+
+def test_brief_holder_is_waited_for_a_writer_is_not(tmp_path, monkeypatch):
+    """A save holds the lock briefly: another save waits for it (up to _WAIT_S), and gives up
+    with the holder named after that."""
+    path = tmp_path / "s"
+    path.mkdir()
+    live = {"pid": os.getppid(), "host": socket.gethostname(), "started": "then", "token": "t"}
+    (path / LOCK).write_text(json.dumps({**live, "purpose": "save_scores"}))
+    threading.Timer(0.5, (path / LOCK).unlink).start()
+    Store(path).save_scores(torch.ones(2), "s")  # after the holder left
+    assert torch.equal(Store(path).load_scores("s"), torch.ones(2))
+    monkeypatch.setattr(store_mod, "_WAIT_S", 0.3)
+    (path / LOCK).write_text(json.dumps({**live, "purpose": "save_scores"}))
+    with pytest.raises(StoreLockedError, match=rf"pid {os.getppid()} .*\(save_scores\)"):
+        Store(path).save_scores(torch.ones(2), "t")
+
+
+def test_lock_is_released_after_finish_and_after_an_error(setup, tmp_path):
+    model, ds = setup
+    w = writer(tmp_path / "w")
+    write_some(w)
+    w.finish()
+    assert not (tmp_path / "w" / LOCK).exists()
+    with pytest.raises(ValueError, match="closed"):
+        write_some(w)
+    with pytest.raises(RuntimeError, match="injected"), writer(tmp_path / "x") as w:
+        write_some(w)
+        assert (tmp_path / "x" / LOCK).exists()
+        raise RuntimeError("injected")
+    assert not (tmp_path / "x" / LOCK).exists()
+    # a writer nobody refers to any more, even from a reference cycle, no longer holds the store
+    w = writer(tmp_path / "y")
+    w.cycle = w
+    del w
+    writer(tmp_path / "y").close()
+    assert not (tmp_path / "y" / LOCK).exists()
+    # dropinf.gradients: an error in the loss, a refusal while resuming, then a resumed run
+    path = tmp_path / "g"
+    with pytest.raises(RuntimeError, match="injected"):  # in batch 3: chunk 0 is complete
+        run(model, ds, path, loss=Counting(fail_at=2 * calls_per_batch(model, ds) + 1))
+    assert not (path / LOCK).exists()
+    with pytest.raises(ValueError, match="other data") as err:  # err keeps the run's frames
+        run(model, ds, path, ld=loader(TensorDataset(ds.tensors[0] + 1, ds.tensors[1])))
+    assert "chunk 0" in str(err.value) and not (path / LOCK).exists()
+    assert_same(run(model, ds, path), run(model, ds))
+    assert not (path / LOCK).exists()
 
 
 # ----------------------------------------------------------------------------- refusals
