@@ -3,7 +3,10 @@
 #   ./reproduce.sh [OPTIONS]       set up if needed, run every notebook, then build the paper
 #       --profile cpu-quick|gpu    (default cpu-quick); results go to results/<profile>/
 #       --only NAME[,NAME]         notebooks by stem or prefix: --only 01 or --only 01_theory
-#       -p KEY VALUE               override a notebook parameter: -p n_trials 50
+#       -p KEY VALUE               override a notebook parameter: -p n_trials 50; results then go
+#                                  to results/<profile>+<hash>/ and the paper is not rebuilt
+#       --into DIR [--paper]       write the results to DIR/ instead (--into results/cpu-quick
+#                                  replaces the committed ones; --paper rebuilds the paper)
 #       (all options: ./reproduce.sh run --help; it is `python -m dropinf run`)
 #   ./reproduce.sh paper           rebuild paper/paper.md from results/ without running anything
 #   ./reproduce.sh list            the notebooks and their parameters

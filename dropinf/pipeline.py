@@ -1,38 +1,58 @@
 """Run the study's notebooks with papermill, then assemble the paper from their results.
 
 ``python -m dropinf run`` (what ``./reproduce.sh`` calls) executes ``notebooks/NN_*.ipynb`` in
-name order into ``results/<profile>/<stem>/`` (layout in :mod:`dropinf.results`), injecting
-``profile``, ``out_dir`` and the user's overrides into each notebook's ``parameters`` cell. A
-notebook that fails does not stop the others; the run ends with a table of notebooks, status
-and wall time, writes ``results/<profile>/run.json`` and exits non-zero if any failed.
+name order, injecting ``profile``, ``out_dir`` and the user's overrides into each notebook's
+``parameters`` cell. Where the results go (:func:`output_dir`):
 
-``python -m dropinf paper`` renders ``paper/paper.template.md`` into ``paper/paper.md``
-(placeholder grammar in :func:`render_template`); the run does this last unless ``--no-paper``.
+- no overrides: ``results/<profile>/<stem>/`` (layout in :mod:`dropinf.results`), the committed
+  study for cpu-quick;
+- with ``-p``/``-y`` overrides: ``results/<profile>+<hash>/`` (:func:`overrides_hash`; git
+  ignores it), so that trying a parameter never touches the committed results;
+- ``--into DIR``: ``DIR/<stem>/``, on purpose (``--into results/cpu-quick`` replaces the
+  committed results notebook by notebook).
+
+Each notebook runs into a fresh hidden directory beside its results and replaces them only when
+it ran to the end (:func:`swap_in`); a failed or interrupted run keeps the previous results as
+they were and leaves its own copy in ``<stem>.failed/``. A notebook that fails does not stop the
+others; the run ends with a table of notebooks, status and wall time, writes ``run.json`` beside
+the results (paths in it relative to the repository root) and exits non-zero if any failed.
+
+``python -m dropinf paper`` renders ``paper/paper.template.md`` into ``paper/paper.md`` from
+``results/<profile>/`` only (placeholder grammar in :func:`render_template`). The run does this
+last when it wrote ``results/<profile>/`` without overrides (``--paper`` to do it with them,
+``--no-paper`` never).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
+import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write, write_json
-from .results import PROFILES, manifest, repo_root
+from ._io import atomic_write, fsync_dir, write_json
+from .results import PROFILES, manifest, portable, repo_root
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 DEFAULT_PROFILE = "cpu-quick"
 DEFAULT_KERNEL = "dropinf"
 INJECTED = ("profile", "out_dir")  # set by the runner, never by -p
+STEM_RE = re.compile(r"\d\d_\w+")  # a notebook's results directory (not .failed, not hidden)
 
 Log = Callable[[str], None]
 
@@ -71,15 +91,18 @@ def find_notebooks(notebooks_dir: str | Path | None = None) -> list[Path]:
 def select(notebooks: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
     """The notebooks named by ``only`` (stems or stem prefixes: ``01``, ``01_theory``), in order.
 
-    ``None`` or empty selects all. Entries may also be file names (``01_theory.ipynb``). A name
-    matching no notebook is a ValueError listing the notebooks that exist.
+    ``None`` or empty selects all. Entries may also be file names (``01_theory.ipynb``). An empty
+    name (``--only ,``) or one matching no notebook is a ValueError listing the notebooks.
     """
     if not only:
         return list(notebooks)
     names = [Path(n).name.removesuffix(".ipynb") for n in only]
-    unknown = [n for n in names if not n or not any(p.stem.startswith(n) for p in notebooks)]
+    have = ", ".join(p.stem for p in notebooks) or "none"
+    if not all(names):
+        raise ValueError(f"--only: empty notebook name in {','.join(only)!r}; name notebooks by "
+                         f"stem or prefix, e.g. --only 01 or --only 01,02 (they are: {have})")
+    unknown = [n for n in names if not any(p.stem.startswith(n) for p in notebooks)]
     if unknown:
-        have = ", ".join(p.stem for p in notebooks) or "none"
         raise ValueError(f"--only: no notebook matches {', '.join(map(repr, unknown))}; "
                          f"the notebooks are: {have}")
     return [p for p in notebooks if any(p.stem.startswith(n) for n in names)]
@@ -150,16 +173,126 @@ def check_kernel(kernel: str) -> None:
                          "registers 'dropinf' in .venv, or pass --kernel python3") from None
 
 
+def check_overrides(params: dict[str, Any], declared: dict[str, dict[str, str]],
+                    warn: Log = _warn) -> None:
+    """Refuse an override that no selected notebook declares, naming the parameters they have;
+    warn about one that only some of them declare (the others do not get it)."""
+    unknown = [k for k in params if not any(k in names for names in declared.values())]
+    if unknown:
+        have = sorted({n for names in declared.values() for n in names} - set(INJECTED))
+        raise ValueError(
+            f"-p/-y {', '.join(unknown)}: not a parameter of {', '.join(declared)}; theirs are: "
+            f"{', '.join(have) or 'none'} (`./reproduce.sh list` shows them with defaults)")
+    for key in params:
+        lacking = [s for s, names in declared.items() if key not in names]
+        if lacking:
+            warn(f"-p {key}: not a parameter of {', '.join(lacking)}; not passed to it")
+
+
+def overrides_hash(params: dict[str, Any]) -> str:
+    """8 hex digits of the SHA-256 of the overrides as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def output_dir(profile: str, params: dict[str, Any] | None = None, *,
+               results_dir: str | Path | None = None, into: str | Path | None = None) -> Path:
+    """Where a run writes its ``<stem>/`` directories and ``run.json`` (an absolute path).
+
+    ``into`` when given. Else ``results_dir/<profile>`` (default ``results/``) without
+    overrides, and ``results_dir/<profile>+<overrides_hash(params)>`` with them: a run with
+    overrides never writes the committed results unless told to with ``into``.
+    """
+    if into is not None:
+        return Path(into).resolve()
+    results = Path(results_dir) if results_dir else repo_root() / "results"
+    return (results / (f"{profile}+{overrides_hash(params)}" if params else profile)).resolve()
+
+
 @dataclass
 class NotebookRun:
-    """Outcome of one notebook: status ``ok`` or ``failed``, and where its executed copy is."""
+    """Outcome of one notebook: status ``ok``, ``failed`` or ``interrupted``, and where it is.
+
+    ``out_dir`` holds the notebook's results: this run's when ok, else the previous ones, as
+    they were (if there are any). ``executed`` is the executed notebook: in ``out_dir`` when ok,
+    else in the failed copy :attr:`failed_dir` (``<stem>.failed/`` beside ``out_dir``).
+    ``params`` is what was injected besides ``out_dir``.
+    """
 
     name: str
     status: str
     wall_s: float
-    executed: str
+    out_dir: Path
+    executed: Path
     params: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+
+    @property
+    def failed_dir(self) -> Path | None:
+        return None if self.status == "ok" else self.executed.parent
+
+    def record(self, root: Path) -> dict[str, Any]:
+        """This run as a run.json entry, its paths relative to ``root`` (the repository)."""
+        paths = {"out_dir": self.out_dir, "executed": self.executed, "failed_dir": self.failed_dir}
+        return {**asdict(self), **{k: portable(v, root) for k, v in paths.items()}}
+
+
+def failed_copy(out_dir: Path) -> Path:
+    """Where a failed or interrupted run of ``out_dir``'s notebook leaves its copy."""
+    return out_dir.with_name(f"{out_dir.name}.failed")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM off within (they are delivered on leaving), where POSIX allows."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within (in the main thread): SIGTERM raises KeyboardInterrupt as Ctrl-C does, so that a
+    stopped run shuts its kernel down and records the interrupted notebook."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def swap_in(new: Path, dest: Path) -> None:
+    """Make the complete directory ``new`` (a sibling of ``dest``) be ``dest``, replacing it.
+
+    The old ``dest`` is renamed aside to ``.<name>.previous-XXXXXXXX``, ``new`` is renamed to
+    ``dest``, then the old copy is deleted; Ctrl-C and SIGTERM are held off during the renames.
+    So at every instant one complete copy exists under a known name. Recovery after a crash
+    (power loss, SIGKILL): between the two renames, ``dest`` is missing and both complete copies
+    are beside it: rename ``.<name>.previous-*`` (the old results) or ``.<name>.running-*`` (the
+    new ones) to ``<name>``. A crash while deleting leaves part of ``.<name>.previous-*``, and
+    one while a notebook runs leaves ``.<name>.running-*``: ``dest`` is complete, delete them.
+    """
+    aside = None
+    with _signals_held():
+        if dest.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.previous-", dir=dest.parent))
+            os.replace(dest, aside)  # onto the empty directory mkdtemp made (POSIX allows it)
+        os.replace(new, dest)
+        fsync_dir(dest.parent)
+    if aside is not None:
+        shutil.rmtree(aside)
 
 
 def _kernel_config() -> dict[str, Any]:
@@ -174,40 +307,65 @@ def _kernel_config() -> dict[str, Any]:
     return {"config": Config({"KernelManager": {"transport_encryption": "auto"}})}
 
 
-def _execute(path: Path, out_dir: Path, params: dict[str, Any], kernel: str,
-             progress: bool) -> NotebookRun:
+def _execute(path: Path, executed: Path, params: dict[str, Any], kernel: str,
+             progress: bool) -> str | None:
+    """Run the notebook ``path`` into ``executed`` with papermill: its error, None if it ran."""
     import papermill
 
-    # The directory holds exactly one run: no figure or summary left from an earlier one.
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    executed = out_dir / path.name
-    error = None
-    t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(path), str(executed), parameters=params,
                                    kernel_name=kernel, progress_bar=progress, cwd=str(path.parent),
                                    **_kernel_config())
     except papermill.PapermillExecutionError as e:
-        error = f"{e.ename}: {e.evalue} (at In [{e.exec_count}])"
+        return f"{e.ename}: {e.evalue} (at In [{e.exec_count}])"
     except Exception as e:  # a dead kernel, say: it must not stop the other notebooks
-        error = f"{type(e).__name__}: {e}"
-    return NotebookRun(path.stem, "failed" if error else "ok",
-                       round(time.perf_counter() - t0, 2), str(executed), params, error)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def run_one(path: Path, dest: Path, params: dict[str, Any], kernel: str = DEFAULT_KERNEL,
+            progress: bool = True) -> NotebookRun:
+    """Run one notebook with ``params`` into a fresh directory beside ``dest``.
+
+    The notebook gets that directory as ``out_dir``. If it ran to the end, the directory
+    replaces ``dest`` (:func:`swap_in`); else (an error, a dead kernel, Ctrl-C or SIGTERM)
+    ``dest`` stays as it was and the directory becomes ``<stem>.failed/`` beside it, replacing an
+    older failed copy. An ok run deletes the stale failed copy.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.running-", dir=dest.parent))
+    failed = failed_copy(dest)
+    t0 = time.perf_counter()
+    try:
+        error = _execute(path, work / path.name, {**params, "out_dir": str(work)}, kernel,
+                         progress)
+        status = "failed" if error else "ok"
+    except KeyboardInterrupt as e:
+        error, status = f"interrupted ({e or 'Ctrl-C'})", "interrupted"
+    wall_s = round(time.perf_counter() - t0, 2)
+    shutil.rmtree(failed, ignore_errors=True)
+    if status == "ok":
+        swap_in(work, dest)
+        return NotebookRun(path.stem, status, wall_s, dest, dest / path.name, params)
+    os.replace(work, failed)
+    return NotebookRun(path.stem, status, wall_s, dest, failed / path.name, params, error)
 
 
 def run_notebooks(profile: str = DEFAULT_PROFILE, only: Sequence[str] | None = None,
                   params: dict[str, Any] | None = None, *,
                   notebooks_dir: str | Path | None = None, results_dir: str | Path | None = None,
-                  kernel: str = DEFAULT_KERNEL, progress: bool = True,
-                  log: Log = _log, warn: Log = _warn) -> list[NotebookRun]:
-    """Execute the selected notebooks in order into ``results_dir/<profile>/<stem>/``.
+                  into: str | Path | None = None, kernel: str = DEFAULT_KERNEL,
+                  progress: bool = True, log: Log = _log, warn: Log = _warn) -> list[NotebookRun]:
+    """Execute the selected notebooks in order, each into ``OUT/<stem>/`` by :func:`run_one`.
 
-    Each gets ``profile``, ``out_dir`` (absolute) and those of ``params`` its parameters cell
-    declares; an override no selected notebook declares is warned about and dropped. Writes
-    ``results_dir/<profile>/run.json`` (``dropinf.results.manifest`` plus one entry per
-    notebook). Returns the outcomes; failures are in them, never raised.
+    ``OUT`` is :func:`output_dir` (``into``, else ``results/<profile>`` or, with overrides,
+    ``results/<profile>+<hash>``). Each notebook gets ``profile``, ``out_dir`` and those of
+    ``params`` its parameters cell declares; an override that no selected notebook declares is
+    a ValueError (:func:`check_overrides`), raised before anything runs. Writes ``OUT/run.json``
+    (``dropinf.results.manifest`` with the overrides, ``out_dir`` and one entry per notebook,
+    every path relative to the repository root). Returns the outcomes: failures are in them,
+    never raised. Ctrl-C or SIGTERM ends the run after the interrupted notebook, which is the
+    last outcome (status ``interrupted``; its previous results kept).
     """
     check_profile(profile)
     nb_dir = Path(notebooks_dir) if notebooks_dir else repo_root() / "notebooks"
@@ -223,50 +381,49 @@ def run_notebooks(profile: str = DEFAULT_PROFILE, only: Sequence[str] | None = N
         for name in INJECTED:
             if name not in names:
                 warn(f"{stem} has no `{name}` in a cell tagged 'parameters'; it is injected anyway")
-    for key in params:
-        lacking = [s for s, names in declared.items() if key not in names]
-        if len(lacking) == len(declared):
-            warn(f"-p {key}: no selected notebook has this parameter; ignored "
-                 f"(theirs: {', '.join(sorted({n for v in declared.values() for n in v}))})")
-        elif lacking:
-            warn(f"-p {key}: not a parameter of {', '.join(lacking)}; not passed to it")
+    check_overrides(params, declared, warn)
 
-    root = (Path(results_dir) if results_dir else repo_root() / "results").resolve() / profile
+    out = output_dir(profile, params, results_dir=results_dir, into=into)
     runs: list[NotebookRun] = []
     t0 = time.perf_counter()
-    for i, path in enumerate(notebooks, 1):
-        mine = {k: v for k, v in params.items() if k in declared[path.stem]}
-        out_dir = root / path.stem
-        shown = " ".join(f"{k}={v!r}" for k, v in mine.items())
-        log(f"[{i}/{len(notebooks)}] {path.stem} ({profile}{', ' + shown if shown else ''}) "
-            f"-> {_rel(out_dir)}")
-        run = _execute(path, out_dir, {"profile": profile, "out_dir": str(out_dir), **mine},
-                       kernel, progress)
-        log(f"[{i}/{len(notebooks)}] {run.name}: {run.status} in {run.wall_s:.1f} s")
-        runs.append(run)
+    with _sigterm_interrupts():
+        for i, path in enumerate(notebooks, 1):
+            mine = {k: v for k, v in params.items() if k in declared[path.stem]}
+            shown = " ".join(f"{k}={v!r}" for k, v in mine.items())
+            log(f"[{i}/{len(notebooks)}] {path.stem} ({profile}{', ' + shown if shown else ''}) "
+                f"-> {_rel(out / path.stem)}")
+            run = run_one(path, out / path.stem, {"profile": profile, **mine}, kernel, progress)
+            log(f"[{i}/{len(notebooks)}] {run.name}: {run.status} in {run.wall_s:.1f} s")
+            runs.append(run)
+            if run.status == "interrupted":
+                break
 
     seeds = {s: params.get("seed", _literal(names["seed"])) for s, names in declared.items()
              if "seed" in names}
-    write_json(root / "run.json", manifest(
-        profile, params, seeds, kernel=kernel, wall_s=round(time.perf_counter() - t0, 2),
-        notebooks=[asdict(r) for r in runs]))
+    root = repo_root()
+    write_json(out / "run.json", manifest(
+        profile, params, seeds, kernel=kernel, out_dir=portable(out, root),
+        wall_s=round(time.perf_counter() - t0, 2), notebooks=[r.record(root) for r in runs]))
     return runs
 
 
 def summary_table(runs: Sequence[NotebookRun]) -> str:
-    """The end-of-run table, then for each failure its error and executed notebook."""
+    """The end-of-run table, then for each failure its error, failed copy and kept results."""
     rows = [("notebook", "status", "time", "executed notebook")]
-    rows += [(r.name, r.status if r.status == "ok" else "FAILED", f"{r.wall_s:.1f} s",
-              _rel(Path(r.executed))) for r in runs]
+    rows += [(r.name, r.status if r.status == "ok" else r.status.upper(), f"{r.wall_s:.1f} s",
+              _rel(r.executed)) for r in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[3]]) for row in rows]
     failed = [r for r in runs if r.status != "ok"]
     if failed:
-        lines.append(f"\n{len(failed)} of {len(runs)} notebooks failed:")
+        lines.append(f"\n{len(failed)} of {len(runs)} notebooks did not run to the end:")
         for r in failed:
-            see = Path(r.executed)
+            copy = f"{_rel(r.failed_dir)}/" if r.failed_dir else "none"
             lines += [f"  {r.name}: {r.error}",
-                      f"    see {_rel(see)}" if see.exists() else "    (no executed notebook)"]
+                      f"    failed copy: {copy}" + ("" if r.executed.exists()
+                                                    else " (no executed notebook)"),
+                      f"    kept as they were: {_rel(r.out_dir)}/" if r.out_dir.exists()
+                      else f"    no earlier results in {_rel(r.out_dir)}/"]
     return "\n".join(lines)
 
 
@@ -339,6 +496,8 @@ def provenance_table(results: Path) -> str:
     lines = ["| notebook | commit | created | wall time | parameters set | hardware |",
              "|---|---|---|---|---|---|"]
     for m_path in sorted(results.glob("*/manifest.json")):
+        if not STEM_RE.fullmatch(m_path.parent.name):  # a failed copy or a run in progress
+            continue
         m = json.loads(m_path.read_text())
         git = m.get("git", {})
         commit = (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
@@ -430,10 +589,12 @@ def build_paper(profile: str = DEFAULT_PROFILE, *, results_dir: str | Path | Non
                 pdf: bool = True, log: Log = _log) -> Paper:
     """Render the paper template from ``results_dir/<profile>`` into ``out_dir/paper.md``.
 
-    Defaults: ``results/``, ``paper/paper.template.md`` and ``paper/`` (``paper/<profile>/``
-    for a profile other than cpu-quick). Referenced figures are copied to ``out_dir/figures/``
-    (cleared first: it holds generated files only). With ``pdf`` and ``pandoc`` on the PATH,
-    also ``out_dir/paper.pdf``; a missing or failing pandoc is reported, not raised.
+    Only ``results_dir/<profile>/<stem>/`` is read: never the results of a run with overrides
+    (``<profile>+<hash>/``), a failed copy or a run in progress. Defaults: ``results/``,
+    ``paper/paper.template.md`` and ``paper/`` (``paper/<profile>/`` for a profile other than
+    cpu-quick). Referenced figures are copied to ``out_dir/figures/`` (cleared first: it holds
+    generated files only). With ``pdf`` and ``pandoc`` on the PATH, also ``out_dir/paper.pdf``;
+    a missing or failing pandoc is reported, not raised.
     """
     check_profile(profile)
     root = repo_root()
@@ -502,7 +663,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="where paper.md goes (default paper/, paper/<profile>/ for gpu)")
         sp.add_argument("--no-pdf", action="store_true", help="do not call pandoc")
 
-    run = sub.add_parser("run", help="execute the notebooks, then build the paper")
+    run = sub.add_parser(
+        "run", help="execute the notebooks, then build the paper",
+        description="Execute the notebooks into results/<profile>/ and build the paper from them. "
+        "With -p/-y overrides the results go to results/<profile>+<hash>/ instead (the "
+        "committed ones are untouched) and the paper is not rebuilt; --into chooses the "
+        "directory. A notebook's results are replaced only when it runs to the end.")
     common(run)
     run.add_argument("--only", action="append", metavar="NAME[,NAME]",
                      help="notebooks to run, by stem or prefix (01, 01_theory); repeatable")
@@ -514,7 +680,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", default=DEFAULT_KERNEL,
                      help="Jupyter kernel (default %(default)s, registered by reproduce.sh setup)")
     run.add_argument("--notebooks", metavar="DIR", help="notebook directory (default notebooks/)")
-    run.add_argument("--no-paper", action="store_true", help="skip building the paper")
+    run.add_argument("--into", metavar="DIR",
+                     help="write the results to DIR/<notebook>/ (default results/<profile>/, "
+                          "results/<profile>+<hash>/ with overrides); --into results/cpu-quick "
+                          "-p ... replaces the committed results")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--paper", action="store_true",
+                       help="rebuild the paper even with overrides (needs the run to write "
+                            "results/<profile>/, so with overrides: --into results/<profile>)")
+    which.add_argument("--no-paper", action="store_true", help="skip building the paper")
     run.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
     paper_opts(run)
 
@@ -548,10 +722,23 @@ def _paper(args: argparse.Namespace) -> None:
                 out_dir=args.paper_dir, pdf=not args.no_pdf)
 
 
+def _where(out: Path, committed: Path, params: dict[str, Any], into: str | None) -> str:
+    """Where the run's results went, said at its end."""
+    if into is not None:
+        return f"results: {_rel(out)}/ (--into)"
+    if not params:
+        return f"results: {_rel(out)}/"
+    shown = " ".join(f"{k}={v!r}" for k, v in params.items())
+    return (f"results: {_rel(out)}/ (overrides {shown}; {_rel(committed)}/ untouched; "
+            f"--into {_rel(committed)} would replace those)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dropinf [run|list|paper] ...``; returns the exit status.
 
-    0: all ran; 1: a notebook failed or there are none; 2: bad arguments.
+    0: all ran; 1: a notebook failed or there are none; 2: bad arguments; 130: interrupted
+    (Ctrl-C or SIGTERM; the paper is then not rebuilt). The paper is rebuilt after a run that
+    wrote ``results/<profile>/`` without overrides, or with them and ``--paper``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
@@ -563,23 +750,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "paper":
             _paper(args)
             return 0
-        only = [n for item in args.only or [] for n in item.split(",") if n]
+        only = (None if args.only is None
+                else [n.strip() for item in args.only for n in item.split(",")])
         params = parse_params(args.parameter, args.yaml)
+        out = output_dir(args.profile, params, results_dir=args.results, into=args.into)
+        committed = output_dir(args.profile, results_dir=args.results)
+        if args.paper and out != committed:
+            raise ValueError(f"--paper: the paper is built from {_rel(committed)}/ only and this "
+                             f"run writes {_rel(out)}/; add --into {_rel(committed)} to replace "
+                             "those results, or drop --paper")
         runs = run_notebooks(args.profile, only, params, notebooks_dir=args.notebooks,
-                             results_dir=args.results, kernel=args.kernel,
-                             progress=not args.no_progress)
+                             into=out, kernel=args.kernel, progress=not args.no_progress)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _log("\n" + summary_table(runs))
+    _log("\n" + summary_table(runs) + "\n" + _where(out, committed, params, args.into))
+    if runs[-1].status == "interrupted":
+        print("interrupted: the remaining notebooks did not run; paper not rebuilt",
+              file=sys.stderr)
+        return 130
     status = 1 if any(r.status != "ok" for r in runs) else 0
-    if not args.no_paper:
-        try:
-            _paper(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: paper not built: {e}", file=sys.stderr)
-            status = 1
+    if args.no_paper:
+        return status
+    if out != committed or (params and not args.paper):
+        _log(f"paper: not rebuilt; it is built from {_rel(committed)}/ only"
+             + (", with overrides only with --paper" if out == committed else ""))
+        return status
+    try:
+        _paper(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: paper not built: {e}", file=sys.stderr)
+        status = 1
     return status

@@ -88,12 +88,33 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def portable(value: Any, root: str | os.PathLike | None = None) -> Any:
+    """``value`` with every path in it written relative to ``root`` (default: the repository).
+
+    A path is an ``os.PathLike`` or a string that is an absolute path; one outside ``root``
+    gets ``../`` parts. Mappings, lists and tuples are walked; anything else is returned as is.
+    So what the study records names no machine's directories.
+    """
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v, root) for v in value]
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and os.path.isabs(value)):
+        base = os.path.realpath(root if root is not None else repo_root())
+        return Path(os.path.relpath(os.path.realpath(value), base)).as_posix()
+    return value
+
+
 def manifest(profile: str, params: dict[str, Any], seeds: dict[str, Any] | None = None,
              **extra: Any) -> dict[str, Any]:
-    """Provenance of one result: code version, environment, profile, parameters, seeds, hardware."""
+    """Provenance of one result: code version, environment, profile, parameters, seeds, hardware.
+
+    Paths in ``params`` and ``extra`` are recorded relative to the repository (:func:`portable`).
+    """
     return {"git": git_state(), "packages": package_versions(), "profile": profile,
-            "params": params, "seeds": seeds or {}, "hardware": hardware(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
+            "params": portable(params), "seeds": seeds or {}, "hardware": hardware(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **portable(extra)}
 
 
 def _as_dict(params: Any) -> dict[str, Any]:

@@ -38,70 +38,121 @@ Run({name!r}, profile, out_dir=out_dir).finish({body})
 """
 
 
-def test_run_injects_continues_after_failure_and_reports(tmp_path, capsys):
+def absolute_paths(obj) -> list[str]:
+    """Every string in a JSON document that is an absolute path."""
+    if isinstance(obj, dict):
+        return [p for v in obj.values() for p in absolute_paths(v)]
+    if isinstance(obj, list):
+        return [p for v in obj for p in absolute_paths(v)]
+    return [obj] if isinstance(obj, str) and Path(obj).is_absolute() else []
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_run_injects_continues_after_failure_and_reports(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)  # paths in run.json are to it
+    monkeypatch.chdir(tmp_path)                                    # and those shown to cwd
     nbs, res = tmp_path / "nbs", tmp_path / "res"
     write_nb(nbs / "01_fail.ipynb", HEAD + "seed = 5\n", 'raise ValueError("boom 42")', "x = 1")
     write_nb(nbs / "02_ok.ipynb",
              HEAD + 'seed = 0\nn = 3\nscale = 1.0\nflag = False\nlabel = "a"\nnothing = 1\n',
-             FINISH.format(name="02_ok", body='dict(n=n, scale=scale, flag=flag, label=label, '
-                           'nothing=nothing, out_dir=out_dir, cwd=os.getcwd(), types=[type(v)'
-                           '.__name__ for v in (n, scale, flag, label, nothing)])'))
+             """
+import os
+from dropinf.results import Run
+Run("02_ok", profile, dict(n=n, where=out_dir), out_dir=out_dir).finish(dict(
+    n=n, scale=scale, flag=flag, label=label, nothing=nothing, out_dir=out_dir, cwd=os.getcwd(),
+    types=[type(v).__name__ for v in (n, scale, flag, label, nothing)]))
+""")
     # Not selected by --only: must not run.
     write_nb(nbs / "03_skip.ipynb", HEAD, 'raise RuntimeError("should not run")')
+    root = res / "gpu"
+    # Results of an earlier run: 01's must survive its failure, 02's be replaced as a whole.
+    old = root / "01_fail"
+    (old / "figures").mkdir(parents=True)
+    (old / "summary.json").write_text('{"x": "old"}')
+    (old / "figures" / "f.png").write_bytes(b"\x89PNG old")
+    (old / "01_fail.ipynb").write_text('{"metadata": {}}')
+    (old / "manifest.json").write_text("{}")
+    kept = snapshot(old)
+    (root / "02_ok").mkdir()
+    (root / "02_ok" / "stale.png").write_bytes(b"stale")
+    (root / "01_fail.failed").mkdir()
+    (root / "01_fail.failed" / "older.txt").write_text("an older failed copy")
     template = tmp_path / "t.md"
     template.write_text("n = {{ 02_ok.n }}; x = {{ 01_fail.x }}\n\n{{ provenance }}\n")
 
+    # Overrides with --into the results the paper is built from, and --paper: on purpose.
     rc = main(["--profile", "gpu", "--only", "01", "--only", "02_ok", "--notebooks",
-               str(nbs), "--results", str(res), "--kernel", KERNEL, "--no-progress",
+               str(nbs), "--results", str(res), "--into", str(root), "--paper",
+               "--kernel", KERNEL, "--no-progress",
                "-p", "n", "7", "-p", "scale", "2.5", "-p", "flag", "True", "-p", "nothing",
-               "None", "-y", "{label: hello, typo: 1}", "--template", str(template),
+               "None", "-y", "{label: hello}", "--template", str(template),
                "--paper-dir", str(tmp_path / "paper"), "--no-pdf"])
     out, err = capsys.readouterr()
     assert rc == 1
 
-    root = res / "gpu"
     # The failure did not stop 02, which got the profile, its out_dir and typed overrides.
     s2 = json.loads((root / "02_ok" / "summary.json").read_text())
     assert s2["profile"] == "gpu"                       # injected over the default cpu-quick
-    assert s2["out_dir"] == str((root / "02_ok").resolve())
+    ran_in = Path(s2["out_dir"])                        # a fresh directory, swapped in after
+    assert ran_in.parent == root.resolve() and ran_in.name.startswith(".02_ok.running-")
+    assert not (root / "02_ok" / "stale.png").exists()
     assert Path(s2["cwd"]).resolve() == nbs.resolve()
     assert (s2["n"], s2["scale"], s2["flag"], s2["label"], s2["nothing"]) == (
         7, 2.5, True, "hello", None)
     assert s2["types"] == ["int", "float", "bool", "str", "NoneType"]
     assert not (root / "03_skip").exists()
-    failed_nb = root / "01_fail" / "01_fail.ipynb"
+    # 01 failed: its earlier results are as they were, its own run is in 01_fail.failed/.
+    assert snapshot(old) == kept
+    failed_nb = root / "01_fail.failed" / "01_fail.ipynb"
     errors = [o for c in nbformat.read(failed_nb, 4).cells if c.cell_type == "code"
               for o in c.get("outputs", []) if o.output_type == "error"]
     assert [(o.ename, o.evalue) for o in errors] == [("ValueError", "boom 42")]
-    assert not (root / "01_fail" / "summary.json").exists()
+    assert sorted(p.name for p in root.iterdir()) == [
+        "01_fail", "01_fail.failed", "02_ok", "run.json"]   # no older failed copy, no temp dir
+    assert sorted(p.name for p in (root / "01_fail.failed").iterdir()) == ["01_fail.ipynb"]
 
     table = out[out.index("notebook  "):]
     rows = {line.split()[0]: line.split() for line in table.splitlines()[1:3]}
     assert [rows[s][1] for s in ("01_fail", "02_ok")] == ["FAILED", "ok"]
-    assert "1 of 2 notebooks failed" in table
-    assert "01_fail: ValueError: boom 42 (at In [" in table
-    assert rows["01_fail"][-1] in table.split("see ")[-1]
     assert Path(rows["01_fail"][-1]).resolve() == failed_nb.resolve()
+    assert Path(rows["02_ok"][-1]).resolve() == (root / "02_ok" / "02_ok.ipynb").resolve()
+    assert "1 of 2 notebooks did not run to the end" in table
+    assert "01_fail: ValueError: boom 42 (at In [" in table
+    assert "failed copy: res/gpu/01_fail.failed/" in table
+    assert "kept as they were: res/gpu/01_fail/" in table
+    assert "results: res/gpu/ (--into)" in out
     assert "-p n: not a parameter of 01_fail; not passed to it" in err
-    assert "-p typo: no selected notebook has this parameter" in err
 
     run = json.loads((root / "run.json").read_text())
-    assert run["profile"] == "gpu" and run["kernel"] == KERNEL
+    assert run["profile"] == "gpu" and run["kernel"] == KERNEL and run["out_dir"] == "res/gpu"
     assert run["params"] == {"n": 7, "scale": 2.5, "flag": True, "nothing": None,
-                             "label": "hello", "typo": 1}
+                             "label": "hello"}
     assert run["seeds"] == {"01_fail": 5, "02_ok": 0}
-    assert [(r["name"], r["status"]) for r in run["notebooks"]] == [
-        ("01_fail", "failed"), ("02_ok", "ok")]
-    assert run["notebooks"][0]["params"] == {"profile": "gpu",
-                                             "out_dir": str((root / "01_fail").resolve())}
-    assert run["notebooks"][1]["params"]["n"] == 7 and "typo" not in run["notebooks"][1]["params"]
-    assert "boom 42" in run["notebooks"][0]["error"]
+    nb1, nb2 = run["notebooks"]
+    assert [(r["name"], r["status"]) for r in (nb1, nb2)] == [("01_fail", "failed"),
+                                                              ("02_ok", "ok")]
+    assert nb1 | {"error": None, "wall_s": 0} == {
+        "name": "01_fail", "status": "failed", "params": {"profile": "gpu"}, "error": None,
+        "wall_s": 0, "out_dir": "res/gpu/01_fail", "failed_dir": "res/gpu/01_fail.failed",
+        "executed": "res/gpu/01_fail.failed/01_fail.ipynb"}
+    assert "boom 42" in nb1["error"]
+    assert (nb2["out_dir"], nb2["executed"], nb2["failed_dir"]) == (
+        "res/gpu/02_ok", "res/gpu/02_ok/02_ok.ipynb", None)
+    assert nb2["params"]["n"] == 7 and "out_dir" not in nb2["params"]
     assert set(run["git"]) == {"commit", "dirty"} and run["packages"]["papermill"]
+    manifest = json.loads((root / "02_ok" / "manifest.json").read_text())
+    assert manifest["params"]["n"] == 7
+    assert absolute_paths(run) == [] and absolute_paths(manifest) == []
 
+    # --paper: built from res/gpu/, where 01's earlier results were kept.
     paper = (tmp_path / "paper" / "paper.md").read_text()
-    assert "n = 7; x = (not run: 01_fail)" in paper
+    assert "n = 7; x = old" in paper
     prov = [line for line in paper.splitlines() if line.startswith("| 02_ok ")]
     assert len(prov) == 1 and "n=7" in prov[0] and "label='hello'" in prov[0]
+    assert "01_fail.failed" not in paper
 
 
 def test_select_by_stem_and_prefix(tmp_path):
@@ -118,9 +169,18 @@ def test_cli_errors_before_running_anything(tmp_path, capsys):
     args = ["--notebooks", str(nbs), "--results", str(tmp_path / "res"), "--no-paper"]
     assert main(args) == 1
     assert "no notebooks" in capsys.readouterr().err
-    write_nb(nbs / "01_a.ipynb", HEAD, 'raise RuntimeError("should not run")')
+    write_nb(nbs / "01_a.ipynb", HEAD + "n = 1\nseed = 0\n", 'raise RuntimeError("not run")')
     assert main(["run", "--only", "07", *args]) == 2
     assert "no notebook matches '07'; the notebooks are: 01_a" in capsys.readouterr().err
+    for only in (",", "", "01,"):                          # an empty name is not "all of them"
+        assert main(["--only", only, *args]) == 2
+        assert "--only: empty notebook name" in capsys.readouterr().err
+    assert main([*args, "--kernel", "python3", "-p", "n_trails", "5", "-y", "{sed: 1}"]) == 2
+    assert ("-p/-y sed, n_trails: not a parameter of 01_a; theirs are: n, seed"
+            in capsys.readouterr().err)
+    assert main([*args[:-1], "--kernel", "python3", "-p", "n", "5", "--paper"]) == 2
+    err = capsys.readouterr().err
+    assert "--paper: the paper is built from" in err and "add --into" in err
     assert main([*args, "--kernel", "no-such-kernel-x"]) == 2
     assert "kernel 'no-such-kernel-x' is not installed" in capsys.readouterr().err
     assert main([*args, "-p", "profile", "gpu"]) == 2
