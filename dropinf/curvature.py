@@ -161,7 +161,12 @@ class Preconditioner:
 
     @classmethod
     def fit(
-        cls, G_train: Tensor, kind: str = "fisher", damping: float = 1e-3, solver: str = "auto"
+        cls,
+        G_train: Tensor,
+        kind: str = "fisher",
+        damping: float = 1e-3,
+        solver: str = "auto",
+        l2: float | Tensor = 0.0,
     ) -> Preconditioner:
         """``identity`` or ``fisher`` from (n, k) compressed training gradients.
 
@@ -173,6 +178,13 @@ class Preconditioner:
         matrix is formed (it needs damping > 0, and G left unchanged while in use; its float64
         rounding error grows like 1 / damping, negligible above about 1e-6); ``"auto"`` takes
         the kernel form when k > n. Both give the same scores.
+
+        ``l2``: a regulariser added to the Fisher, ``C = F + diag(l2)``, before the relative
+        damping: one number, or a (k,) vector per coordinate of the rows (``solver="dense"``).
+        For uncompressed rows (``Identity``) it is the training objective's (see
+        :meth:`fit_exact`; ``task.l2_vector({"fc.weight": 1e-3})`` gives the vector of weight
+        decay on some parameters only); compressed rows have no per-parameter coordinates in
+        general, so there it is a choice of curvature in the rows' space.
 
         ``G_train`` given as :class:`~dropinf.Gradients` records their :class:`Source` in
         ``source``. ``fisher`` reads every row once and refuses a row with a NaN or inf entry (a
@@ -191,22 +203,33 @@ class Preconditioner:
         if solver not in ("auto", "dense", "kernel"):
             raise ValueError(f"solver={solver!r}; choose 'auto', 'dense' or 'kernel'")
         n, k = G.shape
+        l2 = _l2_of_rows(l2, k)
         if solver == "kernel" or (solver == "auto" and k > n):
-            return cls._fit_kernel(G, damping, source)
+            if l2.ndim:
+                raise ValueError(
+                    f"l2 per coordinate (a vector of {k}) needs solver='dense'; the kernel form "
+                    f"(taken when k={k} > n={n} with solver='auto') adds one number to F's diagonal"
+                )
+            return cls._fit_kernel(G, damping, source, float(l2))
         F = torch.zeros(k, k, dtype=torch.float64)
         for i in range(0, n, _FIT_ROWS):  # accumulate in float64 without a float64 copy of G
             g = G[i : i + _FIT_ROWS].double()
             check_finite(g, "G_train", i)
             F += g.T @ g
         F /= n
-        pre = cls._from_matrix("fisher", F, damping, {"n": n, "solver": "dense"})
+        F.diagonal().add_(l2)
+        info = {"n": n, "solver": "dense", "l2": float(l2) if l2.ndim == 0 else "per coordinate"}
+        pre = cls._from_matrix("fisher", F, damping, info)
         pre.source = source
         return pre
 
     @classmethod
-    def _fit_kernel(cls, G: Tensor, damping: float, source: Source | None) -> Preconditioner:
+    def _fit_kernel(
+        cls, G: Tensor, damping: float, source: Source | None, l2: float = 0.0
+    ) -> Preconditioner:
         """The Fisher through ``K = G G^T = U diag(sigma) U^T``: F's nonzero eigenvalues are
-        ``sigma / n``, kept in ``eigvals`` (with U in ``eigvecs``), the rest are 0. A NaN or inf
+        ``sigma / n``, kept in ``eigvals`` (with U in ``eigvecs``), the rest are 0; ``l2 I`` and
+        the damping join ``lam``, the isotropic part that Woodbury inverts. A NaN or inf
         entry of row i makes ``K[i, i]`` non-finite: K's diagonal detects it at no extra cost,
         and only then are the rows scanned to name it."""
         n, k = G.shape
@@ -223,9 +246,11 @@ class Preconditioner:
             for i in range(0, n, _FIT_ROWS):  # name the first bad row
                 check_finite(G[i : i + _FIT_ROWS], "G_train", i)
             raise ValueError("G_train has rows whose squared norm overflows float64; rescale it")
-        lam = damping * float(torch.trace(K)) / n / k
+        lam = damping * (float(torch.trace(K)) / n / k + l2)  # damping * trace(F + l2 I) / k
         sigma, U = torch.linalg.eigh(K)
-        info = {"n": n, "solver": "kernel", "lambda": lam, "min_eig": lam}  # F has rank <= n < k
+        # F has rank <= n < k: the smallest eigenvalue of F + (l2 + lam) I is l2 + lam
+        info = {"n": n, "solver": "kernel", "l2": l2, "lambda": lam, "min_eig": lam + l2}
+        lam += l2
         return cls(
             "fisher",
             damping,
@@ -436,6 +461,21 @@ class Preconditioner:
         self.info.setdefault("cg_residuals", []).append(rr**0.5 / bnorm)
         self.info.setdefault("cg_iterations", []).append(iters)
         return x
+
+
+def _l2_of_rows(l2: object, k: int) -> Tensor:
+    """``l2`` of :meth:`Preconditioner.fit` as a float64 scalar or (k,) tensor, checked."""
+    if isinstance(l2, Mapping):
+        raise TypeError(
+            "Preconditioner.fit(l2=...) takes a number or a (k,) vector: the rows' coordinates "
+            "are not parameters in general. For uncompressed rows pass task.l2_vector(mapping)"
+        )
+    t = torch.as_tensor(l2, dtype=torch.float64)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != k):
+        raise ValueError(f"l2 of shape {tuple(t.shape)}: give a number or a vector of k={k}")
+    if not torch.isfinite(t).all() or (t < 0).any():
+        raise ValueError("l2 must be finite and >= 0 (coefficients of c/2 * theta^2)")
+    return t
 
 
 def _check_damping(damping: float) -> None:

@@ -150,3 +150,30 @@ def test_fisher_in_float64_matches_numpy(float64_default):
         lam = 1e-3 * np.trace(F) / F.shape[0]
         want = g @ np.linalg.solve(F + lam * np.eye(len(F)), g.T)
         np.testing.assert_allclose(S.numpy(), want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+
+
+def test_fisher_with_a_regulariser_per_parameter_matches_numpy():
+    """Preconditioner.fit(l2=task.l2_vector({...})) on uncompressed rows is F + diag(l2) with the
+    relative damping on the whole; a number gives the same scores in the dense and kernel forms."""
+    X, y = data(torch.float64, 20)
+    task = di.Task(mlp(torch.float64), losses.cross_entropy)
+    G = di.gradients(task, batches(X, y), di.Identity(), progress=False, dtype=torch.float64)
+    g = G.data.numpy()
+    l2 = task.l2_vector({"0.weight": 0.3, "2.weight": 0.1})
+    pre = di.Preconditioner.fit(G, "fisher", damping=1e-2, l2=l2, solver="dense")
+    C = g.T @ g / len(g) + np.diag(l2.numpy())
+    lam = 1e-2 * np.trace(C) / len(C)
+    want = g @ np.linalg.solve(C + lam * np.eye(len(C)), g.T)
+    np.testing.assert_allclose(di.scores(G, G, pre).numpy(), want, rtol=1e-8,
+                               atol=1e-10 * np.abs(want).max())
+    dense = di.Preconditioner.fit(G, "fisher", damping=1e-2, l2=0.05, solver="dense")
+    kernel = di.Preconditioner.fit(G, "fisher", damping=1e-2, l2=0.05, solver="kernel")
+    torch.testing.assert_close(di.scores(G, G, kernel), di.scores(G, G, dense), rtol=1e-8,
+                               atol=1e-10)
+    assert kernel.info["min_eig"] == pytest.approx(dense.info["min_eig"], rel=1e-6)
+    with pytest.raises(TypeError, match=r"task.l2_vector\(mapping\)"):
+        di.Preconditioner.fit(G, "fisher", l2={"0.weight": 0.3})
+    with pytest.raises(ValueError, match="needs solver='dense'"):
+        di.Preconditioner.fit(G, "fisher", l2=l2, solver="kernel")
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        di.Preconditioner.fit(G, "fisher", l2=-1.0)
