@@ -662,7 +662,9 @@ class Gaussian(Compressor):
                 if not blocks.get(s.module) and (M := _dense_layer(s, bg)) is not None:
                     parts.append((p_out @ M @ p_in.T).reshape(bg.size, -1))
                     continue
-                out = torch.zeros(bg.size, p_out.shape[0], p_in.shape[0], device=bg.device)
+                out = torch.zeros(
+                    bg.size, p_out.shape[0], p_in.shape[0], device=bg.device, dtype=bg.dtype
+                )
                 for b in blocks.get(s.module, []):
                     # P_in x_aug without building x_aug: the bias unit's column is added after.
                     a = _work(b.x) @ p_in[:, : s.n_in].T  # (B, T, k_in)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.func import grad, hessian, jvp, vjp, vmap
 
 from .losses import SplitLoss
-from .persample import _losses_of, call_with
+from .persample import _losses_of, agrees, autograd_grads, call_with
 from .task import Task, batch_size, to_device
 
 KINDS = ("identity", "fisher", "exact", "ggn")
@@ -525,22 +525,19 @@ def _check_functional(task: Task, batch: object, g_func: Tensor) -> None:
     """Refuse when the functional gradient of ``batch``'s summed loss (``g_func``, (d,)) differs
     from autograd's on the model itself, naming the parameter."""
     named = dict(task.model.named_parameters())
-    params = [named[q.name] for q in task.params]
-    total = task.per_sample_losses(batch).sum()
-    gs = torch.autograd.grad(total, params, allow_unused=True) if total.requires_grad else None
-    for i, (q, p) in enumerate(zip(task.params, params)):
-        want = torch.zeros_like(p) if gs is None or gs[i] is None else gs[i]
-        want, got = want.double().reshape(-1), g_func[q.offset : q.stop]
-        err, scale = float((got - want).norm()), float(got.norm() + want.norm())
-        if err > math.sqrt(torch.finfo(p.dtype).eps) * scale:
+    ref = autograd_grads(task, task.per_sample_losses(batch))
+    for q in task.params:
+        want, got = ref[q.name], g_func[q.offset : q.stop]
+        ok, rel = agrees(got, want, float(got.norm() + want.double().norm()), named[q.name].dtype)
+        if not ok:
             raise ValueError(
                 f"fit_exact: the gradient of {q.name!r} on the first batch differs between the "
                 f"functional form (parameters substituted for the whole loss call) and autograd "
-                f"on the model (relative error {err / max(scale / 2, 1e-300):.2g}). The loss "
-                "reads the parameter in a way torch.func does not see (e.g. through .data, a "
-                "copy made before the call, or state cached across calls); compute it from "
-                "model(...) or model's attributes inside the loss, and give a weight penalty "
-                "as fit_exact(l2=...) rather than in the loss"
+                f"on the model (relative error {rel:.2g}). The loss reads the parameter in a way "
+                "torch.func does not see (e.g. through .data, a copy made before the call, or "
+                "state cached across calls); compute it from model(...) or model's attributes "
+                "inside the loss, and give a weight penalty as fit_exact(l2=...) rather than in "
+                "the loss"
             )
 
 

@@ -15,6 +15,8 @@ the full ``(B, d)`` per-sample gradient when a compressor needs it.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import warnings
 from collections import defaultdict
@@ -348,6 +350,10 @@ def make_plan(task: Task, rerouted: dict[str, str] | None = None) -> Plan:
             if not _hookable(m):
                 func.add(pname)
                 unsupported[mname] = type(m).__name__
+            elif (attr := pname.rsplit(".", 1)[-1]) not in ("weight", "bias"):
+                # e.g. weight_g / weight_v of torch.nn.utils.weight_norm: no factored rule
+                func.add(pname)
+                unsupported[mname] = f"{type(m).__name__} with parameter {attr!r}"
     # A hookable module with one parameter on the torch.func path sends all of its parameters
     # there (its hook would otherwise miss them); that can spread to their other owners.
     changed = True
@@ -416,7 +422,9 @@ class _Capture:
     *misfit* (its name and input shape go to ``misfit``) and is not tapped: its parameters then
     miss gradient, which the self-check finds and reroutes; after the check such an input is an
     error (``strict``). An input with 1 along dimension 0 in a batch of B > 1 is taken as shared
-    by every sample (GPT-2's position embeddings) and expanded, which the self-check verifies.
+    by every sample (GPT-2's position embeddings) and expanded, which the self-check verifies
+    (with ``expand=False`` it is misfit too). The input is the first positional argument, or
+    the first keyword argument (``layer(input=x)``).
     """
 
     def __init__(
@@ -425,9 +433,10 @@ class _Capture:
         plan: Plan,
         reducers: dict[str, FactorReducer] | None = None,
         strict: bool = True,
+        expand: bool = True,
     ):
         self.task, self.plan, self.reducers = task, plan, reducers or {}
-        self.strict = strict
+        self.strict, self.expand = strict, expand
         self.calls: dict[str, list[_Call]] = defaultdict(list)
         self.misfit: dict[str, tuple[int, ...]] = {}  # module -> input shape
         self.expanded: dict[str, tuple[int, ...]] = {}  # module -> input shape
@@ -438,7 +447,8 @@ class _Capture:
     def __enter__(self) -> _Capture:
         modules = dict(self.task.model.named_modules(remove_duplicate=False))
         for name in self.plan.hooked:
-            self.handles.append(modules[name].register_forward_hook(self._hook(name)))
+            hook = modules[name].register_forward_hook(self._hook(name), with_kwargs=True)
+            self.handles.append(hook)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -455,12 +465,18 @@ class _Capture:
         return self.anchor
 
     def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
             if self.anchor is None:
                 return None
-            inp, B = args[0].detach(), self.size
+            inp = args[0] if args else next(iter(kwargs.values()), None)
+            if not isinstance(inp, Tensor):
+                raise ValueError(
+                    f"module {name!r} was called without a tensor input; dropinf's hooks read "
+                    "a layer's input from its first argument"
+                )
+            inp, B = inp.detach(), self.size
             if inp.shape[0] != B:
-                if inp.shape[0] != 1:
+                if inp.shape[0] != 1 or not self.expand:
                     if self.strict:
                         raise ValueError(
                             f"module {name!r} got input of shape {tuple(inp.shape)} in a batch "
@@ -616,8 +632,11 @@ class PerSampleGrads:
     routed to ``torch.func`` (which sees every use of it, the loss included) with a warning
     naming it and why, and the check is repeated; if it fails again (the model or loss treats a
     sample differently in a batch than alone, or ``torch.func`` cannot trace it) a ValueError
-    names the parameter and the fix. ``check=False`` skips all this: use it only for a model
-    whose parameters are each used once, inside their own module, on batch-first inputs.
+    names the parameter and the fix. A 16-bit model is checked with its parameters in float32
+    (its own rounding would hide a missed use), so the check costs float32 copies of them for
+    one batch. The check sees the first batch only: a model that takes another code path on
+    later batches is not covered. ``check=False`` skips all this: use it only for a model whose
+    parameters are each used once, inside their own module, on batch-first inputs.
     """
 
     def __init__(self, task: Task, compressor=None, check: bool = True):
@@ -629,7 +648,9 @@ class PerSampleGrads:
         self._capture: _Capture | None = None
         self._set_plan(make_plan(task))
         if self.plan.unsupported:
-            mods = ", ".join(f"{m} ({t})" for m, t in self.plan.unsupported.items())
+            mods = ", ".join(
+                f"{m or '(the model)'} ({t})" for m, t in self.plan.unsupported.items()
+            )
             warnings.warn(
                 f"no factored per-sample gradient for {mods}; their parameters "
                 f"({', '.join(self.plan.func)}) go through torch.func (vmap over grad), "
@@ -672,7 +693,7 @@ class PerSampleGrads:
         if self._pending and B is not None and (B >= 2 or not self._checked):
             checked = self._self_check(batch, B)
             self._checked, self._pending = True, B < 2
-            if not self.reducers:  # the check's uncompressed capture is this call's result
+            if checked is not None and not self.reducers:  # the check's capture is the result
                 return checked
         bg, losses, _ = self._run(batch, self._capture)
         return bg, losses
@@ -700,7 +721,7 @@ class PerSampleGrads:
                             losses.sum(), anchor, allow_unused=True, retain_graph=w is not None
                         )
                     if w is not None:
-                        ref = _autograd_grads(task, losses, w)
+                        ref = autograd_grads(task, losses, w)
             finally:
                 capture.anchor = None
             for name, kind in plan.hooked.items():
@@ -725,62 +746,115 @@ class PerSampleGrads:
         out.size = losses.shape[0]
         return out, losses.detach(), ref
 
-    def _self_check(self, batch: object, B: int) -> tuple[BatchGrads, Tensor]:
-        """Check (and if needed reroute) the plan on ``batch``; see the class docstring."""
+    def _self_check(self, batch: object, B: int) -> tuple[BatchGrads, Tensor] | None:
+        """Check (and if needed reroute) the plan on ``batch``; see the class docstring. Returns
+        the batch's uncompressed result, or None when the check ran in float32 for a 16-bit
+        model (the result must then come from the model's own dtype)."""
         task = self.task
         g = torch.Generator().manual_seed(_CHECK_SEED)
         w = (0.5 + torch.rand(B, generator=g, dtype=torch.float64)).to(task.device)
+        half = any(p.dtype in _HALF for p in task.model.parameters())
         plan = self.plan
-        while True:
-            capture = _Capture(task, plan, strict=False)
-            try:
-                with capture:
-                    bg, losses, ref = self._run(batch, capture, w)
-                bad = _compare(task, plan, bg, ref, w, capture)
-            except Exception as e:
-                if not capture.expanded:
-                    if not plan.rerouted:
-                        raise
-                    raise ValueError(
-                        f"the self-check sent {', '.join(plan.rerouted)} to torch.func because "
-                        f"the hooks miss part of their gradient, and then the model failed "
-                        f"({type(e).__name__}: {e}). The cause found first: "
-                        + "; ".join(f"{n}: {why}" for n, why in plan.rerouted.items())
-                    ) from e
-                # Giving a shared input one copy per sample broke the forward pass: the input
-                # was not shared but a batch along another dimension (x.unsqueeze(0)).
-                bad = _module_params(task, capture.expanded, B, "expanded, the forward failed")
-            if not bad:
-                break
-            new = {n: why for n, (why, _) in bad.items() if n not in plan.func}
-            if not new:
-                raise ValueError(_check_failed(bad, plan))
-            plan = make_plan(task, {**plan.rerouted, **new})
-            warnings.warn(
-                "per-sample gradient self-check: the hooks miss part of the gradient of "
-                + "; ".join(f"{n} ({why})" for n, why in new.items())
-                + f". These parameters go through torch.func instead ({', '.join(plan.func)}),"
-                " which is exact but costs an extra forward and backward per batch",
-                stacklevel=4,
-            )
+        with _in_float32(task.model) if half else contextlib.nullcontext():
+            batch = _float32_leaves(batch) if half else batch
+            while True:
+                bg, losses, bad = self._check_once(batch, plan, w)
+                if not bad:
+                    break
+                new = {n: why for n, (why, _) in bad.items() if n not in plan.func}
+                if not new:
+                    raise ValueError(_check_failed(bad, plan))
+                plan = make_plan(task, {**plan.rerouted, **new})
+                warnings.warn(
+                    "per-sample gradient self-check: the hooks miss part of the gradient of "
+                    + "; ".join(f"{n} ({why})" for n, why in new.items())
+                    + f". These parameters go through torch.func instead "
+                    f"({', '.join(plan.func)}), which is exact but costs an extra forward and "
+                    "backward per batch",
+                    stacklevel=4,
+                )
         if plan is not self.plan:
             self._set_plan(plan)
-        return bg, losses
+        return None if half else (bg, losses)
+
+    def _check_once(
+        self, batch: object, plan: Plan, w: Tensor
+    ) -> tuple[BatchGrads | None, Tensor | None, dict[str, tuple[str, float]]]:
+        """One pass of the check with ``plan``: (result, losses, failing parameters)."""
+        task = self.task
+        capture = _Capture(task, plan, strict=False)
+        try:
+            with capture:
+                bg, losses, ref = self._run(batch, capture, w)
+        except Exception as e:
+            if plan.rerouted and not capture.expanded:
+                raise ValueError(
+                    f"the self-check sent {', '.join(plan.rerouted)} to torch.func because the "
+                    f"hooks miss part of their gradient, and then the model failed "
+                    f"({type(e).__name__}: {e}). The cause found first: "
+                    + "; ".join(f"{n}: {why}" for n, why in plan.rerouted.items())
+                ) from e
+            if not capture.expanded:
+                raise
+            # Giving a 1-row input one copy per sample may have broken the forward pass (the
+            # input was a batch along another dimension, as x.unsqueeze(0)): without the copies
+            # those modules are misfit and rerouted; if it still fails, the error is the user's.
+            expanded = dict(capture.expanded)
+            try:
+                with _Capture(task, plan, strict=False, expand=False) as plain:
+                    self._run(batch, plain, w)
+            except Exception:
+                raise e from None
+            why = "copied per sample, the forward failed"
+            return None, None, _module_params(task, expanded, len(w), why)
+        return bg, losses, _compare(task, plan, bg, ref, w, capture)
 
 
 _CHECK_SEED = 0x5E1F  # the self-check's sample weights: a fixed draw, reproducible
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def _autograd_grads(task: Task, losses: Tensor, w: Tensor) -> dict[str, Tensor]:
-    """Autograd's gradient of ``sum_b w_b loss_b`` for every selected parameter (flattened)."""
+@contextlib.contextmanager
+def _in_float32(model: nn.Module) -> Iterator[None]:
+    """The model's 16-bit parameters and buffers in float32 for the block, then back (16-bit
+    values are exact in float32, so the round trip restores them bit for bit). The self-check
+    compares in float32: 16-bit rounding (0.4% for bfloat16) would hide a missed use."""
+    tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.dtype in _HALF]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dt in zip(tensors, dtypes):
+            t.data = t.data.to(dt)
+
+
+def _float32_leaves(batch: object) -> object:
+    return tree_map(lambda t: t.float() if isinstance(t, Tensor) and t.dtype in _HALF else t, batch)
+
+
+def autograd_grads(task: Task, losses: Tensor, w: Tensor | None = None) -> dict[str, Tensor]:
+    """Autograd's gradient of ``sum_b w_b loss_b`` (all weights 1 if ``w`` is None) for every
+    selected parameter, flattened and dense: the reference the self-checks compare with."""
     named = dict(task.model.named_parameters())
     params = [named[q.name] for q in task.params]
-    total = (losses * w.to(losses.dtype)).sum()
+    total = (losses if w is None else losses * w.to(losses.dtype)).sum()
     gs = torch.autograd.grad(total, params, allow_unused=True) if total.requires_grad else None
-    return {
-        q.name: (torch.zeros_like(p) if gs is None or gs[i] is None else gs[i]).reshape(-1)
-        for i, (q, p) in enumerate(zip(task.params, params))
-    }
+    out = {}
+    for i, (q, p) in enumerate(zip(task.params, params)):
+        g = torch.zeros_like(p) if gs is None or gs[i] is None else gs[i]
+        out[q.name] = (g.to_dense() if g.is_sparse else g).reshape(-1)
+    return out
+
+
+def agrees(got: Tensor, want: Tensor, scale: float, dtype: torch.dtype) -> tuple[bool, float]:
+    """Whether two computations of one gradient agree to rounding, ``|got - want| <=
+    sqrt(eps(dtype)) * scale`` with ``scale`` the size of the terms summed (a sum that cancels
+    is judged by its terms), and their relative error."""
+    err = float((got.double() - want.double()).norm())
+    rel = err / max(float(want.norm()), float(got.norm()), 1e-300)
+    return err <= math.sqrt(torch.finfo(dtype).eps) * scale, rel
 
 
 def _module_params(
@@ -818,16 +892,19 @@ def _compare(
         **_module_params(task, capture.expanded, len(w), "taken as shared by every sample"),
         **_module_params(task, capture.misfit, len(w)),
     }
+    # A floor from the whole gradient: a parameter whose gradient cancels to 0 (a shift before
+    # a normalisation) is rounding noise on both sides; on the torch.func path its own sum of
+    # absolute values is of the results, not of the terms that cancelled.
+    total = float(torch.cat([r.double() for r in ref.values()]).norm())
     bad = {}
     for q in task.params:
         want = ref[q.name].double()
         got = sums[q.name].double() if q.name in sums else torch.zeros_like(want)
-        mag = mags[q.name].double().norm() if q.name in mags else 0.0
-        err = float((got - want).norm())
-        tol = math.sqrt(torch.finfo(named[q.name].dtype).eps) * float(mag + want.norm())
-        if err <= tol:
+        mag = float(mags[q.name].double().norm()) if q.name in mags else 0.0
+        floor = total * math.sqrt(q.numel / task.dim)
+        ok, rel = agrees(got, want, mag + float(want.norm()) + floor, named[q.name].dtype)
+        if ok:
             continue
-        rel = err / max(float(want.norm()), float(got.norm()), 1e-300)
         if q.name in shape_of:
             bad[q.name] = shape_of[q.name]
             continue

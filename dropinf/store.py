@@ -706,7 +706,7 @@ class Store:
             if pre.rows is not None:
                 rows = "gradients" if self._holds(pre.rows) else "file"
                 if rows == "file":
-                    arrays["rows"] = pre.rows.float().numpy()
+                    arrays["rows"] = pre.rows.numpy()  # in its own dtype (float64 stays)
             file = f"preconditioners/{name}.npz"
             atomic_write(self.path / file, lambda f: np.savez(f, **arrays))
             g = self.manifest.get("gradients") or {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -169,7 +170,9 @@ def as_tree(batch: object) -> object:
 
 
 def _coefficient(v: object, name: str) -> float:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(v, Tensor) and v.numel() == 1:
+        v = v.item()
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
     if not ok or not math.isfinite(v) or v < 0:
         raise ValueError(
             f"{name}={v!r} must be a finite number >= 0 (the coefficient c of c/2 * |theta|^2)"

@@ -23,7 +23,7 @@ def loop_grads(model: nn.Module, loss, samples: list, names: list[str]) -> torch
         rows.append(
             torch.cat(
                 [
-                    (torch.zeros_like(named[n]) if g is None else g).flatten()
+                    (torch.zeros_like(named[n]) if g is None else g.to_dense()).flatten()
                     for n, g in zip(names, gs)
                 ]
             )
