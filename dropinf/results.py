@@ -38,8 +38,14 @@ def repo_root() -> Path:
     return here if (here / "pyproject.toml").exists() else Path.cwd()
 
 
+# What a run writes: changes there do not make the code that produced it differ from the commit.
+GENERATED = ("results", "paper/paper.md", "paper/paper.pdf", "paper/figures")
+
+
 def git_state(root: Path | None = None) -> dict[str, Any]:
-    """``{"commit": sha or None, "dirty": bool or None}`` of the checkout at ``root``."""
+    """``{"commit": sha or None, "dirty": bool or None}`` of the checkout at ``root``. "dirty"
+    counts changes to tracked files other than the study's outputs (:data:`GENERATED`), so a
+    run's own results, swapped in notebook by notebook, do not mark the next notebook dirty."""
     root = root or repo_root()
 
     def git(*args: str) -> str | None:
@@ -51,7 +57,10 @@ def git_state(root: Path | None = None) -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git(
+        "status", "--porcelain", "--untracked-files=no", "--", ".",
+        *(f":(exclude){p}" for p in GENERATED),
+    )
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 

@@ -184,3 +184,29 @@ def test_portable_paths(tmp_path):
                                        "c": [os.path.relpath("/elsewhere/f", tmp_path)],
                                        "d": {"e": "."}}
     assert absolute_paths(portable(doc, tmp_path)) == []
+
+
+def test_git_state_ignores_the_study_outputs(tmp_path):
+    """A run's own results (swapped in notebook by notebook) do not make it 'dirty'; a change to
+    the code does."""
+    import subprocess
+
+    from dropinf.results import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results" / "p" / "nb").mkdir(parents=True)
+    (tmp_path / "paper" / "figures").mkdir(parents=True)
+    files = ["results/p/nb/summary.json", "paper/paper.md", "paper/figures/a.png", "code.py"]
+    for f in files:
+        (tmp_path / f).write_text("0")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert git_state(tmp_path)["dirty"] is False
+    for f in files[:3]:
+        (tmp_path / f).write_text("1")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("1")
+    assert git_state(tmp_path)["dirty"] is True
