@@ -4,7 +4,7 @@ Sign convention everywhere: a positive influence score means the training point 
 the test point (removing it would raise the test loss).
 """
 
-from . import losses, metrics, models, retrain
+from . import losses
 from .compressors import PCA, REGISTRY, SJLT, Compressor, Dropout, Gaussian, Identity, Layout, make
 from .curvature import Preconditioner
 from .gradients import Gradients, gradients
@@ -14,16 +14,6 @@ from .store import CorruptStoreError, Store, StoreLockedError
 from .task import Task
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # dropinf.data is imported on first use, so that `python -m dropinf.data` runs it fresh.
-    if name == "data":
-        import importlib
-
-        return importlib.import_module(".data", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "PCA",
@@ -43,9 +33,6 @@ __all__ = [
     "Task",
     "gradients",
     "losses",
-    "metrics",
-    "models",
-    "retrain",
     "Preconditioner",
     "scores",
     "self_influence",
