@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dropinf as di
 import dropinf.store as store_mod
-from dropinf import losses, models
+from dropinf import losses
 from dropinf.store import LOCK, CorruptStoreError, Store, StoreLockedError
+from dropinf.study import models
 
 N, BS, CHUNK = 30, 4, 8  # 8 batches (the last of 2); a chunk = 2 batches
 
