@@ -5,6 +5,7 @@ the test point (removing it would raise the test loss).
 """
 
 from . import losses
+from ._version import __version__
 from .compressors import PCA, REGISTRY, SJLT, Compressor, Dropout, Gaussian, Identity, Layout, make
 from .curvature import Preconditioner
 from .gradients import Gradients, gradients
@@ -12,8 +13,6 @@ from .persample import BatchGrads, PerSampleGrads
 from .scores import scores, self_influence, top_k
 from .store import CorruptStoreError, Store, StoreLockedError
 from .task import Task
-
-__version__ = "0.1.0"
 
 __all__ = [
     "PCA",
@@ -33,6 +32,7 @@ __all__ = [
     "Task",
     "gradients",
     "losses",
+    "__version__",
     "Preconditioner",
     "scores",
     "self_influence",
