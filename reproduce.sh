@@ -36,7 +36,7 @@ setup() {
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "${TORCH_PINS[@]}"
     "$VENV/bin/python" -m pip install --quiet --no-deps "${NODEPS_PINS[@]}"
-    "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    "$VENV/bin/python" -m pip install --quiet -e ".[study,dev]"
     "$VENV/bin/python" -m ipykernel install --prefix "$VENV" --name dropinf \
         --display-name "Python (dropinf)" >/dev/null
     echo "$key" > "$VENV/.dropinf-stamp"

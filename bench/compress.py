@@ -32,9 +32,9 @@ Two stages (``--stage``):
 PCA's fit. Median and minimum over at least ``--repeats`` calls and at least ``--min-time``
 seconds, after ``--warmup`` calls; torch uses its default thread count unless ``--threads``.
 
-Methods (``dropinf.experiments.methods``), all at the output dimension k of factored dropout at
-rate p (k = sum over the layers of ``round((1-p) n_out) * round((1-p) (n_in + 1))``, about
-(1-p)^2 d):
+Methods (``dropinf.study.experiments.methods``), all at the output dimension k of factored
+dropout at rate p (k = sum over the layers of ``round((1-p) n_out) * round((1-p) (n_in + 1))``,
+about (1-p)^2 d):
 
 - ``dropout_factored``: ``Dropout(p, factored=True)``, ``delta[S_out]^T x[S_in]`` per layer.
 - ``gaussian_factored``: ``Gaussian(factored=True, p=p)`` (LoGra), the same k by construction.
@@ -87,9 +87,9 @@ import sys
 import time
 import warnings
 
-from dropinf.experiments import methods
-from dropinf.experiments.cost import compression_step, needs_bytes
-from dropinf.experiments.measure import (
+from dropinf.study.experiments import methods
+from dropinf.study.experiments.cost import compression_step, needs_bytes
+from dropinf.study.experiments.measure import (
     OtherLoad,
     proc_status_kb,
     reset_peak,

@@ -34,7 +34,7 @@ check=True)`` (the default) runs on the first batch of every featurisation (one 
 two backward passes; see ``dropinf.PerSampleGrads``), as a fraction of the featurisation. For
 (a) an MLP 64-``--check-hidden``-10 (ReLU, biases, ``dropinf.losses.cross_entropy``) on
 ``--check-samples`` (10,000) synthetic digits-shaped inputs (seeded N(0, 1), 64 features, 10
-classes) and (b) ``dropinf.models.gpt2`` (the ``--gpt2-*`` shape, ``--seq-len`` tokens, random
+classes) and (b) ``dropinf.study.models.gpt2`` (the ``--gpt2-*`` shape, ``--seq-len`` tokens, random
 right padding) with ``dropinf.losses.causal_lm`` on ``--check-gpt2-samples`` sequences, each with
 ``dropinf.Identity()`` and ``dropinf.Dropout(0.9, factored=True, seed=0)``, a fresh subprocess
 featurises the samples (a list of batches of ``--batch-size``, 64 by default here, in memory;
@@ -72,7 +72,7 @@ import sys
 import time
 import warnings
 
-from dropinf.experiments.measure import OtherLoad, proc_status_kb, reset_peak
+from dropinf.study.experiments.measure import OtherLoad, proc_status_kb, reset_peak
 
 MODELS = ("gpt2", "mlp")
 METHODS = ("train", "hook", "hook+flat", "gradients()", "vmap", "loop")
@@ -329,7 +329,8 @@ def check_build(model_name: str, args: argparse.Namespace):
     import torch
 
     import dropinf
-    from dropinf import losses, models
+    from dropinf import losses
+    from dropinf.study import models
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     B = args.batch_size

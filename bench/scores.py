@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-from dropinf.experiments.measure import OtherLoad, proc_status_kb, reset_peak
+from dropinf.study.experiments.measure import OtherLoad, proc_status_kb, reset_peak
 
 METHODS = ("matmul (RAM)", "matmul (mmap)", "scores identity", "scores fisher")
 OUT = Path(__file__).resolve().parent / "out"

@@ -4,7 +4,8 @@ Sign convention everywhere: a positive influence score means the training point 
 the test point (removing it would raise the test loss).
 """
 
-from . import losses, metrics, models, retrain
+from . import losses
+from ._version import __version__
 from .compressors import PCA, REGISTRY, SJLT, Compressor, Dropout, Gaussian, Identity, Layout, make
 from .curvature import Preconditioner
 from .gradients import Gradients, gradients
@@ -12,18 +13,6 @@ from .persample import BatchGrads, PerSampleGrads
 from .scores import scores, self_influence, top_k
 from .store import CorruptStoreError, Store, StoreLockedError
 from .task import Task
-
-__version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # dropinf.data is imported on first use, so that `python -m dropinf.data` runs it fresh.
-    if name == "data":
-        import importlib
-
-        return importlib.import_module(".data", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "PCA",
@@ -43,9 +32,7 @@ __all__ = [
     "Task",
     "gradients",
     "losses",
-    "metrics",
-    "models",
-    "retrain",
+    "__version__",
     "Preconditioner",
     "scores",
     "self_influence",

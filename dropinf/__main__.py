@@ -1,5 +1,5 @@
 """``python -m dropinf``: run the study's notebooks, list them, or build the paper."""
 
-from .pipeline import main
+from .study.pipeline import main
 
 raise SystemExit(main())

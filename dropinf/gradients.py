@@ -93,8 +93,8 @@ class _Indexed(Dataset):
         return i, self.ds[i]
 
     def __getitems__(self, idx: list[int]):
-        # Keep a dataset's whole-batch indexing (e.g. dropinf.data.TensorData) when it has one:
-        # its result goes to the loader's collate_fn as it is.
+        # Keep a dataset's whole-batch indexing (e.g. dropinf.study.data.TensorData) when it has
+        # one: its result goes to the loader's collate_fn as it is.
         items = getattr(self.ds, "__getitems__", None)
         if items is None:
             return [(i, self.ds[i]) for i in idx]

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from . import _version as _version_module
 from ._io import atomic_write, fsync_dir, write_json
 from .curvature import Preconditioner, Source
 
@@ -103,9 +104,8 @@ class StoreLockedError(ValueError):
 
 
 def _version() -> str:
-    import dropinf
-
-    return dropinf.__version__
+    # Read at call time (not bound at import), so the one place to change it is dropinf._version.
+    return _version_module.__version__
 
 
 # ----------------------------------------------------------------------------- hashing

@@ -11,8 +11,9 @@ from conftest import assert_close
 from torch import nn
 
 import dropinf as di
-from dropinf import losses, models, theory
+from dropinf import losses, theory
 from dropinf.persample import PerSampleGrads
+from dropinf.study import models
 
 
 class Mixed(nn.Module):

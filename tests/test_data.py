@@ -1,4 +1,4 @@
-"""dropinf.data: offline sets (shapes, splits, standardisation, determinism), label flipping,
+"""dropinf.study.data: offline sets (shapes, splits, standardisation, determinism), label flipping,
 the stdlib text sets and their provenance, the real-format parsers on files written here, and
 the offline failures (with the network cut off)."""
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from dropinf import data
-from dropinf.data import DatasetUnavailable
+from dropinf.study import data
+from dropinf.study.data import DatasetUnavailable
 
 
 @pytest.fixture(autouse=True)
@@ -171,7 +171,8 @@ def test_tensor_loader_gathers_the_batches_that_per_item_collation_would():
     assert whole.keys() == each.keys() and all(torch.equal(whole[k], each[k]) for k in whole)
     # dropinf.gradients re-reads a DataLoader item by item to track indices: same rows.
     import dropinf as di
-    from dropinf import losses, models
+    from dropinf import losses
+    from dropinf.study import models
 
     x, y = torch.randn(10, 3), torch.arange(10) % 2
     task = di.Task(models.mlp([3, 2], seed=0), losses.cross_entropy)
@@ -333,7 +334,7 @@ def test_cifar10_missing_or_malformed(tmp_path, monkeypatch):
     with pytest.raises(DatasetUnavailable) as e:
         data.cifar10(root=tmp_path)
     msg = str(e.value)
-    assert "CIFAR-10" in msg and "-m dropinf.data fetch cifar10 --root" in msg
+    assert "CIFAR-10" in msg and "-m dropinf.study.data fetch cifar10 --root" in msg
     assert "data_batch_1" in msg and isinstance(e.value, RuntimeError)
     assert isinstance(e.value, FileNotFoundError) and e.value.__cause__ is None
     monkeypatch.setenv("DROPINF_DATA", str(tmp_path / "env"))
@@ -429,7 +430,7 @@ def test_glue_mrpc_and_sst2_from_tsv(tmp_path):
 def test_glue_missing_and_malformed(tmp_path):
     with pytest.raises(DatasetUnavailable) as e:
         data.glue("sst2", root=tmp_path)
-    assert "GLUE SST-2" in str(e.value) and "-m dropinf.data fetch glue-sst2" in str(e.value)
+    assert "GLUE SST-2" in str(e.value) and "-m dropinf.study.data fetch glue-sst2" in str(e.value)
     with pytest.raises(ValueError, match="task"):
         data.glue("cola", root=tmp_path)
     bad = tmp_path / "bad.tsv"
@@ -492,7 +493,7 @@ def test_webtext_from_jsonl(tmp_path):
 def test_webtext_missing_and_malformed(tmp_path):
     with pytest.raises(DatasetUnavailable) as e:
         data.webtext("cnn_dailymail", WordTokenizer(), root=tmp_path)
-    assert "-m dropinf.data fetch cnn_dailymail" in str(e.value)
+    assert "-m dropinf.study.data fetch cnn_dailymail" in str(e.value)
     bad = tmp_path / "x.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 3}\n')
     with pytest.raises(ValueError, match=r"x.jsonl:2"):
@@ -513,11 +514,11 @@ def test_pretrained_offline_fails_at_once_with_the_fetch_command(tmp_path):
     ):
         with pytest.raises(DatasetUnavailable) as e:
             call()
-        assert "-m dropinf.data fetch" in str(e.value) and e.value.__cause__ is None
+        assert "-m dropinf.study.data fetch" in str(e.value) and e.value.__cause__ is None
 
 
 def test_pretrained_reads_a_local_directory_and_seeds_the_new_head(tmp_path):
-    from dropinf import models
+    from dropinf.study import models
 
     models.gpt2(n_layer=1, n_embd=16, n_head=2, vocab_size=32, seed=0).save_pretrained(tmp_path)
     lm = data.pretrained(str(tmp_path))

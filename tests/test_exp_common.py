@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dropinf.experiments import common, measure
+from dropinf.study.experiments import common, measure
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb"))
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import dropinf
-from dropinf.experiments import cost
-from dropinf.experiments.methods import match
 from dropinf.persample import PerSampleGrads
+from dropinf.study.experiments import cost
+from dropinf.study.experiments.methods import match
 
 TINY = dict(
     mlp_widths=[[8, 16, 4], [16, 32, 4]],
@@ -106,7 +106,7 @@ def test_ladder_builds_the_stated_sizes():
             assert s.dim == s.params
         else:  # only the blocks' Conv1D layers: no embedding, no layer norm
             assert all(".h." in n and ("c_" in n) for n in b.task.param_names)
-    nano = dropinf.models.GPT2_LADDER["nano"]
+    nano = dropinf.study.models.GPT2_LADDER["nano"]
     assert sizes[2].params == nano.num_params and sizes[2].name == "gpt2-nano"
 
 
@@ -307,7 +307,7 @@ def test_summary_holds_no_measurement():
 
 def test_notebook_runs_tiny(tmp_path):
     papermill = pytest.importorskip("papermill")
-    from dropinf.results import repo_root
+    from dropinf.study.results import repo_root
 
     nb = repo_root() / "notebooks" / "03_cost.ipynb"
     out = tmp_path / "03_cost"

@@ -13,14 +13,14 @@ import torch
 from scipy import optimize, stats
 from torch import nn
 
-from dropinf import data, retrain
 from dropinf.curvature import Preconditioner
-from dropinf.experiments import fidelity as fid
-from dropinf.experiments.common import threads
-from dropinf.experiments.methods import Match, match
 from dropinf.losses import cross_entropy
-from dropinf.models import fit_full_batch, mlp
 from dropinf.scores import scores
+from dropinf.study import data, retrain
+from dropinf.study.experiments import fidelity as fid
+from dropinf.study.experiments.common import threads
+from dropinf.study.experiments.methods import Match, match
+from dropinf.study.models import fit_full_batch, mlp
 from dropinf.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]

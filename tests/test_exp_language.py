@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import dropinf as di
-from dropinf import models
 from dropinf import theory as th
-from dropinf.experiments import language as L
-from dropinf.experiments.common import threads
-from dropinf.experiments.methods import Match, match
+from dropinf.study import models
+from dropinf.study.data import DatasetUnavailable
+from dropinf.study.experiments import language as L
+from dropinf.study.experiments.common import threads
+from dropinf.study.experiments.methods import Match, match
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_language.ipynb"
 
@@ -254,7 +255,7 @@ def test_gpu_profile_fails_offline_naming_the_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     cfg = L.Config.for_profile("gpu")
     assert cfg.pretrained == "gpt2" and cfg.corpora == ("openwebtext", "cnn_dailymail")
-    with pytest.raises(di.data.DatasetUnavailable, match="dropinf.data fetch"):
+    with pytest.raises(DatasetUnavailable, match="dropinf.study.data fetch"):
         L.load_corpus(cfg, "openwebtext")
 
 

@@ -12,9 +12,9 @@ from matplotlib.colors import to_rgb
 
 from dropinf import PCA, Dropout, Identity, Task
 from dropinf.compressors import Layout
-from dropinf.experiments import methods as M
 from dropinf.losses import cross_entropy
-from dropinf.models import mlp
+from dropinf.study.experiments import methods as M
+from dropinf.study.models import mlp
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from dropinf import Preconditioner, data, self_influence
-from dropinf.experiments import mislabel as mis
+from dropinf import Preconditioner, self_influence
+from dropinf.study import data
+from dropinf.study.experiments import mislabel as mis
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MLP = dict(datasets=("digits",), n_train=300, hidden=(16,), p=0.5, epochs=15, n_seeds=2,
@@ -213,7 +214,7 @@ def test_load_encoder_names_the_wheel_when_minilm_is_missing(monkeypatch):
 def test_gpu_profile_offline_fails_at_once_naming_the_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv("DROPINF_DATA", str(tmp_path))  # an empty data directory
     cfg = mis.Config.for_profile("gpu", threads=1)
-    with pytest.raises(data.DatasetUnavailable, match="dropinf.data fetch glue-mrpc"):
+    with pytest.raises(data.DatasetUnavailable, match="dropinf.study.data fetch glue-mrpc"):
         mis.run(cfg, progress=False)
 
 

@@ -1,4 +1,4 @@
-"""Notebook 05 (removal) and dropinf.experiments.removal: targets, removal sets, retraining
+"""Notebook 05 (removal) and dropinf.study.experiments.removal: targets, removal sets, retraining
 without the removed points, the analysis, and a tiny run of the notebook."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from dropinf import data as dd
-from dropinf import models
 from dropinf.compressors import Identity, Layout
-from dropinf.experiments import removal as rm
-from dropinf.experiments.common import seed_for, threads
-from dropinf.experiments.methods import build, match, ready
 from dropinf.gradients import gradients
 from dropinf.losses import cross_entropy
+from dropinf.study import data as dd
+from dropinf.study import models
+from dropinf.study.experiments import removal as rm
+from dropinf.study.experiments.common import seed_for, threads
+from dropinf.study.experiments.methods import build, match, ready
 
 ROOT = Path(__file__).resolve().parents[1]
 

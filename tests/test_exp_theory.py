@@ -1,4 +1,4 @@
-"""Tests for dropinf.experiments.theory (notebook 01) and the dropinf.theory helpers it added.
+"""Tests for dropinf.study.experiments.theory (notebook 01) and the dropinf.theory helpers it added.
 
 Each function is checked against an independent computation: exhaustive enumeration of masks
 on tiny d, per-pair loops instead of Gram matrices, numpy eigenvalues instead of the library's
@@ -25,8 +25,8 @@ from scipy import stats as sps
 
 import dropinf as di
 from dropinf import theory as th
-from dropinf.experiments import theory as T
-from dropinf.experiments.common import seed_for
+from dropinf.study.experiments import theory as T
+from dropinf.study.experiments.common import seed_for
 
 Z = 5.0
 TINY = dict(n_trials=50, d=64, coherences=[1, 4], rates=[0.5, 0.9], hidden=4, n_train=60,

@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dropinf as di
-from dropinf import losses, models
+from dropinf import losses
 from dropinf.persample import make_plan
+from dropinf.study import models
 
 
 def split(batch, sizes):

@@ -16,7 +16,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 import dropinf as di
-from dropinf import curvature, models
+from dropinf import curvature
+from dropinf.study import models
 
 L2 = 1e-2
 

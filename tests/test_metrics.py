@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 import dropinf as di
-from dropinf import metrics, models, retrain
+from dropinf.study import metrics, models, retrain
 
 
 def ties_pair(rng, n_test=12, n_train=40):

@@ -1,5 +1,5 @@
-"""dropinf.models: shapes and parameter counts against closed forms, seeded construction, and the
-minibatch trainer (determinism, loss decrease, weight decay and schedule semantics)."""
+"""dropinf.study.models: shapes and parameter counts against closed forms, seeded construction,
+and the minibatch trainer (determinism, loss decrease, weight decay and schedule semantics)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from conftest import assert_close, loop_grads
 from torch import nn
 
 import dropinf as di
-from dropinf import losses, models
+from dropinf import losses
+from dropinf.study import models
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -154,7 +155,7 @@ def test_train_with_dict_batches_and_dropout_is_deterministic():
 
 def test_train_with_weight_decay_reaches_the_l_bfgs_optimum():
     """Full-batch SGD on mean loss + wd/2 |theta|^2 stops where fit_full_batch(l2=wd) does."""
-    from dropinf import data
+    from dropinf.study import data
 
     d = data.breast_cancer(seed=0)
     batch = (d.x_train.double(), d.y_train)
@@ -189,7 +190,7 @@ def test_train_schedule_scales_each_step(schedule, warmup, factor_sum):
 
 
 def test_train_with_augmentation_is_deterministic():
-    from dropinf import data
+    from dropinf.study import data
 
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = torch.arange(8) % 10

@@ -10,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from dropinf import pipeline
-from dropinf.pipeline import build_paper, main, parse_params, parse_value, select
+from dropinf.study import pipeline
+from dropinf.study.pipeline import build_paper, main, parse_params, parse_value, select
 
 # The native kernel of the running interpreter: always installed with ipykernel, unlike the
 # 'dropinf' kernel that reproduce.sh registers.
@@ -33,7 +33,7 @@ def write_nb(path: Path, params: str, *cells: str) -> Path:
 
 FINISH = """
 import os
-from dropinf.results import Run
+from dropinf.study.results import Run
 Run({name!r}, profile, out_dir=out_dir).finish({body})
 """
 
@@ -60,7 +60,7 @@ def test_run_injects_continues_after_failure_and_reports(tmp_path, capsys, monke
              HEAD + 'seed = 0\nn = 3\nscale = 1.0\nflag = False\nlabel = "a"\nnothing = 1\n',
              """
 import os
-from dropinf.results import Run
+from dropinf.study.results import Run
 Run("02_ok", profile, dict(n=n, where=out_dir), out_dir=out_dir).finish(dict(
     n=n, scale=scale, flag=flag, label=label, nothing=nothing, out_dir=out_dir, cwd=os.getcwd(),
     types=[type(v).__name__ for v in (n, scale, flag, label, nothing)]))

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import dropinf as di
-from dropinf import losses, models
+from dropinf import losses
 from dropinf.curvature import Source
 from dropinf.store import Store, model_hash
+from dropinf.study import models
 
 
 @pytest.fixture(scope="module")

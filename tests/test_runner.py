@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from test_pipeline import HEAD, absolute_paths, snapshot, write_nb
 
-from dropinf import pipeline, results
-from dropinf.pipeline import main, overrides_hash
-from dropinf.results import Run, portable
+from dropinf.study import pipeline, results
+from dropinf.study.pipeline import main, overrides_hash
+from dropinf.study.results import Run, portable
 
 KERNEL = "python3"
 ARGS = ["--kernel", KERNEL, "--no-progress", "--no-pdf"]

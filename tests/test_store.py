@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dropinf as di
 import dropinf.store as store_mod
-from dropinf import losses, models
+from dropinf import losses
 from dropinf.store import LOCK, CorruptStoreError, Store, StoreLockedError
+from dropinf.study import models
 
 N, BS, CHUNK = 30, 4, 8  # 8 batches (the last of 2); a chunk = 2 batches
 
@@ -470,7 +471,7 @@ def test_mismatched_request_is_refused_naming_the_field(setup, tmp_path, monkeyp
             )
         assert "overwrite=True" in str(err.value)
         assert all(t in str(err.value) for t in shown), (field, str(err.value))
-    monkeypatch.setattr(di, "__version__", "9.9.9")
+    monkeypatch.setattr(di._version, "__version__", "9.9.9")
     with pytest.raises(ValueError, match=r"dropinf_version = '0\.1\.0'.*'9\.9\.9'"):
         run(model, ds, path)
     monkeypatch.undo()

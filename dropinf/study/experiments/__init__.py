@@ -4,5 +4,5 @@ dimension, construction), :mod:`.common` (named random streams, threads, config 
 :mod:`.measure` (time, memory and machine-load measurements).
 
 Notebooks stay thin: they build a module's ``Config`` for a profile, call its functions, plot
-and save through :class:`dropinf.results.Run`.
+and save through :class:`dropinf.study.results.Run`.
 """

@@ -3,10 +3,10 @@
 What ``notebooks/06_language.ipynb`` computes, here so that it is tested:
 
 - a GPT-2 fine-tuned on training documents (:func:`prepare`): ``cpu-quick`` pretrains a tiny
-  GPT-2 of :data:`dropinf.models.GPT2_LADDER` from its config on one part of the standard
-  library's docstrings (:func:`dropinf.data.stdlib_corpus`), then fine-tunes it on the
+  GPT-2 of :data:`dropinf.study.models.GPT2_LADDER` from its config on one part of the standard
+  library's docstrings (:func:`dropinf.study.data.stdlib_corpus`), then fine-tunes it on the
   ``n_train`` training documents; ``gpu`` fine-tunes the released GPT-2 small on subsets of
-  OpenWebText and CNN/DailyMail (:func:`dropinf.data.webtext`). A document is one fixed-length
+  OpenWebText and CNN/DailyMail (:func:`dropinf.study.data.webtext`). A document is one fixed-length
   chunk. Influence is that of the fine-tuning documents, from the fine-tuned model's per-sample
   gradients of its blocks' linear (Conv1D) layers, as LoGra and GraSS attribute LMs;
 - for every method at matched compressed dimension k and the same relative damping, the
@@ -43,17 +43,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ... import theory as th
+from ...compressors import PCA, Compressor, Dropout, Identity
+from ...curvature import Preconditioner
+from ...gradients import gradients
+from ...losses import causal_lm
+from ...persample import PerSampleGrads
+from ...scores import scores as influence_scores
+from ...task import Task
 from .. import data as dd
 from .. import metrics
-from .. import theory as th
-from ..compressors import PCA, Compressor, Dropout, Identity
-from ..curvature import Preconditioner
-from ..gradients import gradients
-from ..losses import causal_lm
 from ..models import GPT2_LADDER, gpt2_ladder, train
-from ..persample import PerSampleGrads
-from ..scores import scores as influence_scores
-from ..task import Task
 from .common import check_int, float_list, from_profile, rng_for, seed_for
 from .cost import compression_step
 from .measure import time_calls
@@ -76,11 +76,11 @@ class Config:
     """Every knob of notebook 06; the defaults are the ``cpu-quick`` profile.
 
     Data: documents of ``seq_len`` tokens from each corpus of ``corpora`` (``"stdlib"``: the
-    standard library's docstrings of ``packages``, None for all; or a :data:`dropinf.data.WEBTEXT`
-    name), ``n_train`` training and ``n_test`` test documents.
+    standard library's docstrings of ``packages``, None for all; or a
+    :data:`dropinf.study.data.WEBTEXT` name), ``n_train`` training and ``n_test`` test documents.
 
     Model: ``pretrained`` (a Hugging Face name such as ``"gpt2"``) is fine-tuned; else the
-    :data:`~dropinf.models.GPT2_LADDER` rung ``model`` is pretrained from its config on
+    :data:`~dropinf.study.models.GPT2_LADDER` rung ``model`` is pretrained from its config on
     ``n_pretrain`` further documents (``pretrain_epochs``, ``pretrain_lr``), disjoint from the
     training and test documents. Fine-tuning on the training documents: Adam, ``epochs``,
     ``lr``, ``batch_size``, ``weight_decay``. Gradients: the blocks' Conv1D layers whose module

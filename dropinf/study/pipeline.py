@@ -4,8 +4,8 @@
 name order, injecting ``profile``, ``out_dir`` and the user's overrides into each notebook's
 ``parameters`` cell. Where the results go (:func:`output_dir`):
 
-- no overrides: ``results/<profile>/<stem>/`` (layout in :mod:`dropinf.results`), the committed
-  study for cpu-quick;
+- no overrides: ``results/<profile>/<stem>/`` (layout in :mod:`dropinf.study.results`), the
+  committed study for cpu-quick;
 - with ``-p``/``-y`` overrides: ``results/<profile>+<hash>/`` (:func:`overrides_hash`; git
   ignores it), so that trying a parameter never touches the committed results;
 - ``--into DIR``: ``DIR/<stem>/``, on purpose (``--into results/cpu-quick`` replaces the
@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write, fsync_dir, write_json
+from .._io import atomic_write, fsync_dir, write_json
 from .results import PROFILES, manifest, portable, repo_root
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
@@ -362,7 +362,7 @@ def run_notebooks(profile: str = DEFAULT_PROFILE, only: Sequence[str] | None = N
     ``results/<profile>+<hash>``). Each notebook gets ``profile``, ``out_dir`` and those of
     ``params`` its parameters cell declares; an override that no selected notebook declares is
     a ValueError (:func:`check_overrides`), raised before anything runs. Writes ``OUT/run.json``
-    (``dropinf.results.manifest`` with the overrides, ``out_dir`` and one entry per notebook,
+    (``dropinf.study.results.manifest`` with the overrides, ``out_dir`` and one entry per notebook,
     every path relative to the repository root). Returns the outcomes: failures are in them,
     never raised. Ctrl-C or SIGTERM ends the run after the interrupted notebook, which is the
     last outcome (status ``interrupted``; its previous results kept).

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write, write_json
+from .._io import atomic_write, write_json
 
 PROFILES = ("cpu-quick", "gpu")
 PACKAGES = ("dropinf", "torch", "numpy", "scipy", "scikit-learn", "pandas", "matplotlib",
@@ -34,7 +34,7 @@ PACKAGES = ("dropinf", "torch", "numpy", "scipy", "scikit-learn", "pandas", "mat
 
 def repo_root() -> Path:
     """The checkout this package lives in (where ``pyproject.toml`` is), else the working dir."""
-    here = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parents[2]
     return here if (here / "pyproject.toml").exists() else Path.cwd()
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._seed import seeded
+from .._seed import seeded
 
 
 def l2_penalty(model: nn.Module, l2: float) -> Tensor:
@@ -180,7 +180,8 @@ def gpt2(
 
     Dropout is configured off so that train and eval mode give the same gradients. The last
     token id, ``vocab_size - 1``, is the BOS/EOS token (byte 255 for a byte-level vocabulary,
-    which never occurs in UTF-8 text: :func:`dropinf.data.stdlib_corpus` uses it as separator).
+    which never occurs in UTF-8 text: :func:`dropinf.study.data.stdlib_corpus` uses it as
+    separator).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -232,8 +233,9 @@ class GPT2Shape:
         )
 
 
-# From tiny (byte-level vocabulary, for models trained here on dropinf.data.stdlib_corpus) to the
-# released GPT-2 shapes (BPE vocabulary of 50,257, context 1,024); "distil" is distilgpt2's shape.
+# From tiny (byte-level vocabulary, for models trained here on dropinf.study.data.stdlib_corpus) to
+# the released GPT-2 shapes (BPE vocabulary of 50,257, context 1,024); "distil" is distilgpt2's
+# shape.
 GPT2_LADDER: dict[str, GPT2Shape] = {
     "nano": GPT2Shape(2, 32, 2, 256, 256),
     "micro": GPT2Shape(2, 64, 4, 256, 256),
@@ -356,7 +358,7 @@ def train(
     Args:
         model: trained where its parameters live (batches are moved there); left in eval mode.
         loss: ``loss(model, batch) -> (B,)`` per-sample losses (:mod:`dropinf.losses`).
-        data: what :func:`dropinf.data.tensor_loader` accepts: a tuple of tensors such as
+        data: what :func:`dropinf.study.data.tensor_loader` accepts: a tuple of tensors such as
             ``(x, y)``, a dict of tensors (``input_ids``...), or a map-style Dataset.
         seed: decides the data order, ``augment``'s draws and any randomness inside the model
             (dropout); the global RNG is restored afterwards. Initialise the model from its own
@@ -368,13 +370,13 @@ def train(
         schedule: ``"constant"``, or ``"linear"``: warm up linearly over the first ``warmup``
             fraction of the steps, then decay linearly to zero (the ResNet-9 recipe).
         augment: ``augment(batch, generator) -> batch`` applied to each training batch on the
-            model's device, e.g. :func:`dropinf.data.cifar10_augment`.
+            model's device, e.g. :func:`dropinf.study.data.cifar10_augment`.
 
     Returns:
         ``(model, history)``.
     """
+    from ..task import to_device
     from .data import tensor_loader
-    from .task import to_device
 
     _check_positive(epochs=epochs, batch_size=batch_size)
     if not lr > 0:

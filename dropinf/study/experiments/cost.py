@@ -50,14 +50,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ...compressors import PCA, Compressor, Identity
+from ...curvature import Preconditioner
+from ...gradients import gradients
+from ...losses import causal_lm, cross_entropy
+from ...persample import BatchGrads, PerSampleGrads, ReducedFactors
+from ...scores import scores
+from ...task import Task
 from .. import models
-from ..compressors import PCA, Compressor, Identity
-from ..curvature import Preconditioner
-from ..gradients import gradients
-from ..losses import causal_lm, cross_entropy
-from ..persample import BatchGrads, PerSampleGrads, ReducedFactors
-from ..scores import scores
-from ..task import Task
 from .common import check_int, from_profile, threads
 from .measure import OtherLoad, frozen_gc, peak_bytes, sync, time_calls
 from .methods import COLORS, LABELS, MARKERS, METHODS, Match, dense_map_bytes, match, sjlt_nonzeros
@@ -84,8 +84,8 @@ class Config:
 
     Ladder: MLPs ``mlp_widths`` (layer widths, input first) on random inputs with random labels,
     and GPT-2 LMs ``gpt2_shapes`` on random sequences of ``tokens`` tokens: each a rung of
-    :data:`dropinf.models.GPT2_LADDER` by name, or ``(n_layer, n_embd, n_head)`` with vocabulary
-    ``vocab_size`` and context ``n_positions``. Compression: factored
+    :data:`dropinf.study.models.GPT2_LADDER` by name, or ``(n_layer, n_embd, n_head)`` with
+    vocabulary ``vocab_size`` and context ``n_positions``. Compression: factored
     dropout at rate ``p`` per side fixes k; SJLT has ``sjlt_c`` nonzeros per column; PCA is fitted
     on ``max(k, pca_min_fit)`` exact training gradients. ``memory_budget_gb``: a method whose map
     (and fit) needs more is recorded as not fitting. Timing: batches of ``batch_size``, ``warmup``
@@ -225,11 +225,11 @@ def _shapes(name: str, value, low: int) -> tuple[tuple[int, ...], ...]:
 
 
 def _gpt2_entry(v) -> str | tuple[int, int, int]:
-    """A ``gpt2_shapes`` entry: a :data:`~dropinf.models.GPT2_LADDER` name or a
+    """A ``gpt2_shapes`` entry: a :data:`~dropinf.study.models.GPT2_LADDER` name or a
     ``(n_layer, n_embd, n_head)`` triple with ``n_head`` dividing ``n_embd``."""
     if isinstance(v, str):
         if v not in models.GPT2_LADDER:
-            raise ValueError(f"gpt2_shapes entry {v!r} is not in dropinf.models.GPT2_LADDER "
+            raise ValueError(f"gpt2_shapes entry {v!r} is not in dropinf.study.models.GPT2_LADDER "
                              f"({list(models.GPT2_LADDER)}); or give [n_layer, n_embd, n_head]")
         return v
     try:

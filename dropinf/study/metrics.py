@@ -266,7 +266,7 @@ def loo_correlation(
     """Leave-one-out correlation between predicted and retrained effects of removing points.
 
     Both in the same units and sign, e.g. ``predicted = scores / n`` and ``actual`` from
-    :func:`dropinf.retrain.loo_effects` (how much the test output, higher = better, falls when
+    :func:`dropinf.study.retrain.loo_effects` (how much the test output, higher = better, falls when
     the point is removed): positive = helpful.
 
     Shapes: (n_removed,) for one effect per removed point (e.g. summed over the test set): a
@@ -316,7 +316,7 @@ def lds(
     retrained on S_j. The estimate is the mean over test points.
 
     Sign: ``outputs`` must grow as the model gets better at the test point, e.g. the negated
-    test loss or the correct-class margin (``dropinf.retrain.negative_loss``). With positive =
+    test loss or the correct-class margin (``dropinf.study.retrain.negative_loss``). With positive =
     helpful scores, a subset keeping more helpful points then has a higher output, so a perfect
     attribution gives LDS near +1 (passing test losses instead would give near -1).
 

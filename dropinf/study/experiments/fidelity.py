@@ -40,13 +40,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ...compressors import Compressor, Identity, Layout
+from ...curvature import Preconditioner
+from ...gradients import gradients
+from ...losses import cross_entropy
+from ...scores import scores
+from ...task import Task
 from .. import data, metrics, models, retrain
-from ..compressors import Compressor, Identity, Layout
-from ..curvature import Preconditioner
-from ..gradients import gradients
-from ..losses import cross_entropy
-from ..scores import scores
-from ..task import Task
 from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
 from .methods import COLORS, METHODS, Match, build, match, ready
 from .methods import LABELS as METHOD_LABELS
@@ -76,7 +76,7 @@ class Config:
 
     Models: ``models`` among ``logreg``, ``mlp`` (``64-hidden-10``, tanh) and ``resnet9``
     (``width``), trained with weight decay ``l2`` (the ``l2/2 |theta|^2`` of
-    :func:`dropinf.models.fit_full_batch`) on ``n_train`` points, evaluated on ``n_test``;
+    :func:`dropinf.study.models.fit_full_batch`) on ``n_train`` points, evaluated on ``n_test``;
     L-BFGS fits take at most ``fit_iter`` iterations. Methods: ``methods`` at each compression
     ratio of ``ratios`` (d / k), ``n_seeds`` draws each; ``references`` in the full space.
     Curvature: compressed-space empirical Fisher with relative ``damping`` (``lambda = damping
@@ -199,8 +199,8 @@ class Fitted:
     """A reference model at (near) a stationary point of its regularised loss.
 
     ``train`` and ``test`` are ``(x, y)`` batches (on the model's device); ``retrain_lds`` and
-    ``retrain_loo`` are ``train_fn(indices, seed) -> model`` of :mod:`dropinf.retrain` (LOO only
-    for a convex model); ``retrain_seeds`` the seeds each subset is retrained with. ``info``:
+    ``retrain_loo`` are ``train_fn(indices, seed) -> model`` of :mod:`dropinf.study.retrain` (LOO
+    only for a convex model); ``retrain_seeds`` the seeds each subset is retrained with. ``info``:
     d, sizes, test accuracy, the gradient norm reached.
     """
 
@@ -243,13 +243,13 @@ def fit_model(cfg: Config, name: str) -> Fitted:
     """Split the data by ``cfg.seed``, fit model ``name`` and its retraining functions.
 
     ``logreg``: ``Linear(64, 10)`` in float64 on digits, L-BFGS to a tight gradient norm; LOO
-    by :class:`~dropinf.retrain.ConvexRetrainer` on the full objective (removal = weight 0
+    by :class:`~dropinf.study.retrain.ConvexRetrainer` on the full objective (removal = weight 0
     instead of 1/n, what influence linearises), LDS subsets on their own mean loss plus
     ``l2/2 |theta|^2`` (the usual retraining), warm-started, deterministic.
     ``mlp``: ``64-hidden-10`` with tanh (smooth, so the Hessian exists everywhere and L-BFGS
     converges) in float64, L-BFGS from a seeded initialisation; each LDS subset model is
     L-BFGS from a seeded initialisation on the subset's own objective.
-    ``resnet9``: CIFAR-10 (``dropinf.data.cifar10``; it must be on disk), SGD with a linear
+    ``resnet9``: CIFAR-10 (``dropinf.study.data.cifar10``; it must be on disk), SGD with a linear
     schedule and the usual augmentation; influence on the conv and linear weights.
     """
     if name == "resnet9":

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..compressors import PCA, SJLT, Compressor, Dropout, Gaussian, Identity, Layout
-from ..task import Task
+from ...compressors import PCA, SJLT, Compressor, Dropout, Gaussian, Identity, Layout
+from ...task import Task
 
 IDENTITY = "identity"
 METHODS = ("dropout", "dropout_factored", "gaussian", "gaussian_factored", "sjlt", "pca")

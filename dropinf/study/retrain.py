@@ -8,8 +8,8 @@ Everything here is generic over two callables:
   the test point** (e.g. :func:`negative_loss`, or the correct-class margin).
 
 With that sign, removing a helpful point (positive score) lowers the output, and keeping more
-helpful points raises it, which is what :func:`dropinf.metrics.loo_correlation` and
-:func:`dropinf.metrics.lds` expect. For a convex model :class:`ConvexRetrainer` is a fast,
+helpful points raises it, which is what :func:`dropinf.study.metrics.loo_correlation` and
+:func:`dropinf.study.metrics.lds` expect. For a convex model :class:`ConvexRetrainer` is a fast,
 deterministic ``train_fn``; for a non-convex one pass several seeds, and outputs are averaged.
 The same seeds are used for every subset (common random numbers), so differences between
 subsets are not swamped by differences between initialisations.
@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
+from ..task import batch_size, eval_mode
 from .models import fit_full_batch
-from .task import batch_size, eval_mode
 
 TrainFn = Callable[[np.ndarray, int], Any]
 OutputFn = Callable[[Any], Any]
@@ -93,10 +93,11 @@ def subset_outputs(
     desc: str = "retrain on subsets",
     per_seed: bool = False,
 ) -> np.ndarray:
-    """Outputs of models retrained on each subset, the ``outputs`` of :func:`dropinf.metrics.lds`.
+    """Outputs of models retrained on each subset, the ``outputs`` of
+    :func:`dropinf.study.metrics.lds`.
 
     Args:
-        masks: (m, n_train) bool, e.g. from :func:`dropinf.metrics.lds_subsets`.
+        masks: (m, n_train) bool, e.g. from :func:`dropinf.study.metrics.lds_subsets`.
         seeds: one model per seed per subset, the same seeds for every subset.
         per_seed: return every seed's outputs instead of their mean.
 
@@ -171,7 +172,7 @@ def subset_batch(batch, indices) -> Any:
 
 class ConvexRetrainer:
     """Fast ``train_fn`` for a convex model (e.g. L2-regularised logistic regression) trained
-    full batch with :func:`dropinf.models.fit_full_batch`.
+    full batch with :func:`dropinf.study.models.fit_full_batch`.
 
     Each call starts from a copy of ``model`` (warm start: pass the model fitted on all the data,
     which is close to every subset's optimum), minimises to a tight gradient norm and records it
