@@ -191,7 +191,7 @@ def test_git_state_ignores_the_study_outputs(tmp_path):
     the code does."""
     import subprocess
 
-    from dropinf.results import git_state
+    from dropinf.study.results import git_state
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
