@@ -484,15 +484,7 @@ def check_main(args: argparse.Namespace, argv: list[str]) -> None:
             )
         )
     print()
-    for line in verdicts:
-        print(line)
-    load.stop()
-    print(
-        f"\ntotal wall time {time.perf_counter() - t_start:.0f} s; other processes used "
-        f"{load.cpus:.2f} of {os.cpu_count()} CPUs on average meanwhile (/proc/stat minus this "
-        "benchmark's CPU time)"
-    )
-    if busy or load.cpus > 0.25:
+    if _close(verdicts, load, t_start) or busy:
         print(
             f"WARNING: other processes competed for the CPUs (other% above {100 * BUSY:.0f} in "
             "some rows, or overall); the paired differences are unreliable: rerun on a quiet "
@@ -593,6 +585,15 @@ def main(argv: list[str] | None = None) -> None:
     for line in notes:
         print(line)
     print()
+    if _close(verdicts, load, t_start):
+        print(
+            "WARNING: other processes competed for the CPUs; timings (medians especially) are "
+            "unreliable: rerun on a quiet machine"
+        )
+
+
+def _close(verdicts: list[str], load, t_start: float) -> bool:
+    """Print the verdicts and the machine's load over the run; True if it was busy."""
     for line in verdicts:
         print(line)
     load.stop()
@@ -601,11 +602,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{load.cpus:.2f} of {os.cpu_count()} CPUs on average meanwhile (/proc/stat minus this "
         "benchmark's CPU time)"
     )
-    if load.cpus > 0.25:
-        print(
-            "WARNING: other processes competed for the CPUs; timings (medians especially) are "
-            "unreliable: rerun on a quiet machine"
-        )
+    return load.cpus > 0.25
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ point is helpful: removing it raises the test loss by about ``score / n``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Mapping
@@ -387,6 +388,29 @@ class Preconditioner:
                 f"{min_eig:.3g}); train to a minimum with weight decay (l2=...) or raise damping"
             )
         return cls(kind, damping, k, lam=lam, eigvals=eigvals, eigvecs=eigvecs, info=info)
+
+    def with_damping(self, damping: float) -> Preconditioner:
+        """This preconditioner at another relative damping, without a new factorisation.
+
+        ``lambda = damping * trace(C) / dim`` is proportional to the damping, so only ``lam``
+        changes (a kernel-form Fisher's ``l2``, also held in ``lam``, stays); the result equals
+        a refit at ``damping`` to rounding. Needs a fit with damping > 0.
+        """
+        _check_damping(damping)
+        if self.kind == "identity":
+            return self
+        if not self.damping > 0:
+            raise ValueError(
+                f"this preconditioner was fitted with damping={self.damping!r}; rescaling needs "
+                "a fit with damping > 0 (refit at the damping you want)"
+            )
+        l2 = float(self.info.get("l2", 0.0)) if self.rows is not None else 0.0
+        lam_damping = (self.lam - l2) * damping / self.damping
+        lam = lam_damping + l2
+        info = {**self.info, "lambda": lam_damping}
+        if "min_eig" in info:
+            info["min_eig"] = self.info["min_eig"] - self.lam + lam
+        return dataclasses.replace(self, damping=damping, lam=lam, info=info)
 
     def apply(self, Q: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """``(C + lambda I)^{-1} q`` for each row of Q: (m, dim) -> (m, dim).

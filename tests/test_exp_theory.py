@@ -329,21 +329,6 @@ def test_zero_crossing_and_ratio_table():
         assert rt.ratio_lo[pr.label] < rt.ratio_mc[pr.label] < rt.ratio_hi[pr.label]
 
 
-# --------------------------------------------------------------------------- damped Fisher
-
-
-@pytest.mark.parametrize("n, k", [(30, 12), (12, 30)])  # dense and kernel form
-def test_damped_equals_refitting(n, k):
-    G = torch.randn(n, k, dtype=torch.float64)
-    Q = torch.randn(4, k, dtype=torch.float64)
-    pres = T.damped(di.Preconditioner.fit(G, "fisher", 0.1), (1e-3, 0.1, 2.0))
-    for pre, dm in zip(pres, (1e-3, 0.1, 2.0)):
-        ref = di.Preconditioner.fit(G, "fisher", dm)
-        assert pre.damping == dm and pre.lam == pytest.approx(ref.lam, rel=1e-12)
-        assert pre.info["min_eig"] == pytest.approx(ref.info["min_eig"], rel=1e-9)
-        torch.testing.assert_close(pre.apply(Q), ref.apply(Q), rtol=1e-9, atol=1e-12)
-
-
 def test_score_errors_exact_cases():
     S = np.random.default_rng(0).standard_normal((4, 6))
     r = T.score_errors([0.7 * S, 0.7 * S, 0.7 * S], S)  # pure shrinkage, no variance

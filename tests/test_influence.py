@@ -350,3 +350,19 @@ def test_float32_scores_are_the_float64_scores_rounded(wide_mlp_grads, n, dampin
     assert s.dtype == torch.float32 and (np.abs(s.double().numpy() - s_ref) <= s_tol).all()
     fast = di.scores(T, G, pre, product_dtype=torch.float32).double().numpy()
     assert (np.abs(fast - S) > tol).any()
+
+
+@pytest.mark.parametrize("n, k, l2", [(30, 12, 0.0), (12, 30, 0.0), (12, 30, 0.05), (30, 12, 0.05)])
+def test_with_damping_equals_refitting(n, k, l2):
+    """Dense and kernel form, with and without l2: rescaling lambda equals a refit."""
+    G = torch.randn(n, k, dtype=torch.float64)
+    Q = torch.randn(4, k, dtype=torch.float64)
+    fitted = di.Preconditioner.fit(G, "fisher", 0.1, l2=l2)
+    for dm in (1e-3, 0.1, 2.0):
+        pre, ref = fitted.with_damping(dm), di.Preconditioner.fit(G, "fisher", dm, l2=l2)
+        assert pre.damping == dm and pre.lam == pytest.approx(ref.lam, rel=1e-12)
+        assert pre.info["lambda"] == pytest.approx(ref.info["lambda"], rel=1e-12)
+        assert pre.info["min_eig"] == pytest.approx(ref.info["min_eig"], rel=1e-9)
+        torch.testing.assert_close(pre.apply(Q), ref.apply(Q), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="damping > 0"):
+        di.Preconditioner.fit(G[:, :5], "fisher", 0.0).with_damping(0.1)

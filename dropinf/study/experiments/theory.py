@@ -752,7 +752,8 @@ def fisher_bias(cfg: Config, data: DigitsMLP) -> pd.DataFrame:
 def _fisher_bias(cfg: Config, data: DigitsMLP) -> pd.DataFrame:
     Gtr, Gte = torch.from_numpy(data.G_train), torch.from_numpy(data.G_test)
     refs: dict[float, tuple[np.ndarray, float, float]] = {}
-    for pre in damped(Preconditioner.fit(Gtr, "fisher", cfg.dampings[0]), cfg.dampings):
+    fitted = Preconditioner.fit(Gtr, "fisher", cfg.dampings[0])
+    for pre in (fitted.with_damping(dm) for dm in cfg.dampings):
         S = scores(Gte, Gtr, pre).numpy()
         refs[pre.damping] = (S, pre.lam, th.effective_dimension(pre.eigvals.numpy(), pre.lam))
     S_dot = data.G_test @ data.G_train.T
@@ -766,7 +767,8 @@ def _fisher_bias(cfg: Config, data: DigitsMLP) -> pd.DataFrame:
         comp = Dropout(p, seed=cseed) if kind == "dropout" else Gaussian(k=k, seed=cseed)
         htr, hte = _compressed(data, comp)
         acc.setdefault((kind, "identity", p, math.nan), []).append((hte @ htr.T).numpy())
-        for pre in damped(Preconditioner.fit(htr, "fisher", cfg.dampings[0]), cfg.dampings):
+        fitted = Preconditioner.fit(htr, "fisher", cfg.dampings[0])
+        for pre in (fitted.with_damping(dm) for dm in cfg.dampings):
             acc.setdefault((kind, "fisher", p, pre.damping), []).append(
                 scores(hte, htr, pre).numpy())
 
@@ -779,23 +781,6 @@ def _fisher_bias(cfg: Config, data: DigitsMLP) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["k_over_d_lambda"] = df.k / df.d_lambda
     return df
-
-
-def damped(pre: Preconditioner, dampings: tuple[float, ...]) -> list[Preconditioner]:
-    """``pre`` refitted at each relative damping without a new eigendecomposition.
-
-    Relative damping makes ``lambda`` proportional to ``damping`` (``damping * tr(C) / dim``),
-    so only ``lam`` changes; this is ``Preconditioner.fit(G, kind, d)`` for each d, at the cost
-    of one fit (dense or kernel form).
-    """
-    if not pre.damping > 0:
-        raise ValueError(f"pre.damping={pre.damping!r}: need a fit with damping > 0 to rescale")
-    out = []
-    for dm in dampings:
-        lam = pre.lam * dm / pre.damping
-        info = {**pre.info, "lambda": lam, "min_eig": pre.info["min_eig"] - pre.lam + lam}
-        out.append(dataclasses.replace(pre, damping=dm, lam=lam, info=info))
-    return out
 
 
 def score_errors(draws_: list[np.ndarray], S: np.ndarray) -> dict[str, float]:
