@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def layout():
     """The hand-built layout of the two layers (nn.Linear storage: weight is (n_out, n_in))."""
     from dropinf.compressors import Layout
-    from dropinf.persample import FactorSpec
+    from dropinf.plan import FactorSpec
     from dropinf.task import ParamInfo
 
     params, specs, off = [], [], 0
@@ -168,7 +168,7 @@ def batch(lay, args: argparse.Namespace):
     """BatchGrads of random factors, deterministic in ``args.seed``."""
     import torch
 
-    from dropinf.persample import BatchGrads, LinearFactors
+    from dropinf.blocks import BatchGrads, LinearFactors
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     B, T = args.batch, args.tokens

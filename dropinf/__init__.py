@@ -6,10 +6,11 @@ the test point (removing it would raise the test loss).
 
 from . import losses
 from ._version import __version__
+from .blocks import BatchGrads
 from .compressors import PCA, REGISTRY, SJLT, Compressor, Dropout, Gaussian, Identity, Layout, make
 from .curvature import Preconditioner
 from .gradients import Gradients, gradients
-from .persample import BatchGrads, PerSampleGrads
+from .persample import PerSampleGrads
 from .scores import scores, self_influence, top_k
 from .store import CorruptStoreError, Store, StoreLockedError
 from .task import Task

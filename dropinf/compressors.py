@@ -9,7 +9,7 @@ span it keeps).
 
 Life cycle: ``bind(layout)`` once with the task's :class:`Layout` (masks and projections are
 drawn here, on the CPU from the seed, so they are the same on every device), then
-``compress(bg)`` per batch of :class:`~dropinf.persample.BatchGrads`, returning ``(B, dim)``.
+``compress(bg)`` per batch of :class:`~dropinf.blocks.BatchGrads`, returning ``(B, dim)``.
 Random draws are made per parameter (or per layer) with a seed derived from the compressor's
 seed and the parameter's name, so a model of any size never needs a k x d matrix at once.
 
@@ -33,15 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .persample import (
-    BatchGrads,
-    DenseGrad,
-    FactorReducer,
-    FactorSpec,
-    LinearFactors,
-    ReducedFactors,
-    factor_specs,
-)
+from .blocks import BatchGrads, DenseGrad, FactorReducer, LinearFactors, ReducedFactors
+from .plan import FactorSpec, factor_specs
 from .task import ParamInfo, Task
 
 REGISTRY: dict[str, type[Compressor]] = {}

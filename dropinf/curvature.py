@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 from torch.func import grad, hessian, jvp, vjp, vmap
 
+from .check import agrees, autograd_grads
 from .losses import SplitLoss
-from .persample import _losses_of, agrees, autograd_grads, call_with
+from .persample import _losses_of, call_with
 from .task import Task, batch_size, to_device
 
 KINDS = ("identity", "fisher", "exact", "ggn")

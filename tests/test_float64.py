@@ -13,7 +13,7 @@ from torch import nn
 
 import dropinf as di
 from dropinf import losses
-from dropinf.persample import BatchGrads, DenseGrad
+from dropinf.blocks import BatchGrads, DenseGrad
 
 SPECS = [
     ("identity", {}),

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dropinf as di
 from dropinf import losses
-from dropinf.persample import make_plan
+from dropinf.plan import make_plan
 from dropinf.study import models
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 import dropinf as di
 from dropinf import persample
-from dropinf.persample import BatchGrads, DenseGrad, make_plan
+from dropinf.blocks import BatchGrads, DenseGrad
+from dropinf.plan import make_plan
 
 
 def ce(model, b):

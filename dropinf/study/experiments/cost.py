@@ -50,11 +50,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ...blocks import BatchGrads, ReducedFactors
 from ...compressors import PCA, Compressor, Identity
 from ...curvature import Preconditioner
 from ...gradients import gradients
 from ...losses import causal_lm, cross_entropy
-from ...persample import BatchGrads, PerSampleGrads, ReducedFactors
+from ...persample import PerSampleGrads
 from ...scores import scores
 from ...task import Task
 from .. import models

@@ -39,11 +39,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ... import theory as th
+from ...blocks import BatchGrads, LinearFactors
 from ...compressors import Dropout, Gaussian, Identity, _side
 from ...curvature import Preconditioner
 from ...gradients import gradients
 from ...losses import cross_entropy
-from ...persample import BatchGrads, LinearFactors, PerSampleGrads
+from ...persample import PerSampleGrads
 from ...scores import scores
 from ...task import Task
 from .. import data
@@ -474,7 +475,7 @@ class FactorPairs:
     """Captured layer factors of test and training samples, to apply many masks to.
 
     ``batch``: the samples, ``n_test`` test ones followed by the training ones; ``bg``: their
-    :class:`~dropinf.persample.BatchGrads` (factors of every selected linear layer);
+    :class:`~dropinf.blocks.BatchGrads` (factors of every selected linear layer);
     ``exact``: their exact test-train gradient dot products, (n_test, n_train) float64.
     """
 
