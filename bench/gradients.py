@@ -187,12 +187,6 @@ def build(model_name: str, args: argparse.Namespace):
     return dropinf.Task(model, loss), batches
 
 
-def sample(batch, i: int):
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda t: t[i : i + 1], batch)
-
-
 # ----------------------------------------------------------------------------- methods
 
 
@@ -258,7 +252,8 @@ def make_step(method: str, task, batches):
             n = batch_size(b)
             out = torch.empty(n, task.dim)
             for j in range(n):
-                gs = torch.autograd.grad(task.loss(model, sample(b, j)).sum(), params)
+                one = sample_slice(b, slice(j, j + 1))
+                gs = torch.autograd.grad(task.loss(model, one).sum(), params)
                 torch.cat([g.reshape(-1) for g in gs], out=out[j])
             return out
 

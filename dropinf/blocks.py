@@ -226,23 +226,20 @@ class BatchGrads:
         """``{name: sum_b w_b g_b}`` (numel,) for every parameter that a block holds, formed
         from the factors. ``absolute``: the same sums of absolute values (with ``|w|``), which
         bound the sums elementwise and set the scale of their rounding error."""
-        out: dict[str, Tensor] = {}
+        layout, out = self._layout(), {}
+        w = w.abs() if absolute else w
         for b in self.blocks:
-            if absolute:
-                b, w = b.abs(), w.abs()
-            for name, start, g in b.weighted_sums(w):
-                info = self._info[name]
-                acc = out.setdefault(name, g.new_zeros(info.numel))
+            for name, start, g in (b.abs() if absolute else b).weighted_sums(w):
+                acc = out.setdefault(name, g.new_zeros(layout[name].numel))
                 acc[start : start + g.shape[0]] += g
         return out
 
-    @property
-    def _info(self) -> dict[str, ParamInfo]:
+    def _layout(self) -> dict[str, ParamInfo]:
         return {p.name: p for p in self.params}
 
     def flat(self) -> Tensor:
         """(B, d) per-sample gradients in the task's parameter order (``Task.params``)."""
-        layout = {p.name: p for p in self.params}
+        layout = self._layout()
         out = torch.zeros(self.size, self.dim, device=self.device, dtype=self.dtype)
         for b in self.blocks:
             for name, start, g in b.contributions():
