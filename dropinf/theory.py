@@ -2,7 +2,8 @@
 
 For a, b in R^d and a random linear compressor R^d -> R^k with unit scaling, ``ahat . bhat``
 is an unbiased estimate of ``a . b``; this module gives its variance for each compressor law
-(DESIGN.md section 3). Write ``c = a * b`` (elementwise), ``cbar = mean(c) = a.b / d`` and
+(docs/definitions.md, Compressors). Write ``c = a * b`` (elementwise),
+``cbar = mean(c) = a.b / d`` and
 ``kappa = coherence(a, b) = d * sum(c^2) / (|a|^2 |b|^2)``. With ``k = q d``:
 
 - Bernoulli mask:  Var = ((1 - q) / q) sum c^2          = (1 - q) kappa |a|^2 |b|^2 / k

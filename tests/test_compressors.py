@@ -1,4 +1,5 @@
-"""Compressors: structure against the exact gradients, statistics against DESIGN section 3."""
+"""Compressors: structure against the exact gradients, statistics against the variances of
+docs/definitions.md."""
 
 from __future__ import annotations
 

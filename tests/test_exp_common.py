@@ -23,6 +23,25 @@ def test_notebook_is_committed_without_outputs(path):
     assert "parameters" in code[0]["metadata"].get("tags", [])
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_parameters_are_profile_out_dir_and_its_configs_overrides(path):
+    """One place per knob: the parameters cell is profile, out_dir and config = {}; the Config the
+    runner validates -p against (metadata) is the one the notebook builds from ``config``."""
+    from dropinf.study import pipeline
+
+    assert pipeline.notebook_parameters(path) == {"profile": '"cpu-quick"', "out_dir": "None",
+                                                  "config": "{}"}
+    cls = pipeline.notebook_config(path)
+    module = cls.__module__.rsplit(".", 1)[1]
+    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    built = [c for c in code if f"{module}.Config.for_profile(profile, **config)" in
+             "".join(c["source"])]
+    assert len(built) == 1 and code.index(built[0]) == 1
+    assert "Config.for_profile" not in "".join("".join(c["source"]) for c in code[2:])
+    for profile in ("cpu-quick", "gpu"):
+        assert isinstance(cls.for_profile(profile), cls)
+
+
 def test_seed_streams():
     a = common.rng_for(0, "mc", "x", 0.5).random(4)
     np.testing.assert_array_equal(a, common.rng_for(0, "mc", "x", 0.5).random(4))
@@ -52,7 +71,8 @@ class _Cfg:
 
 def test_from_profile_applies_overrides_and_names_what_is_wrong():
     profiles = {"quick": {}, "big": {"a": 10}}
-    assert common.from_profile(_Cfg, profiles, "big", {"b": None}) == _Cfg(10, 0.5)
+    assert common.from_profile(_Cfg, profiles, "big", {}) == _Cfg(10, 0.5)
+    assert common.from_profile(_Cfg, profiles, "big", {"b": None}) == _Cfg(10, None)  # a value
     assert common.from_profile(_Cfg, profiles, "big", {"a": 3, "b": 2.0}) == _Cfg(3, 2.0)
     with pytest.raises(ValueError, match="profile='gpu' is not one of \\['big', 'quick'\\]"):
         common.from_profile(_Cfg, profiles, "gpu", {})

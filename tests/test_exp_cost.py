@@ -314,7 +314,7 @@ def test_notebook_runs_tiny(tmp_path):
     out.mkdir()
     papermill.execute_notebook(
         str(nb), str(out / "03_cost.ipynb"), kernel_name="dropinf", progress_bar=False,
-        cwd=str(nb.parent), parameters={"out_dir": str(out), **TINY},
+        cwd=str(nb.parent), parameters={"out_dir": str(out), "config": TINY},
     )
     for f in ("figures/cost_vs_size.png", "figures/cost_vs_size.pdf", "tables/cost.csv",
               "tables/cost_ratios.csv", "tables/slopes.csv", "manifest.json"):

@@ -53,8 +53,8 @@ def tiny_fitted(n: int = 40, n_test: int = 8, n_in: int = 4, n_out: int = 3, see
 
 
 def test_config_profiles_and_overrides():
-    cfg = fid.Config.for_profile("cpu-quick", n_train=None, ratios=[4, 2])
-    assert cfg == fid.Config(ratios=(2.0, 4.0))  # None keeps the profile's; ratios sorted
+    cfg = fid.Config.for_profile("cpu-quick", ratios=[4, 2])
+    assert cfg == fid.Config(ratios=(2.0, 4.0))  # ratios sorted
     gpu = fid.Config.for_profile("gpu")
     assert gpu.models == ("resnet9",) and gpu.references == ()
     with pytest.raises(ValueError, match="profile"):
@@ -277,7 +277,7 @@ def test_notebook_runs_with_tiny_parameters(tmp_path, tiny_run):
     papermill = pytest.importorskip("papermill")
     papermill.execute_notebook(str(ROOT / "notebooks" / "02_fidelity.ipynb"),
                                str(tmp_path / "02_fidelity.ipynb"), kernel_name="dropinf",
-                               parameters={"out_dir": str(tmp_path), **TINY},
+                               parameters={"out_dir": str(tmp_path), "config": TINY},
                                progress_bar=False, cwd=str(ROOT / "notebooks"))
     for name in ("figures/fidelity_vs_ratio.png", "figures/fidelity_vs_ratio.pdf",
                  "tables/fidelity.csv", "tables/fidelity_summary.csv", "manifest.json"):

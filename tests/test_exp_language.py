@@ -267,11 +267,11 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
     out = tmp_path / "res"
     papermill.execute_notebook(
         str(NOTEBOOK), str(tmp_path / "out.ipynb"), kernel_name="dropinf", progress_bar=False,
-        parameters=dict(out_dir=str(out), packages=["json"], seq_len=16, n_pretrain=48,
+        parameters=dict(out_dir=str(out), config=dict(packages=["json"], seq_len=16, n_pretrain=48,
                         n_train=32, n_test=6, pretrain_epochs=1, epochs=1, ratios=[16, 64],
                         methods=["dropout", "dropout_factored", "sjlt", "dropout_sjlt"],
                         removal_methods=["identity", "dropout"], n_mask_seeds=2,
-                        n_retrain_seeds=2, n_targets=2, top_k=4, timing_repeats=1))
+                        n_retrain_seeds=2, n_targets=2, top_k=4, timing_repeats=1)))
     summ = json.loads((out / "summary.json").read_text())
     for key in ("agreement_16x", "agreement_64x", "removal_effect", "coherence", "conclusion"):
         assert summ[key], key

@@ -277,7 +277,8 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_MLP.items()}
     papermill.execute_notebook(str(ROOT / "notebooks" / "04_mislabel.ipynb"),
                                str(out / "04_mislabel.ipynb"), kernel_name="dropinf",
-                               parameters={"out_dir": str(out), **params}, progress_bar=False,
+                               parameters={"out_dir": str(out), "config": params},
+                               progress_bar=False,
                                cwd=str(ROOT / "notebooks"))
     summary = json.loads((out / "summary.json").read_text())
     for key in ("recall_at_10", "recall_at_20", "auc", "conclusion"):

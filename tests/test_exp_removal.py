@@ -260,9 +260,9 @@ def test_notebook_runs_on_tiny_parameters(tmp_path):
     pm.execute_notebook(
         str(ROOT / "notebooks" / "05_removal.ipynb"), str(tmp_path / "nb.ipynb"),
         kernel_name="dropinf", progress_bar=False,
-        parameters=dict(out_dir=str(out), n_targets=10, fractions=[0.05, 0.1],
+        parameters=dict(out_dir=str(out), config=dict(n_targets=10, fractions=[0.05, 0.1],
                         main_fraction=0.1, n_seeds=2, epochs=2, channels=[4, 8],
-                        methods=["identity", "dropout_factored", "sjlt"]),
+                        methods=["identity", "dropout_factored", "sjlt"])),
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["main_fraction"] == 0.1 and summary["conclusion"]

@@ -117,13 +117,15 @@ def test_config_profiles_and_overrides():
     assert cfg == T.Config()
     gpu = T.Config.for_profile("gpu")
     assert gpu.d > cfg.d and gpu.n_trials > cfg.n_trials and gpu.hidden > cfg.hidden
-    c2 = T.Config.for_profile("cpu-quick", seed=3, n_trials=None, rates=[0.2, 0.4])
+    c2 = T.Config.for_profile("cpu-quick", seed=3, rates=[0.2, 0.4])
     assert c2.seed == 3 and c2.n_trials == cfg.n_trials and c2.rates == (0.2, 0.4)
     assert c2.coherences == cfg.coherences
     with pytest.raises(ValueError, match="profile"):
         T.Config.for_profile("laptop")
     with pytest.raises(TypeError, match="n_trails"):
         T.Config.for_profile("cpu-quick", n_trails=3)
+    with pytest.raises(ValueError, match="n_trials=None"):  # None is a value, not "the default"
+        T.Config.for_profile("cpu-quick", n_trials=None)
 
 
 @pytest.mark.parametrize("field,value", [
@@ -406,7 +408,7 @@ def _execute(out: Path, seed: int) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(NOTEBOOK), str(out / "01_theory.ipynb"), kernel_name="dropinf",
-                        parameters={"out_dir": str(out), "seed": seed, **TINY},
+                        parameters={"out_dir": str(out), "config": {"seed": seed, **TINY}},
                         progress_bar=False)
     return json.loads((out / "summary.json").read_text())
 

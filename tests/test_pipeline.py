@@ -16,19 +16,46 @@ from dropinf.study.pipeline import build_paper, main, parse_params, parse_value,
 # The native kernel of the running interpreter: always installed with ipykernel, unlike the
 # 'dropinf' kernel that reproduce.sh registers.
 KERNEL = "python3"
-HEAD = 'profile = "cpu-quick"\nout_dir = None\n'
+HEAD = 'profile = "cpu-quick"\nout_dir = None\nconfig = {}\n'
+CONFIG = """
+import dataclasses
 
 
-def write_nb(path: Path, params: str, *cells: str) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Config:
+{fields}
+    def __post_init__(self):
+        if getattr(self, "n", 0) < 0:
+            raise ValueError(f"n={{self.n}} must be >= 0")
+
+    @classmethod
+    def for_profile(cls, profile, **overrides):
+        return cls(**overrides)
+"""
+
+
+def write_nb(path: Path, fields: str, *cells: str) -> Path:
+    """A notebook whose Config (dataclass fields ``fields``, one per line) is in a module beside
+    it, importable once the test puts that directory on sys.path (:func:`on_path`)."""
+    module = f"cfg_{path.stem}_{abs(hash(str(path))) % 10**8}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "".join(f"    {line}\n" for line in fields.splitlines()) or "    pass\n"
+    (path.parent / f"{module}.py").write_text(CONFIG.format(fields=body))
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    first = nbformat.v4.new_code_cell(params)
+    nb.metadata["dropinf"] = {"config": f"{module}:Config"}
+    first = nbformat.v4.new_code_cell(HEAD)
     first.metadata["tags"] = ["parameters"]
     nb.cells = [first, *(nbformat.v4.new_code_cell(c) for c in cells)]
-    path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
     return path
+
+
+@pytest.fixture
+def on_path(monkeypatch):
+    """Put a notebook directory on sys.path, where the runner imports the toy Configs from."""
+    return lambda d: monkeypatch.syspath_prepend(str(d))
 
 
 FINISH = """
@@ -51,22 +78,26 @@ def snapshot(d: Path) -> dict[str, bytes]:
     return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
 
 
-def test_run_injects_continues_after_failure_and_reports(tmp_path, capsys, monkeypatch):
+def test_run_injects_continues_after_failure_and_reports(tmp_path, capsys, monkeypatch,
+                                                        on_path):
     monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)  # paths in run.json are to it
     monkeypatch.chdir(tmp_path)                                    # and those shown to cwd
     nbs, res = tmp_path / "nbs", tmp_path / "res"
-    write_nb(nbs / "01_fail.ipynb", HEAD + "seed = 5\n", 'raise ValueError("boom 42")', "x = 1")
+    on_path(nbs)
+    write_nb(nbs / "01_fail.ipynb", "seed: int = 5", 'raise ValueError("boom 42")', "x = 1")
     write_nb(nbs / "02_ok.ipynb",
-             HEAD + 'seed = 0\nn = 3\nscale = 1.0\nflag = False\nlabel = "a"\nnothing = 1\n',
+             'seed: int = 0\nn: int = 3\nscale: float = 1.0\nflag: bool = False\n'
+             'label: str = "a"\nnothing: object = 1',
              """
 import os
 from dropinf.study.results import Run
-Run("02_ok", profile, dict(n=n, where=out_dir), out_dir=out_dir).finish(dict(
-    n=n, scale=scale, flag=flag, label=label, nothing=nothing, out_dir=out_dir, cwd=os.getcwd(),
-    types=[type(v).__name__ for v in (n, scale, flag, label, nothing)]))
+v = {"n": 3, "scale": 1.0, "flag": False, "label": "a", "nothing": 1, **config}
+Run("02_ok", profile, dict(n=v["n"], where=out_dir), out_dir=out_dir).finish(dict(
+    **v, out_dir=out_dir, cwd=os.getcwd(),
+    types=[type(v[k]).__name__ for k in ("n", "scale", "flag", "label", "nothing")]))
 """)
     # Not selected by --only: must not run.
-    write_nb(nbs / "03_skip.ipynb", HEAD, 'raise RuntimeError("should not run")')
+    write_nb(nbs / "03_skip.ipynb", "", 'raise RuntimeError("should not run")')
     root = res / "gpu"
     # Results of an earlier run: 01's must survive its failure, 02's be replaced as a whole.
     old = root / "01_fail"
@@ -104,6 +135,13 @@ Run("02_ok", profile, dict(n=n, where=out_dir), out_dir=out_dir).finish(dict(
         7, 2.5, True, "hello", None)
     assert s2["types"] == ["int", "float", "bool", "str", "NoneType"]
     assert not (root / "03_skip").exists()
+    # The executed notebook names no machine's directory: paths are the repository's.
+    executed = (root / "02_ok" / "02_ok.ipynb").read_text()
+    assert str(tmp_path) not in executed
+    pm_meta = json.loads(executed)["metadata"]["papermill"]
+    assert (pm_meta["input_path"], pm_meta["output_path"]) == ("nbs/02_ok.ipynb",
+                                                               "res/gpu/02_ok/02_ok.ipynb")
+    assert pm_meta["parameters"]["out_dir"] == "res/gpu/02_ok"
     # 01 failed: its earlier results are as they were, its own run is in 01_fail.failed/.
     assert snapshot(old) == kept
     failed_nb = root / "01_fail.failed" / "01_fail.ipynb"
@@ -124,7 +162,7 @@ Run("02_ok", profile, dict(n=n, where=out_dir), out_dir=out_dir).finish(dict(
     assert "failed copy: res/gpu/01_fail.failed/" in table
     assert "kept as they were: res/gpu/01_fail/" in table
     assert "results: res/gpu/ (--into)" in out
-    assert "-p n: not a parameter of 01_fail; not passed to it" in err
+    assert "-p label, n, scale, flag, nothing: not a Config field of 01_fail; not passed" in err
 
     run = json.loads((root / "run.json").read_text())
     assert run["profile"] == "gpu" and run["kernel"] == KERNEL and run["out_dir"] == "res/gpu"
@@ -135,13 +173,14 @@ Run("02_ok", profile, dict(n=n, where=out_dir), out_dir=out_dir).finish(dict(
     assert [(r["name"], r["status"]) for r in (nb1, nb2)] == [("01_fail", "failed"),
                                                               ("02_ok", "ok")]
     assert nb1 | {"error": None, "wall_s": 0} == {
-        "name": "01_fail", "status": "failed", "params": {"profile": "gpu"}, "error": None,
+        "name": "01_fail", "status": "failed", "params": {"profile": "gpu", "config": {}},
+        "error": None,
         "wall_s": 0, "out_dir": "res/gpu/01_fail", "failed_dir": "res/gpu/01_fail.failed",
         "executed": "res/gpu/01_fail.failed/01_fail.ipynb"}
     assert "boom 42" in nb1["error"]
     assert (nb2["out_dir"], nb2["executed"], nb2["failed_dir"]) == (
         "res/gpu/02_ok", "res/gpu/02_ok/02_ok.ipynb", None)
-    assert nb2["params"]["n"] == 7 and "out_dir" not in nb2["params"]
+    assert nb2["params"]["config"]["n"] == 7 and "out_dir" not in nb2["params"]
     assert set(run["git"]) == {"commit", "dirty"} and run["packages"]["papermill"]
     manifest = json.loads((root / "02_ok" / "manifest.json").read_text())
     assert manifest["params"]["n"] == 7
@@ -164,20 +203,23 @@ def test_select_by_stem_and_prefix(tmp_path):
         select(nbs, ["01", "03"])
 
 
-def test_cli_errors_before_running_anything(tmp_path, capsys):
+def test_cli_errors_before_running_anything(tmp_path, capsys, on_path):
     nbs = tmp_path / "nbs"
+    on_path(nbs)
     args = ["--notebooks", str(nbs), "--results", str(tmp_path / "res"), "--no-paper"]
     assert main(args) == 1
     assert "no notebooks" in capsys.readouterr().err
-    write_nb(nbs / "01_a.ipynb", HEAD + "n = 1\nseed = 0\n", 'raise RuntimeError("not run")')
+    write_nb(nbs / "01_a.ipynb", "n: int = 1\nseed: int = 0", 'raise RuntimeError("not run")')
     assert main(["run", "--only", "07", *args]) == 2
     assert "no notebook matches '07'; the notebooks are: 01_a" in capsys.readouterr().err
     for only in (",", "", "01,"):                          # an empty name is not "all of them"
         assert main(["--only", only, *args]) == 2
         assert "--only: empty notebook name" in capsys.readouterr().err
     assert main([*args, "--kernel", "python3", "-p", "n_trails", "5", "-y", "{sed: 1}"]) == 2
-    assert ("-p/-y sed, n_trails: not a parameter of 01_a; theirs are: n, seed"
+    assert ("-p/-y sed, n_trails: not a Config field of 01_a; the fields are 01_a: n, seed"
             in capsys.readouterr().err)
+    assert main([*args, "--kernel", "python3", "-p", "n", "-1"]) == 2  # refused by the Config
+    assert "01_a: n=-1 must be >= 0" in capsys.readouterr().err
     assert main([*args[:-1], "--kernel", "python3", "-p", "n", "5", "--paper"]) == 2
     err = capsys.readouterr().err
     assert "--paper: the paper is built from" in err and "add --into" in err

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pipeline import HEAD, absolute_paths, snapshot, write_nb
+from test_pipeline import absolute_paths, snapshot, write_nb
 
 from dropinf.study import pipeline, results
 from dropinf.study.pipeline import main, overrides_hash
@@ -27,8 +27,9 @@ def study(tmp_path, monkeypatch) -> Path:
     for mod in (pipeline, results):
         monkeypatch.setattr(mod, "repo_root", lambda: tmp_path)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "notebooks"))  # where the toy Configs are
     for stem in ("01_a", "02_b"):
-        write_nb(tmp_path / "notebooks" / f"{stem}.ipynb", HEAD + "seed = 0\nn = 1\n",
+        write_nb(tmp_path / "notebooks" / f"{stem}.ipynb", "seed: int = 0\nn: int = 1",
                  'raise RuntimeError("papermill is faked here")')
         committed = tmp_path / "results" / "cpu-quick" / stem
         (committed / "figures").mkdir(parents=True)
@@ -51,8 +52,8 @@ def fake_papermill(monkeypatch, **behaviour: str) -> list[str]:
         ran.append(path.stem)
         executed.write_text(json.dumps({"metadata": {"papermill": {"parameters": params}}}))
         out = params["out_dir"]
-        Run(path.stem, params["profile"], {"n": params.get("n", 1), "where": out},
-            out_dir=out).finish({"n": params.get("n", 1)})
+        n = params["config"].get("n", 1)
+        Run(path.stem, params["profile"], {"n": n, "where": out}, out_dir=out).finish({"n": n})
         what = behaviour.get(path.stem, "ok")
         if what == "interrupt":
             raise KeyboardInterrupt

@@ -1,8 +1,13 @@
 """Run the study's notebooks with papermill, then assemble the paper from their results.
 
 ``python -m dropinf run`` (what ``./reproduce.sh`` calls) executes ``notebooks/NN_*.ipynb`` in
-name order, injecting ``profile``, ``out_dir`` and the user's overrides into each notebook's
-``parameters`` cell. Where the results go (:func:`output_dir`):
+name order with papermill. Each notebook's ``parameters`` cell holds ``profile``, ``out_dir`` and
+``config`` (a dict of overrides of its experiment's ``Config``, the class named by the notebook's
+``metadata.dropinf.config``); the runner injects all three. A ``-p KEY VALUE`` override goes into
+``config`` of every selected notebook whose Config has the field ``KEY``; one that no selected
+Config has is refused naming their fields, and each Config is built with its overrides before
+anything runs, so a bad value is refused up front (:func:`check_overrides`). Where the results
+go (:func:`output_dir`):
 
 - no overrides: ``results/<profile>/<stem>/`` (layout in :mod:`dropinf.study.results`), the
   committed study for cpu-quick;
@@ -26,10 +31,10 @@ last when it wrote ``results/<profile>/`` without overrides (``--paper`` to do i
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import csv
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -41,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +56,7 @@ from .results import PROFILES, manifest, portable, repo_root
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 DEFAULT_PROFILE = "cpu-quick"
 DEFAULT_KERNEL = "dropinf"
-INJECTED = ("profile", "out_dir")  # set by the runner, never by -p
+INJECTED = ("profile", "out_dir", "config")  # the parameters cell; set by the runner, not -p
 STEM_RE = re.compile(r"\d\d_\w+")  # a notebook's results directory (not .failed, not hidden)
 
 Log = Callable[[str], None]
@@ -144,7 +149,8 @@ def parse_params(pairs: Sequence[Sequence[str]] = (), yamls: Sequence[str] = ())
     reserved = [k for k in INJECTED if k in out]
     if reserved:
         raise ValueError(f"{reserved} cannot be overridden: choose the profile with --profile; "
-                         "out_dir is results/<profile>/<notebook>, set by the runner")
+                         "out_dir is results/<profile>/<notebook>, set by the runner; -p KEY "
+                         "VALUE sets the field KEY of the notebook's config")
     return out
 
 
@@ -155,11 +161,25 @@ def notebook_parameters(path: Path) -> dict[str, str]:
     return {name: p["default"] for name, p in papermill.inspect_notebook(str(path)).items()}
 
 
-def _literal(text: str) -> Any:
+def notebook_config(path: Path) -> type:
+    """The experiment ``Config`` class a study notebook builds: the notebook's
+    ``metadata.dropinf.config``, ``"module:Class"`` (a dataclass with ``for_profile``)."""
+    ref = json.loads(path.read_text()).get("metadata", {}).get("dropinf", {}).get("config")
+    if not isinstance(ref, str) or ":" not in ref:
+        raise ValueError(f"{path.name}: its metadata has no dropinf.config naming the Config it "
+                         'builds, e.g. {"dropinf": {"config": "package.module:Config"}}')
+    module, _, name = ref.partition(":")
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{path.name}: metadata dropinf.config={ref!r} cannot be imported ({e})"
+                         ) from None
+    return cls
+
+
+def config_fields(cls: type) -> list[str]:
+    """The field names of a Config dataclass, in order."""
+    return [f.name for f in fields(cls)]
 
 
 def check_kernel(kernel: str) -> None:
@@ -173,20 +193,33 @@ def check_kernel(kernel: str) -> None:
                          "registers 'dropinf' in .venv, or pass --kernel python3") from None
 
 
-def check_overrides(params: dict[str, Any], declared: dict[str, dict[str, str]],
-                    warn: Log = _warn) -> None:
-    """Refuse an override that no selected notebook declares, naming the parameters they have;
-    warn about one that only some of them declare (the others do not get it)."""
-    unknown = [k for k in params if not any(k in names for names in declared.values())]
+def check_overrides(params: dict[str, Any], configs: dict[str, type], profile: str,
+                    warn: Log = _warn) -> dict[str, Any]:
+    """Each notebook's share of the overrides, its Config built with them (``{stem: Config}``).
+
+    An override that no selected notebook's Config has is a ValueError naming their fields; one
+    that only some have is passed to those, with a warning. Each Config is built by
+    ``for_profile(profile, **its overrides)`` so that a bad value is refused before any notebook
+    runs, with the notebook named.
+    """
+    have = {stem: config_fields(cls) for stem, cls in configs.items()}
+    unknown = [k for k in params if not any(k in names for names in have.values())]
     if unknown:
-        have = sorted({n for names in declared.values() for n in names} - set(INJECTED))
-        raise ValueError(
-            f"-p/-y {', '.join(unknown)}: not a parameter of {', '.join(declared)}; theirs are: "
-            f"{', '.join(have) or 'none'} (`./reproduce.sh list` shows them with defaults)")
-    for key in params:
-        lacking = [s for s, names in declared.items() if key not in names]
+        theirs = "; ".join(f"{stem}: {', '.join(names)}" for stem, names in have.items())
+        raise ValueError(f"-p/-y {', '.join(unknown)}: not a Config field of "
+                         f"{', '.join(have)}; the fields are {theirs} "
+                         "(`./reproduce.sh list` shows them with the profile's values)")
+    built = {}
+    for stem, cls in configs.items():
+        lacking = [k for k in params if k not in have[stem]]
         if lacking:
-            warn(f"-p {key}: not a parameter of {', '.join(lacking)}; not passed to it")
+            warn(f"-p {', '.join(lacking)}: not a Config field of {stem}; not passed to it")
+        mine = {k: v for k, v in params.items() if k in have[stem]}
+        try:
+            built[stem] = cls.for_profile(profile, **mine)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{stem}: {e}") from None
+    return built
 
 
 def overrides_hash(params: dict[str, Any]) -> str:
@@ -323,6 +356,22 @@ def _execute(path: Path, executed: Path, params: dict[str, Any], kernel: str,
     return None
 
 
+def _name_no_machine(executed: Path, moves: dict[Path, Path]) -> None:
+    """Rewrite the executed notebook so that it names no machine's directories: each path in
+    ``moves`` (the run's directory, the source notebook) becomes its destination's path relative
+    to the repository, in papermill's metadata, the injected parameters and the outputs."""
+    if not executed.exists():
+        return
+    text = executed.read_text()
+    root = repo_root()
+    # Longest first, so that a path is never replaced inside a longer one already rewritten.
+    pairs = [(str(a.resolve()), portable(b.resolve(), root)) for a, b in moves.items()]
+    pairs.append((str(Path(root).resolve()) + os.sep, ""))
+    for old, new in sorted(pairs, key=lambda p: -len(p[0])):
+        text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
+    atomic_write(executed, lambda f: f.write(text.encode()))
+
+
 def run_one(path: Path, dest: Path, params: dict[str, Any], kernel: str = DEFAULT_KERNEL,
             progress: bool = True) -> NotebookRun:
     """Run one notebook with ``params`` into a fresh directory beside ``dest``.
@@ -343,6 +392,8 @@ def run_one(path: Path, dest: Path, params: dict[str, Any], kernel: str = DEFAUL
     except KeyboardInterrupt as e:
         error, status = f"interrupted ({e or 'Ctrl-C'})", "interrupted"
     wall_s = round(time.perf_counter() - t0, 2)
+    final = dest if status == "ok" else failed
+    _name_no_machine(work / path.name, {work: final, path: path})
     shutil.rmtree(failed, ignore_errors=True)
     if status == "ok":
         swap_in(work, dest)
@@ -359,9 +410,10 @@ def run_notebooks(profile: str = DEFAULT_PROFILE, only: Sequence[str] | None = N
     """Execute the selected notebooks in order, each into ``OUT/<stem>/`` by :func:`run_one`.
 
     ``OUT`` is :func:`output_dir` (``into``, else ``results/<profile>`` or, with overrides,
-    ``results/<profile>+<hash>``). Each notebook gets ``profile``, ``out_dir`` and those of
-    ``params`` its parameters cell declares; an override that no selected notebook declares is
-    a ValueError (:func:`check_overrides`), raised before anything runs. Writes ``OUT/run.json``
+    ``results/<profile>+<hash>``). Each notebook gets ``profile``, ``out_dir`` and as ``config``
+    those of ``params`` that are fields of its Config; an override that no selected Config has,
+    or a value a Config refuses, is a ValueError (:func:`check_overrides`) raised before
+    anything runs. Writes ``OUT/run.json``
     (``dropinf.study.results.manifest`` with the overrides, ``out_dir`` and one entry per notebook,
     every path relative to the repository root). Returns the outcomes: failures are in them,
     never raised. Ctrl-C or SIGTERM ends the run after the interrupted notebook, which is the
@@ -376,30 +428,31 @@ def run_notebooks(profile: str = DEFAULT_PROFILE, only: Sequence[str] | None = N
     notebooks = select(found, only)
     params = dict(params or {})
     check_kernel(kernel)
-    declared = {p.stem: notebook_parameters(p) for p in notebooks}
-    for stem, names in declared.items():
-        for name in INJECTED:
-            if name not in names:
-                warn(f"{stem} has no `{name}` in a cell tagged 'parameters'; it is injected anyway")
-    check_overrides(params, declared, warn)
+    for path in notebooks:
+        missing = [n for n in INJECTED if n not in notebook_parameters(path)]
+        if missing:
+            warn(f"{path.stem} has no {', '.join(missing)} in a cell tagged 'parameters'; "
+                 "injected anyway")
+    built = check_overrides(params, {p.stem: notebook_config(p) for p in notebooks}, profile,
+                            warn)
 
     out = output_dir(profile, params, results_dir=results_dir, into=into)
     runs: list[NotebookRun] = []
     t0 = time.perf_counter()
     with _sigterm_interrupts():
         for i, path in enumerate(notebooks, 1):
-            mine = {k: v for k, v in params.items() if k in declared[path.stem]}
+            mine = {k: v for k, v in params.items() if k in config_fields(type(built[path.stem]))}
             shown = " ".join(f"{k}={v!r}" for k, v in mine.items())
             log(f"[{i}/{len(notebooks)}] {path.stem} ({profile}{', ' + shown if shown else ''}) "
                 f"-> {_rel(out / path.stem)}")
-            run = run_one(path, out / path.stem, {"profile": profile, **mine}, kernel, progress)
+            run = run_one(path, out / path.stem, {"profile": profile, "config": mine}, kernel,
+                          progress)
             log(f"[{i}/{len(notebooks)}] {run.name}: {run.status} in {run.wall_s:.1f} s")
             runs.append(run)
             if run.status == "interrupted":
                 break
 
-    seeds = {s: params.get("seed", _literal(names["seed"])) for s, names in declared.items()
-             if "seed" in names}
+    seeds = {stem: cfg.seed for stem, cfg in built.items() if hasattr(cfg, "seed")}
     root = repo_root()
     write_json(out / "run.json", manifest(
         profile, params, seeds, kernel=kernel, out_dir=portable(out, root),
@@ -506,7 +559,7 @@ def provenance_table(results: Path) -> str:
         injected = {}
         if nb_path.exists():
             meta = json.loads(nb_path.read_text()).get("metadata", {}).get("papermill", {})
-            injected = {k: v for k, v in meta.get("parameters", {}).items() if k not in INJECTED}
+            injected = meta.get("parameters", {}).get("config") or {}
         hw = m.get("hardware", {})
         machine = ", ".join(hw.get("gpus") or []) or hw.get("cpu") or "unknown"
         set_ = ", ".join(f"{k}={v!r}" for k, v in injected.items()) or "defaults"
@@ -712,8 +765,11 @@ def _list(args: argparse.Namespace) -> int:
         summary = results / path.stem / "summary.json"
         state = f"results in {_rel(summary.parent)}" if summary.exists() else "not run"
         _log(f"{path.stem}  ({args.profile}: {state})")
-        for name, default in notebook_parameters(path).items():
-            _log(f"    {name} = {default}")
+        cls = notebook_config(path)
+        cfg = cls.for_profile(args.profile)
+        _log(f"    config: {cls.__module__}.{cls.__name__} (set a field with -p NAME VALUE)")
+        for name in config_fields(cls):
+            _log(f"    {name} = {getattr(cfg, name)!r}")
     return 0
 
 

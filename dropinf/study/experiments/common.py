@@ -43,16 +43,15 @@ def threads(n: int) -> Iterator[None]:
 
 
 def from_profile(cls: type[C], profiles: dict[str, dict], profile: str, overrides: dict) -> C:
-    """``cls`` (a dataclass) built from ``profiles[profile]`` with ``overrides`` applied (None
-    means the profile's value); unknown profiles and field names raise, naming the choices."""
+    """``cls`` (a dataclass) built from ``profiles[profile]`` with ``overrides`` applied as given
+    (None is a value, e.g. "all"); unknown profiles and field names raise, naming the choices."""
     if profile not in profiles:
         raise ValueError(f"profile={profile!r} is not one of {sorted(profiles)}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return cls(**{**profiles[profile], **given})
+    return cls(**{**profiles[profile], **overrides})
 
 
 def float_list(name: str, value) -> tuple[float, ...]:

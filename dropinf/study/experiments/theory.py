@@ -817,6 +817,87 @@ def score_errors(draws_: list[np.ndarray], S: np.ndarray) -> dict[str, float]:
     }
 
 
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class Result:
+    """Everything notebook 01 shows, computed by :func:`run`.
+
+    ``checks``: one row per (source, pair, law, block, p) Monte Carlo check (synthetic pairs,
+    MLP pairs, then the end-to-end ``dropinf.Dropout`` rows, which are also ``checks_lib``);
+    ``z_scores``: :func:`z_table`; ``ratios``, ``real``, ``real_coherence``, ``crossovers``: the
+    variance ratios and crossovers; ``fisher``: :func:`fisher_bias`; ``blocks_flat`` /
+    ``flat_ratios`` and ``blocks_factored`` / ``factored_ratios``: block masks on the MLP and
+    on MiniLM's factors (``minilm_label`` names the latter).
+    """
+
+    cfg: Config
+    mlp: DigitsMLP
+    pairs: list[Pair]
+    checks: pd.DataFrame
+    checks_lib: pd.DataFrame
+    z_scores: pd.DataFrame
+    ratios: pd.DataFrame
+    real: pd.DataFrame
+    real_coherence: np.ndarray
+    crossovers: pd.DataFrame
+    fisher: pd.DataFrame
+    blocks_flat: pd.DataFrame
+    flat_ratios: Ratios
+    blocks_factored: pd.DataFrame
+    factored_ratios: Ratios
+    minilm_label: str
+
+
+# Result field -> the table's file name under tables/
+TABLES = {"checks": "checks", "z_scores": "z_scores", "ratios": "variance_ratio",
+          "real": "mlp_pairs", "crossovers": "crossover", "fisher": "fisher_bias",
+          "blocks_flat": "blocks_flat", "blocks_factored": "blocks_factored"}
+
+
+def run(cfg: Config) -> Result:
+    """Notebook 01's computation: the Monte Carlo checks, the crossovers, the Fisher error and
+    the block masks (tables and arrays; no prose, no figures)."""
+    pairs_syn = synthetic_pairs(cfg)
+    checks_syn = check_pairs(pairs_syn, cfg.rates, cfg.n_trials, cfg.seed)
+    mlp_ = digits_mlp(cfg)
+    pairs_mlp, pair_index = real_pairs(mlp_, cfg.n_real_pairs)
+    checks_mlp = check_pairs(pairs_mlp, cfg.rates, cfg.n_trials, cfg.seed)
+    i_lib, j_lib = pair_index[len(pair_index) // 2]
+    checks_lib = library_check(mlp_, i_lib, j_lib, cfg.library_rate, cfg.library_trials,
+                               cfg.seed, blocks=(1, *cfg.blocks))
+    checks = pd.concat([checks_syn, checks_mlp, checks_lib], ignore_index=True)
+    ratios = ratio_table(checks)
+    real = real_pair_table(mlp_, cfg.rates)
+    real_coherence = pair_coherences(mlp_)
+    crossovers = crossover_table(cfg, ratios, real)
+    fisher = fisher_bias(cfg, mlp_)
+    blocks_flat, flat_ratios = block_table(mlp_, cfg.blocks, cfg.seed)
+    minilm = minilm_factors(cfg)
+    blocks_factored, factored_ratios = factored_block_mc(minilm, cfg.block_p, cfg.blocks,
+                                                         cfg.block_seeds, cfg.seed)
+    return Result(cfg, mlp_, pairs_syn + pairs_mlp, checks, checks_lib, z_table(checks), ratios,
+                  real, real_coherence, crossovers, fisher, blocks_flat, flat_ratios,
+                  blocks_factored, factored_ratios, minilm.label)
+
+
+def summary(res: Result) -> dict:
+    """summary.json: the conclusion, the numbers it is written from, the MLP and the end-to-end
+    check's z-scores."""
+    conclusion, numbers = conclude(res.cfg, res.checks, res.crossovers, res.real,
+                                   res.real_coherence, res.mlp.d, res.fisher, res.blocks_flat,
+                                   res.blocks_factored)
+    return {
+        "conclusion": conclusion,
+        **numbers,
+        "mlp": {"d": res.mlp.d, "test_accuracy": res.mlp.test_accuracy,
+                "grad_norm": res.mlp.grad_norm},
+        "library_check": res.checks_lib[["law", "block", "p", "k", "n_trials", "z_mean", "z_var"]]
+        .to_dict("records"),
+    }
+
+
 # --------------------------------------------------------------------------- conclusion
 
 
