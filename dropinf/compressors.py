@@ -457,6 +457,10 @@ class Dropout(Compressor):
         self._require_fit()
         return super().bound
 
+    def bind(self, layout: Layout | Task) -> Dropout:
+        self._require_fit()  # before the layout is recorded: an unfitted one stays unbound
+        return super().bind(layout)
+
     def _require_fit(self) -> None:
         if self.importance and self.probs is None:
             raise RuntimeError(

@@ -661,8 +661,11 @@ def importance_variance(a: ArrayLike, b: ArrayLike, pi: ArrayLike, law: str = "p
       ``Var ~ sum_i pi_i (1 - (n'-1)/n' pi_i) (c_i/pi_i - C'/n')^2``. It is exact for n' = 1
       (one draw with probabilities pi), and at equal ``pi = k/d`` it is ``(d-k+1)/k sum (c -
       cbar)^2``, the exact uniform fixed-size variance :func:`fixed_variance` up to a factor
-      ``1 + O(1/(d-k))``. Its error on other inputs is measured by Monte Carlo in the tests
-      (``tests/test_importance.py``). Its leading term is the Poisson one minus a centring.
+      ``1 + O(1/(d-k))``. It is asymptotic: measured in ``tests/test_importance.py``, it is
+      within 1% of Monte Carlo on d = 400 and 2000 coordinates (k = 40, 100; optimal and
+      noisy probabilities), where the Poisson formula overstates the variance by 3-12%, but
+      off by tens of percent on 7 units (exact enumeration). Its leading term is the Poisson
+      one minus a centring.
 
     a, b, pi: ``(d,)``. Raises if pi is 0 where ``a_i b_i`` is not (the estimate is biased).
     """
@@ -747,11 +750,13 @@ def sample_systematic(
     out = np.full(n_trials, base)
     if n_r == 0:
         return out
-    order = rest[np.argsort(rng.random((n_trials, rest.size)), axis=1)]  # (trials, n_rest)
+    order = rng.permuted(np.tile(rest, (n_trials, 1)), axis=1)  # (trials, n_rest)
     edges = np.cumsum(pi[order], axis=1)
     edges[:, -1] = n_r
     points = rng.random((n_trials, 1)) + np.arange(n_r)
-    hit = np.take_along_axis(
-        order, np.array([np.searchsorted(e, p, "right") for e, p in zip(edges, points)]), 1
-    )
+    # one sorted search for all trials: trial t's edges and points shifted by t (n_r + 1)
+    shift = (n_r + 1) * np.arange(n_trials)[:, None]
+    pos = np.searchsorted((edges + shift).ravel(), (points + shift).ravel(), "right")
+    hit = np.take_along_axis(order, pos.reshape(n_trials, n_r) - rest.size * np.arange(
+        n_trials)[:, None], 1)
     return out + (c[hit] / pi[hit]).sum(1)
