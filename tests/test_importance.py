@@ -485,6 +485,12 @@ def test_fingerprint_covers_the_fit_and_a_store_of_another_fit_is_refused(tmp_pa
         di.gradients(task, [test], two, path=tmp_path / "s", progress=False)
     G = di.gradients(task, [test], same, path=tmp_path / "s", progress=False)  # resumes
     assert G.compressor == one.fingerprint
+    # rows of two fits are not combined: scores check the rows' compressor fingerprints
+    H = di.gradients(task, [test], two, progress=False)
+    pre = di.Preconditioner.fit(G, "fisher")
+    di.scores(G, G, pre)
+    with pytest.raises(ValueError, match="compressor"):
+        di.scores(H, G, pre)
 
 
 def test_unfitted_use_is_refused_with_the_fix():
