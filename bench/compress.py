@@ -51,6 +51,14 @@ about (1-p)^2 d):
   fraction 1 - p^16 of each factor's lines (81% at p = 0.9, 15% at p = 0.99).
   A different estimator with a larger variance (see ``dropinf.theory``); its dimension is not
   exactly k (it keeps ``round((1-p) n / B)`` blocks per side), and the bench reports it.
+- ``dropout_factored_imp`` (unless ``--no-importance``): ``Dropout(p, factored=True,
+  importance=True)``, fitted (``fit_grads``) on the timed batch's factors, then the same
+  gathers with per-entry scales ``1/sqrt(pi_out pi_in)``; dimension k. Its fit (per-sample
+  layer gradients of the pilot batch, squared and summed per unit; allocation) is timed once
+  and reported apart from ms/batch. The random factors make its probabilities nearly uniform:
+  the row times the method, not its accuracy. The issue's targets for it: compression step
+  at most 1.2x factored dropout's, stored probabilities at least 100x smaller than factored
+  Gaussian's map.
 
 The flat methods (dense Gaussian, SJLT, PCA, flat dropout) ask for each parameter's full (B, numel)
 per-sample gradient (``BatchGrads.param_grad``, a ``bmm`` over tokens): that is part of their cost
@@ -100,6 +108,8 @@ from dropinf.study.experiments.measure import (
 METHODS = methods.METHODS
 LAYERS = (("attn.proj", 768, 768), ("mlp.fc", 768, 3072))  # (module, n_in, n_out)
 SPEED_TARGET = 10.0  # factored Gaussian time / factored dropout time, from the issue
+IMPORTANCE = "dropout_factored_imp"
+IMP_SPEED_TARGET = 1.2  # importance dropout time / factored dropout time, at most (issue 15)
 MAP_TARGET = 100.0  # factored Gaussian stored map / factored dropout stored map
 BUSY = 0.10  # warn when other processes used more than this share of the CPUs during a row
 
@@ -137,6 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=16,
         help="also time factored dropout with mask blocks of this many units (1: skip that row)",
+    )
+    ap.add_argument(
+        "--no-importance", action="store_true", help="skip the importance dropout row"
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (factors, model and maps there)")
     ap.add_argument("--seed", type=int, default=0)
@@ -185,6 +198,11 @@ def block_row(args: argparse.Namespace) -> list[str]:
     return [f"dropout_factored_b{args.block}"] if args.block > 1 else []
 
 
+def importance_row(args: argparse.Namespace) -> list[str]:
+    """The importance dropout row's name, if it is timed."""
+    return [] if args.no_importance else [IMPORTANCE]
+
+
 def pca_rows(k: int, args: argparse.Namespace) -> int:
     """Rows of random data PCA is fitted on: at least k, so that k directions exist."""
     return max(k, args.pca_n_fit)
@@ -214,6 +232,12 @@ def build(method: str, lay, args: argparse.Namespace):
     m = methods.match(lay, p=args.p)
     if method in block_row(args):
         return Dropout(m.p, factored=True, seed=args.seed, block=args.block), 0.0
+    if method == IMPORTANCE:
+        comp = Dropout(m.p, factored=True, seed=args.seed, importance=True)
+        pilot = batch(lay, args)
+        t0 = time.perf_counter()
+        comp.fit_grads(lay, [pilot])
+        return comp, time.perf_counter() - t0
     comp = methods.build(method, m, args.seed, args.sjlt_c, pca_rows(m.k, args))
     if method != "pca":
         return comp, 0.0
@@ -458,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     lay = layout()
     d, k = lay.dim, methods.match(lay, p=args.p).k
     budget = int(args.budget_gb * 2**30)
-    rows = [*args.methods, *block_row(args)]
+    rows = [*args.methods, *block_row(args), *importance_row(args)]
     results: dict[str, dict] = {}
     for m in rows:
         need, what = needs(m, k, d, args)
@@ -533,6 +557,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         if m == "pca":
             notes.append(f"pca: fit (SVD) took {r['fit_s']:.2f} s, not included in ms/batch")
+        if m == IMPORTANCE:
+            notes.append(
+                f"{m}: fit on one pilot batch of {args.batch} samples took {r['fit_s']:.2f} s, "
+                "not included in ms/batch"
+            )
         if r.get("base_ms") is not None:
             notes.append(
                 f"{m}: forward + backward + capture + compression {r['ms'] + r['base_ms']:.2f} ms "
@@ -559,6 +588,24 @@ def main(argv: list[str] | None = None) -> None:
             report_targets(name, df, gf)
         else:
             print(f"targets for {name}: not evaluated (need its row and gaussian_factored's)")
+    imp, df = results.get(IMPORTANCE, {}), results.get("dropout_factored", {})
+    if "ms" in imp and "ms" in df and "ms" in gf:
+        q = imp["ms"] / df["ms"]
+        ok = "MET" if q <= IMP_SPEED_TARGET else "NOT MET"
+        print(
+            f"speed: {IMPORTANCE} / dropout_factored = {imp['ms']:.2f} / {df['ms']:.2f} ms = "
+            f"{q:.2f}x (target <= {IMP_SPEED_TARGET:g}x) -> {ok}; fit {imp['fit_s']:.2f} s"
+        )
+        q = gf["map_bytes"] / max(imp["map_bytes"], 1)
+        ok = "MET" if q >= MAP_TARGET else "NOT MET"
+        print(
+            f"stored map: {IMPORTANCE} stores {fmt_bytes(imp['map_bytes'])} of probabilities; "
+            f"factored Gaussian {fmt_bytes(gf['map_bytes'])}: {q:.0f}x less "
+            f"(target >= {MAP_TARGET:g}x) -> {ok}"
+        )
+    elif importance_row(args):
+        print(f"targets for {IMPORTANCE}: not evaluated (need its, dropout_factored's and "
+              "gaussian_factored's rows)")
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
 
 

@@ -378,28 +378,179 @@ class Dropout(Compressor):
             fixed mask with blocks of equal size equals the unit mask's on average over the
             order of the units.
         seed: the draw.
+        importance: False (the default) keeps every unit with the same probability. True keeps
+            unit i (a coordinate for the flat mask; an output or input unit of a factored layer,
+            or a block of them) with its own probability pi_i, estimated by :meth:`fit` on a
+            pilot set, and scales it by ``1/sqrt(pi_i)`` (see "Importance" below).
+        floor: with ``importance=True``, the smallest keep probability as a fraction of the
+            uniform rate (default 0.1: no unit is kept with probability below ``0.1 (1-p)``).
 
     Kept entries are scaled by ``sqrt(n/k)`` per side for a fixed mask (k out of n; this
     differs from ``1/sqrt(1-p)`` once k is rounded) and ``1/sqrt(1-p)`` for Bernoulli, so
     compressed dot products are unbiased. No map is stored: the mask is regenerated from the
     seed (``map_bytes == 0``).
+
+    Importance (``importance=True``): ``Dropout(p, importance=True).fit(task, pilot)`` sums
+    the squared per-sample gradients of the pilot samples per coordinate (flat mask and the
+    parameters outside factored layers) or, for each factored layer, per output unit (the
+    mass ``sum_j G[o, j]^2`` of row o of the per-sample weight gradient, bias column
+    included) and per input unit (column masses, the bias unit last), summed over each mask
+    block. These masses w become keep probabilities ``pi = clip(lam w, floor (1-p), 1)``
+    with the expected kept count of the uniform mask: ``sum pi = round((1-p) n)`` per side
+    (``max(1, .)``; for the flat mask over all its coordinates together) for ``"fixed"`` and
+    ``(1-p) n`` for ``"bernoulli"`` (:func:`dropinf.theory.allocate`, which derives why
+    probabilities proportional to the second moment minimise the variance ``sum (1/pi - 1)
+    E[a_i^2 b_i^2]`` of the mask; for a factored layer it is exact for the dominant term
+    ``sum (1/pi_o)(1/rho_j) E[C_oj^2]`` when the second moments of the gradient are
+    separable, ``E[G_oj^2] = u_o v_j``). The floor keeps every unit with a positive
+    probability, so the estimate stays unbiased for any input, also for a unit that was 0 on
+    the whole pilot set (which gets the floor); a side that is 0 throughout is uniform.
+    Laws: ``"bernoulli"`` keeps each unit independently with probability pi_i (Poisson);
+    ``"fixed"`` keeps exactly ``sum pi`` units by systematic sampling in a random order
+    (units with pi = 1 always, the rest laid end to end as intervals of length pi_i, hit by
+    equally spaced points from a uniform start), whose inclusion probabilities are exactly
+    pi, so ``dim`` is the uniform mask's. Kept units are scaled by ``1/sqrt(pi_i)``, a
+    factored layer's kept ``(o, j)`` entry by ``1/sqrt(pi_o rho_j)`` (the two sides are drawn
+    independently, so it is kept with probability ``pi_o rho_j``): every compressed inner
+    product is unbiased. The variances are :func:`dropinf.theory.importance_variance` and
+    :func:`dropinf.theory.factored_importance_variance`. The probabilities (float64, one per
+    block of each side, and one per coordinate of the flat part) must be stored:
+    ``map_bytes`` counts them and the fingerprint holds their hash, so gradients computed
+    with one fit are not mixed with another's. A fitted compressor can be bound to the model
+    it was fitted on only; using it before :meth:`fit` raises.
     """
 
     kind = "dropout"
 
     def __init__(self, p: float, factored: bool = False, mask: str = "fixed", seed: int = 0,
-                 block: int = 1):
+                 block: int = 1, importance: bool = False, floor: float | None = None):
         self.p = _check_rate(p)
         if mask not in ("fixed", "bernoulli"):
             raise ValueError(f"mask={mask!r}; choose 'fixed' or 'bernoulli'")
         self.factored, self.mask, self.seed = bool(factored), mask, int(seed)
         self.block = _check_block(block)
+        self.importance = bool(importance)
+        if floor is not None and not self.importance:
+            raise ValueError(f"floor={floor!r} applies to importance=True only")
+        floor = 0.1 if floor is None else floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1:
+            raise ValueError(
+                f"floor={floor!r}: the smallest keep probability, as a fraction of the uniform "
+                "rate 1-p, must be in (0, 1] (1 gives the uniform mask)"
+            )
+        self.floor = float(floor)
+        self.probs: dict[str, Tensor] | None = None  # fitted keep probabilities, per side
+        self._fitted: Layout | None = None  # the layout they were fitted on
 
     def config(self) -> dict:
         out = {"p": self.p, "factored": self.factored, "mask": self.mask, "seed": self.seed}
         # block=1 draws what Dropout drew before blocks existed: same fingerprint, so stores
         # written then still resume
-        return out if self.block == 1 else {**out, "block": self.block}
+        out = out if self.block == 1 else {**out, "block": self.block}
+        if self.importance:
+            out = {**out, "importance": True, "floor": self.floor, "fit": _probs_hash(self.probs)}
+        return out
+
+    @property
+    def bound(self) -> Layout:
+        """The layout; raises if :meth:`fit` (importance) or :meth:`bind` has not been called."""
+        self._require_fit()
+        return super().bound
+
+    def bind(self, layout: Layout | Task) -> Dropout:
+        self._require_fit()  # before the layout is recorded: an unfitted one stays unbound
+        return super().bind(layout)
+
+    def _require_fit(self) -> None:
+        if self.importance and self.probs is None:
+            raise RuntimeError(
+                f"{self!r} is not fitted: importance dropout needs keep probabilities from a "
+                "pilot set; call .fit(task, pilot_loader) first"
+            )
+
+    @property
+    def map_bytes(self) -> int:
+        """0 for the uniform mask (regenerated from the seed); the fitted probabilities for
+        ``importance=True``."""
+        if not self.importance:
+            return 0
+        self._require_fit()
+        return _nbytes(self.probs.values())
+
+    def fit(self, task: Task, loader, check: bool = True) -> Dropout:
+        """Estimate the keep probabilities (``importance=True``) from the exact per-sample
+        gradients of the batches ``loader`` yields (the pilot set; moved to the model's
+        device, computed in eval mode; ``check``: the self-check of
+        :class:`~dropinf.PerSampleGrads`). Returns self, fitted, not yet bound."""
+        from .persample import PerSampleGrads
+        from .task import as_tree, to_device
+
+        self._check_fittable()
+
+        def grads():
+            with task.evaluating(), PerSampleGrads(task, check=check) as psg:
+                for batch in loader:
+                    yield psg(to_device(as_tree(batch), task.device))[0]
+
+        return self.fit_grads(task, grads())
+
+    def fit_grads(self, layout: Layout | Task, grads) -> Dropout:
+        """:meth:`fit` from per-sample gradients already computed: an iterable of full
+        (not capture-reduced) :class:`~dropinf.BatchGrads` of the model of ``layout``."""
+        self._check_fittable()
+        layout = Layout.of(layout) if isinstance(layout, Task) else layout
+        acc = _Moments(layout, self.factored)
+        for bg in grads:
+            acc.add(bg)
+        if acc.n == 0:
+            raise ValueError(
+                "the pilot loader yielded no sample: fit needs at least one batch to estimate "
+                "the second moments of the gradients"
+            )
+        probs: dict[str, Tensor] = {}
+        for s in layout.factored if self.factored else ():
+            for side, n in (("out", s.n_out), ("in", s.n_in_aug)):
+                w = _block_sums(acc.sums[f"{s.module}:{side}"], n, self.block)
+                probs[f"{s.module}:{side}"] = _importance_probs(w, self._budget(len(w)), self.floor)
+        rest = layout.rest() if self.factored else layout.params
+        sums = [_block_sums(acc.sums[q.name], q.numel, self.block) for q in rest]
+        sizes = [len(w) for w in sums]
+        probs.update({q.name: torch.zeros(0, dtype=torch.float64) for q in rest})
+        if sum(sizes):
+            pi = _importance_probs(torch.cat(sums), self._budget(sum(sizes), flat=True), self.floor)
+            probs.update(zip((q.name for q in rest), pi.split(sizes)))
+        self.probs, self._fitted = probs, layout
+        return self
+
+    def _check_fittable(self) -> None:
+        if not self.importance:
+            raise ValueError(
+                "fit estimates keep probabilities for importance dropout only; use "
+                "Dropout(..., importance=True)"
+            )
+        if self.layout is not None:
+            raise RuntimeError(
+                f"{self!r} is already bound: its mask is drawn. Build a new Dropout with the "
+                "same arguments and fit that one"
+            )
+
+    def _budget(self, m: int, flat: bool = False) -> float:
+        """Expected kept count of the uniform mask over m units (or blocks)."""
+        if self.mask == "bernoulli":
+            return (1.0 - self.p) * m
+        if flat and round((1.0 - self.p) * m) < 1:
+            raise ValueError(
+                f"dropout rate p={self.p} keeps none of the {m} flat mask units "
+                f"(round((1-p) {m}) = 0); use p <= {1 - 1 / m:.6g}"
+            )
+        return float(round((1.0 - self.p) * m) if flat else _side(m, self.p))
+
+    def _importance_units(self, n: int, module: str, side: str) -> tuple[Tensor, Tensor]:
+        """Kept units of one side (sorted) and their scales ``1/sqrt(pi)`` (float64)."""
+        pi = self.probs[f"{module}:{side}"]
+        kept = _sample_importance(pi, self.mask, _generator(self.seed, "importance", module, side))
+        units = _expand(kept, n, self.block)
+        return units, _unit_scales(pi, units, n, self.block)
 
     def _units(self, n: int, *key: object) -> tuple[Tensor, float]:
         """Kept unit indices out of n (sorted) and the per-side scale."""
@@ -414,7 +565,12 @@ class Dropout(Compressor):
         return _expand(kept, n, self.block), scale
 
     def _draw(self, layout: Layout) -> None:
-        self.units: dict[str, tuple[Tensor, Tensor, float]] = {}
+        self.units: dict[str, tuple[Tensor, Tensor, float | Tensor]] = {}
+        if self.importance and self._fitted != layout:
+            raise ValueError(
+                f"{self!r} was fitted on another model's parameters; fit it on this model "
+                "(fit(task, loader)) before using it here"
+            )
         if self.factored and self.block > 1:
             whole = [f"{s.module} ({side}: {n})" for s in layout.factored
                      for side, n in (("outputs", s.n_out), ("inputs", s.n_in_aug))
@@ -427,13 +583,20 @@ class Dropout(Compressor):
                     "these layers out of Task(params=...)",
                     stacklevel=3,
                 )
-        if self.factored:
-            for s in layout.factored:
-                s_out, a = self._units(s.n_out, s.module, "out")
-                s_in, b = self._units(s.n_in_aug, s.module, "in")
-                self.units[s.module] = (s_out, s_in, a * b)
+        for s in layout.factored if self.factored else ():
+            if self.importance:  # per-entry scales, (k_out * k_in,) row-major, float64
+                s_out, a = self._importance_units(s.n_out, s.module, "out")
+                s_in, b = self._importance_units(s.n_in_aug, s.module, "in")
+                self.units[s.module] = (s_out, s_in, torch.outer(a, b).flatten())
+                continue
+            s_out, a = self._units(s.n_out, s.module, "out")
+            s_in, b = self._units(s.n_in_aug, s.module, "in")
+            self.units[s.module] = (s_out, s_in, a * b)
         rest = layout.rest() if self.factored else layout.params
-        self.flat = _FlatMask(rest, self.p, self.mask, self.seed, self.block)
+        if self.importance:
+            self.flat = _ImportanceFlat(rest, self.probs, self.mask, self.seed, self.block)
+        else:
+            self.flat = _FlatMask(rest, self.p, self.mask, self.seed, self.block)
 
     @property
     def dim(self) -> int:
@@ -467,6 +630,8 @@ class Dropout(Compressor):
 
     def _layer(self, s: FactorSpec, blocks: list, bg: BatchGrads) -> Tensor:
         s_out, s_in, scale = self.units[s.module]
+        if isinstance(scale, Tensor):  # importance: one scale per kept entry, after the gather
+            scale = _on(self, f"{s.module}:scale", scale, bg.device, bg.dtype)
         reduced = _reduced(blocks)
         if reduced is not None:
             return reduced.mul_(scale)
@@ -500,7 +665,8 @@ class Dropout(Compressor):
             for s in layout.factored:
                 s_out, s_in, sc = self.units[s.module]
                 w_in = s_in[s_in < s.n_in]
-                for o in s_out.tolist():
+                rows = sc.view(len(s_out), len(s_in)).to(F32) if isinstance(sc, Tensor) else None
+                for r, o in enumerate(s_out.tolist()):
                     cols = []
                     if s.weight is not None:  # (O, I) storage, or (I, O) when transposed
                         pos = w_in * s.n_out + o if s.transposed else o * s.n_in + w_in
@@ -509,14 +675,159 @@ class Dropout(Compressor):
                         cols.append(torch.tensor([info[s.bias].offset + o], dtype=torch.long))
                     row = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
                     idx.append(row)
-                    scale.append(torch.full((len(row),), sc, dtype=F32))
+                    scale.append(torch.full((len(row),), sc, dtype=F32) if rows is None
+                                 else rows[r, : len(row)])
         for q in self.flat.params:
             i = self.flat.index[q.name]
             idx.append(q.offset + i)
-            scale.append(torch.full((len(i),), self.flat.scale, dtype=F32))
+            scale.append(self.flat.scales[q.name].to(F32) if self.importance
+                         else torch.full((len(i),), self.flat.scale, dtype=F32))
         if not idx:  # a Bernoulli mask may keep nothing at all
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=F32)
         return torch.cat(idx), torch.cat(scale)
+
+
+# ----------------------------------------------------------------------------- importance
+
+
+def _block_of(units: Tensor, n: int, block: int) -> Tensor:
+    """The mask block (of :func:`_n_blocks`) that each of the units (of n) belongs to."""
+    return units if block == 1 else torch.clamp(units // block, max=_n_blocks(n, block) - 1)
+
+
+def _block_sums(v: Tensor, n: int, block: int) -> Tensor:
+    """(m,) sums of a per-unit (n,) vector over the m mask blocks."""
+    if block == 1:
+        return v
+    out = torch.zeros(_n_blocks(n, block), dtype=v.dtype)
+    return out.index_add_(0, _block_of(torch.arange(n), n, block), v)
+
+
+def _unit_scales(pi: Tensor, units: Tensor, n: int, block: int) -> Tensor:
+    """``1/sqrt(pi)`` of the block of each kept unit, float64."""
+    return pi[_block_of(units, n, block)].rsqrt()
+
+
+def _importance_probs(w: Tensor, budget: float, floor: float) -> Tensor:
+    """Keep probabilities (float64) from masses w: :func:`dropinf.theory.allocate` with the
+    floor ``floor * budget / m``."""
+    from .theory import allocate
+
+    return torch.from_numpy(allocate(w.double().numpy(), budget, floor * budget / len(w)))
+
+
+def _sample_importance(pi: Tensor, law: str, g: torch.Generator) -> Tensor:
+    """Sorted indices kept with probabilities pi (float64): Poisson for ``"bernoulli"``;
+    systematic sampling in a random order (exactly ``round(sum pi)``) for ``"fixed"``."""
+    if law == "bernoulli":
+        return (torch.rand(len(pi), generator=g, dtype=torch.float64) < pi).nonzero().flatten()
+    certain = pi >= 1.0
+    rest = (~certain).nonzero().flatten()
+    n_rest = round(float(pi.sum())) - int(certain.sum())
+    chosen = rest[:0]
+    if n_rest > 0:
+        order = rest[torch.randperm(len(rest), generator=g)]
+        edges = torch.cumsum(pi[order], 0)
+        edges[-1] = n_rest  # remove the rounding of the sum: the points stay below it
+        start = torch.rand(1, generator=g, dtype=torch.float64)
+        points = start + torch.arange(n_rest, dtype=torch.float64)
+        chosen = order[torch.searchsorted(edges, points, right=True)]
+    return torch.cat([certain.nonzero().flatten(), chosen]).sort().values
+
+
+def _probs_hash(probs: dict[str, Tensor] | None) -> str | None:
+    """A short hash of fitted probabilities (names and float64 bytes), None if unfitted."""
+    if probs is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(probs):
+        h.update(name.encode() + b"\0" + probs[name].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _ImportanceFlat:
+    """An importance mask over the concatenation of ``params``: the mask blocks of every
+    parameter (as in :class:`_FlatMask`) drawn together with their fitted probabilities
+    (``probs[name]``, one per block; :func:`_sample_importance`), each kept coordinate scaled
+    by ``1/sqrt(pi)`` of its block (``scales[name]``, float64)."""
+
+    def __init__(self, params: tuple[ParamInfo, ...], probs: dict[str, Tensor], law: str,
+                 seed: int, block: int):
+        self.params = params
+        self.index: dict[str, Tensor] = {}
+        self.scales: dict[str, Tensor] = {}
+        pi = torch.cat([probs[q.name] for q in params]) if params else torch.zeros(0)
+        kept = _sample_importance(pi, law, _generator(seed, "importance", "flat"))
+        start = 0
+        for q in params:
+            m = len(probs[q.name])
+            mine = kept[(kept >= start) & (kept < start + m)] - start
+            self.index[q.name] = _expand(mine, q.numel, block)
+            self.scales[q.name] = _unit_scales(probs[q.name], self.index[q.name], q.numel, block)
+            start += m
+        self.dim = sum(len(i) for i in self.index.values())
+
+    def apply(self, bg: BatchGrads) -> list[Tensor]:
+        out = []
+        for q in self.params:
+            idx = _on(self, q.name, self.index[q.name], bg.device)
+            if len(idx):
+                sc = _on(self, f"{q.name}:scale", self.scales[q.name], bg.device, bg.dtype)
+                out.append(bg.param_grad(q)[:, idx] * sc)
+        return out
+
+
+class _Moments:
+    """Sums of squared per-sample gradients over a pilot set (float64, on the CPU): per
+    coordinate of the flat parameters (``sums[name]``) and, with ``factored``, per output unit
+    (``sums["<module>:out"]``: row masses of the layer's per-sample weight gradient, bias
+    column included) and per input unit (``"<module>:in"``: column masses, bias unit last)."""
+
+    CHUNK = 2**24  # elements of per-sample layer gradients formed at once
+
+    def __init__(self, layout: Layout, factored: bool):
+        self.specs = layout.factored if factored else ()
+        self.rest = layout.rest() if factored else layout.params
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        self.sums: dict[str, Tensor] = {q.name: zeros(q.numel) for q in self.rest}
+        for s in self.specs:
+            self.sums[f"{s.module}:out"], self.sums[f"{s.module}:in"] = (
+                zeros(s.n_out), zeros(s.n_in_aug)
+            )
+        self.n = 0
+
+    def add(self, bg: BatchGrads) -> None:
+        blocks = _layer_blocks(bg)
+        for s in self.specs:
+            for rows, G in self._layer(s, blocks.get(s.module, []), bg):
+                G2 = G.double().square_()
+                self.sums[f"{s.module}:out"][rows] += G2.sum((0, 2)).cpu()
+                self.sums[f"{s.module}:in"] += G2.sum((0, 1)).cpu()
+        for q in self.rest:
+            self.sums[q.name] += bg.param_grad(q).double().square_().sum(0).cpu()
+        self.n += bg.size
+
+    def _layer(self, s: FactorSpec, blocks: list, bg: BatchGrads):
+        """(output rows, (b, rows, n_in_aug) per-sample gradients) of layer s, in chunks."""
+        if any(isinstance(b, ReducedFactors) for b in blocks):
+            raise ValueError(
+                f"layer {s.module!r} was compressed as it was captured; fitting needs the full "
+                "factors: PerSampleGrads(task) without a compressor"
+            )
+        if not blocks:
+            if (M := _dense_layer(s, bg)) is not None:
+                yield slice(0, s.n_out), M
+            return
+        for b in blocks:
+            x, d = _work(b.x), _work(b.delta)
+            step = max(1, self.CHUNK // (d.shape[-1] * s.n_in_aug))
+            for i in range(0, bg.size, step):
+                G = torch.bmm(d[i : i + step].transpose(1, 2), x[i : i + step])
+                if s.bias is not None:
+                    G = torch.cat([G, d[i : i + step].sum(1).unsqueeze(-1)], -1)
+                yield b.rows, G
 
 
 class _Columns:
