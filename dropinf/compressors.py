@@ -127,8 +127,8 @@ class Compressor(ABC):
                     "with the same arguments (it makes the same draw) for this model"
                 )
             return self
+        self._draw(layout)  # first: a draw that raises leaves the compressor unbound
         self.layout = layout
-        self._draw(layout)
         return self
 
     def _draw(self, layout: Layout) -> None:  # noqa: B027  (no draw by default)

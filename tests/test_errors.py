@@ -52,6 +52,19 @@ def test_pca_needs_at_least_k_fit_rows():
         di.PCA(k=8, n_fit=0)
 
 
+def test_a_bind_that_raises_leaves_the_compressor_unbound(small):
+    """An unfitted PCA refuses to bind; fitted afterwards, it binds (it was not left 'bound'
+    to the layout of the failed call with no draw behind it)."""
+    model, batches = small
+    task = di.Task(model, losses.cross_entropy)
+    pca = di.PCA(k=2, n_fit=8)
+    with pytest.raises(RuntimeError, match="must be fitted"):
+        pca.bind(task)
+    assert pca.layout is None
+    G = di.gradients(task, batches, di.Identity(), progress=False).data
+    assert pca.fit(G).bind(task).dim == 2
+
+
 def test_gradients_dtype_must_be_floating(small):
     model, batches = small
     task = di.Task(model, losses.cross_entropy)
