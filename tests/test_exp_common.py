@@ -32,8 +32,9 @@ def test_notebook_parameters_are_profile_out_dir_and_its_configs_overrides(path)
     assert pipeline.notebook_parameters(path) == {"profile": '"cpu-quick"', "out_dir": "None",
                                                   "config": "{}"}
     cls = pipeline.notebook_config(path)
-    module = cls.__module__.rsplit(".", 1)[1]
-    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    nb = json.loads(path.read_text())
+    module = nb["metadata"]["dropinf"]["config"].split(":")[0].rsplit(".", 1)[1]
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     built = [c for c in code if f"{module}.Config.for_profile(profile, **config)" in
              "".join(c["source"])]
     assert len(built) == 1 and code.index(built[0]) == 1
