@@ -792,3 +792,86 @@ class PCA(Compressor):
     def compress(self, bg: BatchGrads) -> Tensor:
         _ = self.bound
         return self.proj.apply(bg)[0]
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+class Chain(Compressor):
+    """Two compressors in a row: ``second`` applied to ``first``'s output.
+
+    ``first`` is bound to the model; ``second`` to a flat layout of ``first.dim`` coordinates
+    (one parameter named ``"chain"``), so its draw depends on its own arguments and that size
+    alone. E.g. ``Chain(Dropout(0.75), SJLT(k))`` keeps a quarter of the coordinates, then
+    hashes them down to k. Both stages are unbiased and independent, so the chain is:
+    ``E[ahat . bhat] = a . b``; its variance for a flat mask then SJLT or Gaussian is
+    :func:`dropinf.theory.chain_variance`. The first stage's capture-time reducers are the
+    chain's (a factored mask still reduces the factors inside the hooks); ``map_bytes`` adds
+    both stages'.
+
+    Args:
+        first: any compressor (a fitted PCA, if PCA), or its ``{"kind": ..., **config}``.
+        second: a flat compressor of output size at most ``first.dim`` (not factored; a fitted
+            PCA must be fitted on ``first``'s outputs), or its dict.
+    """
+
+    kind = "chain"
+    FLAT = "chain"  # the name of the second stage's one input parameter
+
+    def __init__(self, first: Compressor | dict, second: Compressor | dict):
+        first, second = (_stage(name, c) for name, c in (("first", first), ("second", second)))
+        if getattr(second, "factored", False):
+            raise ValueError(
+                f"second={second!r} is factored, but its input is the flat output of first; "
+                "use a flat second stage (factored=False)"
+            )
+        for name, c in (("first", first), ("second", second)):
+            if isinstance(c, PCA) and c.components is None:
+                raise ValueError(f"{name}={c!r} is not fitted; fit it before chaining it")
+        self.first, self.second = first, second
+
+    def config(self) -> dict:
+        return {name: {"kind": c.kind, **c.config()}
+                for name, c in (("first", self.first), ("second", self.second))}
+
+    def _draw(self, layout: Layout) -> None:
+        m = self.first.bind(layout).dim
+        k = getattr(self.second, "k", None)
+        if k is not None and k > m:
+            raise ValueError(
+                f"second={self.second!r} has k={k} outputs, more than the {m} of first="
+                f"{self.first!r}; lower second's k or keep more in first"
+            )
+        self.second.bind(Layout((ParamInfo(self.FLAT, (m,), 0),), ()))
+
+    @property
+    def dim(self) -> int:
+        _ = self.bound
+        return self.second.dim
+
+    @property
+    def map_bytes(self) -> int:
+        _ = self.bound
+        return self.first.map_bytes + self.second.map_bytes
+
+    def reducers(self, device: torch.device) -> dict[str, FactorReducer]:
+        """The first stage's: its ``compress`` reads the factors they reduce."""
+        return self.first.reducers(device)
+
+    def compress(self, bg: BatchGrads) -> Tensor:
+        z = self.first.compress(bg)
+        flat = self.second.bound.params
+        return self.second.compress(BatchGrads(list(flat), [DenseGrad(self.FLAT, z)], bg.size))
+
+
+def _stage(name: str, c: Compressor | dict) -> Compressor:
+    if isinstance(c, dict):
+        if "kind" not in c:
+            raise ValueError(f"{name}={c!r}: a stage given as a dict needs its 'kind'")
+        c = make(**c)
+    if not isinstance(c, Compressor):
+        raise TypeError(f"{name}={c!r} is not a Compressor (or a dict with its 'kind')")
+    if c.layout is not None:
+        raise ValueError(f"{name}={c!r} is already bound; chain a fresh one (same arguments, "
+                         "same draw)")
+    return c

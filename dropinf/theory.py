@@ -9,6 +9,7 @@ is an unbiased estimate of ``a . b``; this module gives its variance for each co
 - fixed mask:      Var = d (d - k) / (k (d - 1)) sum (c - cbar)^2   (<= Bernoulli's, roughly)
 - Gaussian:        Var = (|a|^2 |b|^2 + (a.b)^2) / k
 - SJLT:            Var = (|a|^2 |b|^2 + (a.b)^2 - 2 sum c^2) / k   (independent of c)
+- a mask to m, then SJLT or Gaussian to k: :func:`chain_variance`
 
 So a mask beats a Gaussian projection of the same size iff roughly ``(1 - q) kappa < 1 + cos^2``:
 dropout wins when the mass of ``a * b`` is spread (kappa near 1) and loses when it is
@@ -163,6 +164,48 @@ def variance(stats: PairStats, law: str, k: float) -> Array:
             raise ValueError("SJLT's variance needs unit statistics: PairStats with block=1")
         return (stats.aa * stats.bb + stats.ab**2 - 2.0 * stats.cc) / k
     raise ValueError(f"law={law!r}; choose one of {LAWS}")
+
+
+def chain_variance(stats: PairStats, mask: str, m: float, proj: str, k: int) -> Array:
+    """Variance of ``ahat . bhat`` for a flat mask of d to m coordinates followed by an SJLT or a
+    Gaussian projection of m to k (``Chain(Dropout(1 - m/d), SJLT(k))``), with the two draws
+    independent. ``mask``: ``"fixed"`` or ``"bernoulli"`` (m the expected size); ``proj``:
+    ``"sjlt"`` or ``"gaussian"``. Unit statistics only (``stats.block == 1``).
+
+    Derivation, conditioning on the mask S with scale s on each side (``s^2 = d/m`` fixed,
+    ``1/q`` Bernoulli, q = m/d). Given S the projection is unbiased for ``X_S = a' . b'``
+    (``a' = s a_S``), the masked estimate, so by total variance
+    ``Var = Var(X_S) + E[Var(X | S)]``; the first term is the mask's own
+    (:func:`variance` of ``mask`` at m). With ``A_S = sum_S a_i^2``, ``C_S = sum_S a_i b_i``,
+    ``Q_S = sum_S a_i^2 b_i^2``, the projection's conditional variance is
+    ``s^4 (A_S B_S + C_S^2 - 2 Q_S) / k`` (SJLT) or ``s^4 (A_S B_S + C_S^2) / k`` (Gaussian).
+    With ``pi1 = P(i in S)`` and ``pi2 = P(i, j in S)`` for i != j,
+    ``E[A_S B_S] = pi1 cc + pi2 (aa bb - cc)``, ``E[C_S^2] = pi1 cc + pi2 (ab^2 - cc)``,
+    ``E[Q_S] = pi1 cc``. So, writing ``r = s^4 pi2`` (``d (m-1) / (m (d-1))`` for the fixed
+    mask, 1 for Bernoulli) and ``t = s^4 pi1`` (``d / m``, resp. ``1/q``):
+
+        SJLT:     Var = Var_mask(m) + r (aa bb + ab^2 - 2 cc) / k
+        Gaussian: Var = Var_mask(m) + [r (aa bb + ab^2 - 2 cc) + 2 t cc] / k
+
+    At m = d (no mask) both reduce to the projection's own variance. Returns the shape of
+    ``stats``' arrays.
+    """
+    if stats.block != 1:
+        raise ValueError("chain_variance needs unit statistics: PairStats with block=1")
+    if proj not in ("sjlt", "gaussian"):
+        raise ValueError(f"proj={proj!r}; the second stage is 'sjlt' or 'gaussian'")
+    d = stats.d
+    if mask == "fixed":
+        r, t = d * (m - 1) / (m * (d - 1)), d / m
+    elif mask == "bernoulli":
+        r, t = 1.0, d / m
+    else:
+        raise ValueError(f"mask={mask!r}; the first stage is 'fixed' or 'bernoulli'")
+    if not 1 <= k <= m:
+        raise ValueError(f"k={k} must be in [1, m={m}]: the projection reduces the kept m")
+    base = stats.aa * stats.bb + stats.ab**2 - 2.0 * stats.cc
+    extra = 2.0 * t * stats.cc if proj == "gaussian" else 0.0
+    return variance(stats, mask, m) + (r * base + extra) / k
 
 
 def _block_bounds(d: int, block: int) -> list[int]:

@@ -294,7 +294,7 @@ def test_map_bytes(case):
 
 
 def test_registry_builds_every_kind():
-    assert set(di.REGISTRY) == {"identity", "dropout", "gaussian", "sjlt", "pca"}
+    assert set(di.REGISTRY) == {"identity", "dropout", "gaussian", "sjlt", "pca", "chain"}
     assert isinstance(di.make("dropout", p=0.5, seed=1), di.Dropout)
     with pytest.raises(ValueError, match="unknown compressor kind 'dct'"):
         di.make("dct")
