@@ -151,6 +151,18 @@ class Compressor(ABC):
         """Bytes of map that must be stored (0 when it is regenerated from the seed)."""
         return 0
 
+    def stored_bytes(self, d: int) -> int:
+        """``map_bytes`` this compressor will have once bound to a flat input of ``d``
+        coordinates, from its arguments alone (nothing is drawn, so a caller can decide
+        beforehand whether it fits). Factored compressors depend on the layers: they refuse."""
+        return 0
+
+    def held_bytes(self, d: int) -> int:
+        """Bytes held in use on a flat input of ``d`` coordinates, from the arguments alone:
+        :meth:`stored_bytes` plus the indices or hashes that the seed regenerates but that are
+        kept while in use, and a fit's workspace."""
+        return self.stored_bytes(d)
+
     @abstractmethod
     def config(self) -> dict:
         """Constructor arguments: with ``kind``, they determine the compressor completely."""
@@ -489,6 +501,12 @@ class Dropout(Compressor):
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out.reshape(bg.size, -1).mul_(scale)
 
+    def held_bytes(self, d: int) -> int:
+        """The kept coordinates' int64 indices (about ``(1-p) d``; flat, unit blocks)."""
+        if self.factored or self.block != 1:
+            raise ValueError(f"held_bytes is for flat unit masks; {self!r} depends on the layers")
+        return 8 * _side(d, self.p)
+
     def kept_indices(self) -> tuple[Tensor, Tensor]:
         """Coordinates of the flat (d,) gradient that the output keeps, in output order, and
         their scales: ``compress(bg) == bg.flat()[:, idx] * scale`` (for factored dropout this
@@ -620,6 +638,12 @@ class Gaussian(Compressor):
         _ = self.bound
         return _nbytes(t for pair in self.proj.values() for t in pair) + self.flat.map_bytes
 
+    def stored_bytes(self, d: int) -> int:
+        """The (k, d) float32 projection of the flat Gaussian."""
+        if self.factored:
+            raise ValueError(f"held_bytes is for the flat Gaussian; {self!r} depends on the layers")
+        return 4 * self.k * d
+
     def reducers(self, device: torch.device) -> dict[str, FactorReducer]:
         """Project both factors as they are captured: ``P_in x_aug`` and ``P_out delta``."""
         out = {}
@@ -714,6 +738,10 @@ class SJLT(Compressor):
     def dim(self) -> int:
         return self.k
 
+    def held_bytes(self, d: int) -> int:
+        """The int64 row and float32 sign of each of the c d nonzeros (regenerable, but held)."""
+        return 12 * self.c * d
+
     def compress(self, bg: BatchGrads) -> Tensor:
         z = torch.zeros(bg.size, self.k, device=bg.device, dtype=bg.dtype)
         for q in self.bound.params:
@@ -789,6 +817,20 @@ class PCA(Compressor):
     def map_bytes(self) -> int:
         return 0 if self.components is None else _nbytes([self.components])
 
+    def fit_bytes(self, d: int) -> int:
+        """A lower bound on the fit's memory: the (n_fit, d) float32 gradients, their float64
+        copy and the float64 (min(n_fit, d), d) right singular vectors (the SVD's workspace
+        comes on top)."""
+        return 12 * self.n_fit * d + 8 * min(self.n_fit, d) * d
+
+    def stored_bytes(self, d: int) -> int:
+        """The (k, d) float32 components."""
+        return 4 * self.k * d
+
+    def held_bytes(self, d: int) -> int:
+        """The components and the fit (:meth:`fit_bytes`)."""
+        return self.stored_bytes(d) + self.fit_bytes(d)
+
     def compress(self, bg: BatchGrads) -> Tensor:
         _ = self.bound
         return self.proj.apply(bg)[0]
@@ -853,6 +895,19 @@ class Chain(Compressor):
     def map_bytes(self) -> int:
         _ = self.bound
         return self.first.map_bytes + self.second.map_bytes
+
+    def _stage_bytes(self, d: int, what: str) -> int:
+        f = self.first
+        m = _side(d, f.p) if isinstance(f, Dropout) else d if isinstance(f, Identity) else f.k
+        return getattr(f, what)(d) + getattr(self.second, what)(m)
+
+    def stored_bytes(self, d: int) -> int:
+        """Both stages', the second's at the first's output size."""
+        return self._stage_bytes(d, "stored_bytes")
+
+    def held_bytes(self, d: int) -> int:
+        """Both stages', the second's at the first's output size."""
+        return self._stage_bytes(d, "held_bytes")
 
     def reducers(self, device: torch.device) -> dict[str, FactorReducer]:
         """The first stage's: its ``compress`` reads the factors they reduce."""

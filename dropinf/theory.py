@@ -19,7 +19,7 @@ Every function takes a, b of shape ``(..., d)`` (broadcast against each other) a
 last axis, so pairs of many gradients can be evaluated at once. Each variance depends on a pair
 only through ``|a|^2, |b|^2, a.b, sum a^2 b^2`` (:class:`PairStats`); :func:`variance` takes those,
 so ``PairStats.pairwise(A, B)`` gives every pair of two gradient sets from Gram matrices without
-an ``n x m x d`` temporary. Everything is float64 numpy.
+an ``n x m x d`` temporary (with torch, on a device, for tensors). Everything is float64.
 The ``sample_*`` functions draw masks / projections directly in numpy (independently of
 :mod:`dropinf.compressors`) and return ``(n_trials,)`` compressed dot products.
 """
@@ -29,7 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import ArrayLike, NDArray
+from torch import Tensor
 
 Array = NDArray[np.float64]
 Seed = int | np.random.Generator | None
@@ -94,26 +96,52 @@ class PairStats:
         return cls(aa, bb, ab, np.sum(c**2, axis=-1), c.shape[-1], block)
 
     @classmethod
-    def pairwise(cls, A: ArrayLike, B: ArrayLike, block: int = 1) -> PairStats:
+    def pairwise(cls, A: ArrayLike | Tensor, B: ArrayLike | Tensor, block: int = 1,
+                 chunk: int | None = None, device: str | torch.device | None = None
+                 ) -> PairStats:
         """Every pair ``(A[i], B[j])`` of A ``(n, d)`` and B ``(m, d)``: statistics ``(n, m)``.
 
         From Gram matrices: ``ab = A B^T`` and ``cc = (A * A) (B * B)^T``, so memory is
         ``O((n + m) d + n m)``. With ``block > 1``, ``cc = sum_J (A_J B_J^T)^2`` over the column
         blocks J, one block at a time (``O(n m)`` more memory; a Python loop over the blocks).
+        Arrays are computed with numpy; torch tensors with torch on ``device`` (default: A's),
+        in float64 either way. ``chunk``: accumulate over slices of that many columns, each
+        converted to float64 in turn (default: all at once), so that float32 inputs are never
+        copied whole to float64 (or to ``device``).
         """
-        A, B = _pair(A, B)
-        if A.ndim != 2 or B.ndim != 2:
-            raise ValueError(f"A and B must be (n, d) and (m, d), got {A.shape} and {B.shape}")
-        aa = np.sum(A * A, axis=1)[:, None]
-        bb = np.sum(B * B, axis=1)[None, :]
-        bounds = _block_bounds(A.shape[1], block)
-        if block == 1:
-            cc, n_blocks = (A * A) @ (B * B).T, A.shape[1]
+        if isinstance(A, Tensor) or isinstance(B, Tensor):
+            A, B = torch.as_tensor(A), torch.as_tensor(B)
+            dev = A.device if device is None else torch.device(device)
+
+            def f64(x):
+                return x.to(dev, torch.float64)
+
+            def out(x):
+                return x.cpu().numpy()
         else:
-            cc, n_blocks = np.zeros((A.shape[0], B.shape[0])), len(bounds) - 1
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                cc += (A[:, lo:hi] @ B[:, lo:hi].T) ** 2
-        return cls(*np.broadcast_arrays(aa, bb, A @ B.T, cc), n_blocks, block)
+            A, B = _pair(A, B)
+            f64 = out = np.asarray
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
+            raise ValueError(f"A and B must be (n, d) and (m, d), got {tuple(A.shape)} and "
+                             f"{tuple(B.shape)}")
+        d = A.shape[1]
+        bounds = _block_bounds(d, block)
+        step = d if chunk is None else chunk
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"chunk={chunk!r} must be an integer >= 1 (columns per slice)")
+        aa = bb = ab = cc = 0.0  # accumulated over column slices
+        for lo in range(0, d, step):
+            a, b = f64(A[:, lo : lo + step]), f64(B[:, lo : lo + step])
+            aa = aa + (a * a).sum(1)
+            bb = bb + (b * b).sum(1)
+            ab = ab + a @ b.T
+            if block == 1:
+                cc = cc + (a * a) @ (b * b).T
+        for lo, hi in zip(bounds[:-1], bounds[1:]) if block > 1 else ():
+            cc = cc + (f64(A[:, lo:hi]) @ f64(B[:, lo:hi]).T) ** 2
+        n_blocks = d if block == 1 else len(bounds) - 1
+        aa, bb, ab, cc = (out(x) for x in (aa, bb, ab, cc))
+        return cls(*np.broadcast_arrays(aa[:, None], bb[None, :], ab, cc), n_blocks, block)
 
     @classmethod
     def concat(cls, parts: list[PairStats]) -> PairStats:

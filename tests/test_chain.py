@@ -181,3 +181,12 @@ def test_chain_variance_reduces_to_its_stages():
         theory.chain_variance(st, "fixed", 10, "sjlt", 12)
     with pytest.raises(ValueError, match="proj="):
         theory.chain_variance(st, "fixed", 10, "pca", 2)
+
+
+def test_held_bytes_add_both_stages_at_the_first_output_size():
+    d = 1000
+    assert di.Chain(di.Dropout(0.75), di.SJLT(50, c=2)).held_bytes(d) == 8 * 250 + 12 * 2 * 250
+    assert di.Chain(di.SJLT(100), di.Gaussian(10)).held_bytes(d) == 12 * d + 4 * 10 * 100
+    task, _ = case(mlp, torch.float32)  # a flat Gaussian holds what it stores
+    g = di.Gaussian(7, seed=1)
+    assert g.held_bytes(task.dim) == g.bind(task).map_bytes
