@@ -65,6 +65,7 @@ METHODS = compressors()
 CURVATURES = ("fisher", "dot")
 CORPORA = ("stdlib", *dd.WEBTEXT)
 MB = 2**20
+COLUMNS = 1 << 20  # pair statistics accumulate over slices of this many gradient columns
 
 
 # --------------------------------------------------------------------------- configuration
@@ -532,7 +533,7 @@ def coherence(cfg: Config, lm: LM) -> tuple[dict[str, Any], pd.DataFrame, np.nda
     quantiles of the pairs restricted to each layer's weights and bias; ``values`` all pair
     coherences (pairs with a zero gradient left out).
     """
-    st = pair_stats(lm.G_test, lm.G_train, cfg)
+    st = th.PairStats.pairwise(lm.G_test, lm.G_train, chunk=COLUMNS, device=cfg.device)
     ok = (st.aa * st.bb) > 0
     values = st.coherence[ok]
     stats: dict[str, Any] = {"d": lm.d, "n_pairs": int(ok.sum()), **_quantiles(values)}
@@ -557,19 +558,14 @@ def coherence(cfg: Config, lm: LM) -> tuple[dict[str, Any], pd.DataFrame, np.nda
         lo, hi = min(q.offset for q in cols), max(q.stop for q in cols)
         if hi - lo != sum(q.numel for q in cols):
             raise RuntimeError(f"the parameters of {layer} are not contiguous in the gradient")
-        sl = pair_stats(lm.G_test[:, lo:hi], lm.G_train[:, lo:hi], cfg)
+        sl = th.PairStats.pairwise(lm.G_test[:, lo:hi], lm.G_train[:, lo:hi],
+                                   chunk=COLUMNS, device=cfg.device)
         good = (sl.aa * sl.bb) > 0
         rows.append({"corpus": lm.corpus, "layer": layer, "d_layer": hi - lo,
                      **_quantiles(sl.coherence[good])})
     meds = [r["median"] for r in rows if r["median"] is not None]
     stats["layer_median_range"] = [min(meds), max(meds)] if meds else None
     return stats, pd.DataFrame(rows), values
-
-
-def pair_stats(A: Tensor, B: Tensor, cfg: Config) -> th.PairStats:
-    """Every test-train pair's statistics, in float64 on ``cfg.device`` over slices of 2^20
-    columns (the float32 gradients are never copied whole)."""
-    return th.PairStats.pairwise(A, B, chunk=1 << 20, device=cfg.device)
 
 
 def _quantiles(x: np.ndarray) -> dict[str, float | None]:
