@@ -96,16 +96,16 @@ import time
 import warnings
 
 from dropinf.study.experiments import methods
-from dropinf.study.experiments.cost import compression_step, needs_bytes
 from dropinf.study.experiments.measure import (
     OtherLoad,
+    compression_step,
     proc_status_kb,
     reset_peak,
     sync,
     time_calls,
 )
 
-METHODS = methods.METHODS
+METHODS = methods.compared()
 LAYERS = (("attn.proj", 768, 768), ("mlp.fc", 768, 3072))  # (module, n_in, n_out)
 SPEED_TARGET = 10.0  # factored Gaussian time / factored dropout time, from the issue
 IMPORTANCE = "dropout_factored_imp"
@@ -209,7 +209,7 @@ def pca_rows(k: int, args: argparse.Namespace) -> int:
 
 
 def needs(method: str, k: int, d: int, args: argparse.Namespace) -> tuple[int, str]:
-    """Bytes a method must hold beyond the inputs (``cost.needs_bytes``) for the two that can
+    """Bytes a method must hold beyond the inputs (``MethodSpec.need_bytes``) for the two that can
     run out of memory, and what they are (0 for the others)."""
     n = pca_rows(k, args)
     what = {
@@ -219,7 +219,8 @@ def needs(method: str, k: int, d: int, args: argparse.Namespace) -> tuple[int, s
     }
     if method not in what:
         return 0, ""
-    return needs_bytes(method, k, d, n), what[method]
+    need = methods.spec(method).need_bytes(methods.Match(1.0 - k / d, k, d), pca_n_fit=n)
+    return need, what[method]
 
 
 def build(method: str, lay, args: argparse.Namespace):
@@ -238,7 +239,7 @@ def build(method: str, lay, args: argparse.Namespace):
         t0 = time.perf_counter()
         comp.fit_grads(lay, [pilot])
         return comp, time.perf_counter() - t0
-    comp = methods.build(method, m, args.seed, args.sjlt_c, pca_rows(m.k, args))
+    comp = methods.build(method, m, args.seed, sjlt_c=args.sjlt_c, pca_n_fit=pca_rows(m.k, args))
     if method != "pca":
         return comp, 0.0
     G = torch.randn(comp.n_fit, lay.dim, generator=torch.Generator().manual_seed(args.seed + 2))

@@ -7,7 +7,18 @@ the test point (removing it would raise the test loss).
 from . import losses
 from ._version import __version__
 from .blocks import BatchGrads
-from .compressors import PCA, REGISTRY, SJLT, Compressor, Dropout, Gaussian, Identity, Layout, make
+from .compressors import (
+    PCA,
+    REGISTRY,
+    SJLT,
+    Chain,
+    Compressor,
+    Dropout,
+    Gaussian,
+    Identity,
+    Layout,
+    make,
+)
 from .curvature import Preconditioner
 from .gradients import Gradients, gradients
 from .persample import PerSampleGrads
@@ -23,6 +34,7 @@ __all__ = [
     "Gaussian",
     "Layout",
     "BatchGrads",
+    "Chain",
     "Compressor",
     "CorruptStoreError",
     "Gradients",

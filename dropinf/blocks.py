@@ -8,6 +8,7 @@ factors directly; :meth:`BatchGrads.flat` builds the full ``(B, d)`` gradients w
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -233,6 +234,21 @@ class BatchGrads:
                 acc = out.setdefault(name, g.new_zeros(layout[name].numel))
                 acc[start : start + g.shape[0]] += g
         return out
+
+    def reduced(self, reducers: dict[str, FactorReducer]) -> BatchGrads:
+        """These gradients with each layer's factors mapped by its reducer (a compressor's
+        :meth:`~dropinf.Compressor.reducers`), as :class:`~dropinf.PerSampleGrads` with that
+        compressor maps them while capturing: ``compressor.compress(bg.reduced(reducers))``
+        equals ``compressor.compress`` of the capture with the compressor. A layer held in
+        several blocks (a grouped convolution) is left whole: ``compress`` reads its factors."""
+        count = Counter(getattr(b, "module", None) for b in self.blocks)
+        blocks = [
+            ReducedFactors(b.module, r.inputs(b.x), r.outputs(b.delta), b.params)
+            if isinstance(b, LinearFactors) and count[b.module] == 1
+            and (r := reducers.get(b.module)) is not None else b
+            for b in self.blocks
+        ]
+        return BatchGrads(self.params, blocks, self.size)
 
     def _layout(self) -> dict[str, ParamInfo]:
         return {p.name: p for p in self.params}

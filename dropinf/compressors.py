@@ -151,6 +151,18 @@ class Compressor(ABC):
         """Bytes of map that must be stored (0 when it is regenerated from the seed)."""
         return 0
 
+    def stored_bytes(self, d: int) -> int:
+        """``map_bytes`` this compressor will have once bound to a flat input of ``d``
+        coordinates, from its arguments alone (nothing is drawn, so a caller can decide
+        beforehand whether it fits). Factored compressors depend on the layers: they refuse."""
+        return 0
+
+    def held_bytes(self, d: int) -> int:
+        """Bytes held in use on a flat input of ``d`` coordinates, from the arguments alone:
+        :meth:`stored_bytes` plus the indices or hashes that the seed regenerates but that are
+        kept while in use, and a fit's workspace."""
+        return self.stored_bytes(d)
+
     @abstractmethod
     def config(self) -> dict:
         """Constructor arguments: with ``kind``, they determine the compressor completely."""
@@ -654,6 +666,12 @@ class Dropout(Compressor):
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out.reshape(bg.size, -1).mul_(scale)
 
+    def held_bytes(self, d: int) -> int:
+        """The kept coordinates' int64 indices (about ``(1-p) d``; flat, unit blocks)."""
+        if self.factored or self.block != 1:
+            raise ValueError(f"held_bytes is for flat unit masks; {self!r} depends on the layers")
+        return 8 * _side(d, self.p)
+
     def kept_indices(self) -> tuple[Tensor, Tensor]:
         """Coordinates of the flat (d,) gradient that the output keeps, in output order, and
         their scales: ``compress(bg) == bg.flat()[:, idx] * scale`` (for factored dropout this
@@ -931,6 +949,12 @@ class Gaussian(Compressor):
         _ = self.bound
         return _nbytes(t for pair in self.proj.values() for t in pair) + self.flat.map_bytes
 
+    def stored_bytes(self, d: int) -> int:
+        """The (k, d) float32 projection of the flat Gaussian."""
+        if self.factored:
+            raise ValueError(f"held_bytes is for the flat Gaussian; {self!r} depends on the layers")
+        return 4 * self.k * d
+
     def reducers(self, device: torch.device) -> dict[str, FactorReducer]:
         """Project both factors as they are captured: ``P_in x_aug`` and ``P_out delta``."""
         out = {}
@@ -1025,6 +1049,10 @@ class SJLT(Compressor):
     def dim(self) -> int:
         return self.k
 
+    def held_bytes(self, d: int) -> int:
+        """The int64 row and float32 sign of each of the c d nonzeros (regenerable, but held)."""
+        return 12 * self.c * d
+
     def compress(self, bg: BatchGrads) -> Tensor:
         z = torch.zeros(bg.size, self.k, device=bg.device, dtype=bg.dtype)
         for q in self.bound.params:
@@ -1100,6 +1128,116 @@ class PCA(Compressor):
     def map_bytes(self) -> int:
         return 0 if self.components is None else _nbytes([self.components])
 
+    def fit_bytes(self, d: int) -> int:
+        """A lower bound on the fit's memory: the (n_fit, d) float32 gradients, their float64
+        copy and the float64 (min(n_fit, d), d) right singular vectors (the SVD's workspace
+        comes on top)."""
+        return 12 * self.n_fit * d + 8 * min(self.n_fit, d) * d
+
+    def stored_bytes(self, d: int) -> int:
+        """The (k, d) float32 components."""
+        return 4 * self.k * d
+
+    def held_bytes(self, d: int) -> int:
+        """The components and the fit (:meth:`fit_bytes`)."""
+        return self.stored_bytes(d) + self.fit_bytes(d)
+
     def compress(self, bg: BatchGrads) -> Tensor:
         _ = self.bound
         return self.proj.apply(bg)[0]
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+class Chain(Compressor):
+    """Two compressors in a row: ``second`` applied to ``first``'s output.
+
+    ``first`` is bound to the model; ``second`` to a flat layout of ``first.dim`` coordinates
+    (one parameter named ``"chain"``), so its draw depends on its own arguments and that size
+    alone. E.g. ``Chain(Dropout(0.75), SJLT(k))`` keeps a quarter of the coordinates, then
+    hashes them down to k. Both stages are unbiased and independent, so the chain is:
+    ``E[ahat . bhat] = a . b``; its variance for a flat mask then SJLT or Gaussian is
+    :func:`dropinf.theory.chain_variance`. The first stage's capture-time reducers are the
+    chain's (a factored mask still reduces the factors inside the hooks); ``map_bytes`` adds
+    both stages'.
+
+    Args:
+        first: any compressor (a fitted PCA, if PCA), or its ``{"kind": ..., **config}``.
+        second: a flat compressor of output size at most ``first.dim`` (not factored; a fitted
+            PCA must be fitted on ``first``'s outputs), or its dict.
+    """
+
+    kind = "chain"
+    FLAT = "chain"  # the name of the second stage's one input parameter
+
+    def __init__(self, first: Compressor | dict, second: Compressor | dict):
+        first, second = (_stage(name, c) for name, c in (("first", first), ("second", second)))
+        if getattr(second, "factored", False):
+            raise ValueError(
+                f"second={second!r} is factored, but its input is the flat output of first; "
+                "use a flat second stage (factored=False)"
+            )
+        for name, c in (("first", first), ("second", second)):
+            if isinstance(c, PCA) and c.components is None:
+                raise ValueError(f"{name}={c!r} is not fitted; fit it before chaining it")
+        self.first, self.second = first, second
+
+    def config(self) -> dict:
+        return {name: {"kind": c.kind, **c.config()}
+                for name, c in (("first", self.first), ("second", self.second))}
+
+    def _draw(self, layout: Layout) -> None:
+        m = self.first.bind(layout).dim
+        k = getattr(self.second, "k", None)
+        if k is not None and k > m:
+            raise ValueError(
+                f"second={self.second!r} has k={k} outputs, more than the {m} of first="
+                f"{self.first!r}; lower second's k or keep more in first"
+            )
+        self.second.bind(Layout((ParamInfo(self.FLAT, (m,), 0),), ()))
+
+    @property
+    def dim(self) -> int:
+        _ = self.bound
+        return self.second.dim
+
+    @property
+    def map_bytes(self) -> int:
+        _ = self.bound
+        return self.first.map_bytes + self.second.map_bytes
+
+    def _stage_bytes(self, d: int, what: str) -> int:
+        f = self.first
+        m = _side(d, f.p) if isinstance(f, Dropout) else d if isinstance(f, Identity) else f.k
+        return getattr(f, what)(d) + getattr(self.second, what)(m)
+
+    def stored_bytes(self, d: int) -> int:
+        """Both stages', the second's at the first's output size."""
+        return self._stage_bytes(d, "stored_bytes")
+
+    def held_bytes(self, d: int) -> int:
+        """Both stages', the second's at the first's output size."""
+        return self._stage_bytes(d, "held_bytes")
+
+    def reducers(self, device: torch.device) -> dict[str, FactorReducer]:
+        """The first stage's: its ``compress`` reads the factors they reduce."""
+        return self.first.reducers(device)
+
+    def compress(self, bg: BatchGrads) -> Tensor:
+        z = self.first.compress(bg)
+        flat = self.second.bound.params
+        return self.second.compress(BatchGrads(list(flat), [DenseGrad(self.FLAT, z)], bg.size))
+
+
+def _stage(name: str, c: Compressor | dict) -> Compressor:
+    if isinstance(c, dict):
+        if "kind" not in c:
+            raise ValueError(f"{name}={c!r}: a stage given as a dict needs its 'kind'")
+        c = make(**c)
+    if not isinstance(c, Compressor):
+        raise TypeError(f"{name}={c!r} is not a Compressor (or a dict with its 'kind')")
+    if c.layout is not None:
+        raise ValueError(f"{name}={c!r} is already bound; chain a fresh one (same arguments, "
+                         "same draw)")
+    return c

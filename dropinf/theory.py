@@ -10,6 +10,7 @@ is an unbiased estimate of ``a . b``; this module gives its variance for each co
 - fixed mask:      Var = d (d - k) / (k (d - 1)) sum (c - cbar)^2   (<= Bernoulli's, roughly)
 - Gaussian:        Var = (|a|^2 |b|^2 + (a.b)^2) / k
 - SJLT:            Var = (|a|^2 |b|^2 + (a.b)^2 - 2 sum c^2) / k   (independent of c)
+- a mask to m, then SJLT or Gaussian to k: :func:`chain_variance`
 
 So a mask beats a Gaussian projection of the same size iff roughly ``(1 - q) kappa < 1 + cos^2``:
 dropout wins when the mass of ``a * b`` is spread (kappa near 1) and loses when it is
@@ -19,7 +20,7 @@ Every function takes a, b of shape ``(..., d)`` (broadcast against each other) a
 last axis, so pairs of many gradients can be evaluated at once. Each variance depends on a pair
 only through ``|a|^2, |b|^2, a.b, sum a^2 b^2`` (:class:`PairStats`); :func:`variance` takes those,
 so ``PairStats.pairwise(A, B)`` gives every pair of two gradient sets from Gram matrices without
-an ``n x m x d`` temporary. Everything is float64 numpy.
+an ``n x m x d`` temporary (with torch, on a device, for tensors). Everything is float64.
 The ``sample_*`` functions draw masks / projections directly in numpy (independently of
 :mod:`dropinf.compressors`) and return ``(n_trials,)`` compressed dot products.
 """
@@ -29,7 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import ArrayLike, NDArray
+from torch import Tensor
 
 Array = NDArray[np.float64]
 Seed = int | np.random.Generator | None
@@ -94,26 +97,52 @@ class PairStats:
         return cls(aa, bb, ab, np.sum(c**2, axis=-1), c.shape[-1], block)
 
     @classmethod
-    def pairwise(cls, A: ArrayLike, B: ArrayLike, block: int = 1) -> PairStats:
+    def pairwise(cls, A: ArrayLike | Tensor, B: ArrayLike | Tensor, block: int = 1,
+                 chunk: int | None = None, device: str | torch.device | None = None
+                 ) -> PairStats:
         """Every pair ``(A[i], B[j])`` of A ``(n, d)`` and B ``(m, d)``: statistics ``(n, m)``.
 
         From Gram matrices: ``ab = A B^T`` and ``cc = (A * A) (B * B)^T``, so memory is
         ``O((n + m) d + n m)``. With ``block > 1``, ``cc = sum_J (A_J B_J^T)^2`` over the column
         blocks J, one block at a time (``O(n m)`` more memory; a Python loop over the blocks).
+        Arrays are computed with numpy; torch tensors with torch on ``device`` (default: A's),
+        in float64 either way. ``chunk``: accumulate over slices of that many columns, each
+        converted to float64 in turn (default: all at once), so that float32 inputs are never
+        copied whole to float64 (or to ``device``).
         """
-        A, B = _pair(A, B)
-        if A.ndim != 2 or B.ndim != 2:
-            raise ValueError(f"A and B must be (n, d) and (m, d), got {A.shape} and {B.shape}")
-        aa = np.sum(A * A, axis=1)[:, None]
-        bb = np.sum(B * B, axis=1)[None, :]
-        bounds = _block_bounds(A.shape[1], block)
-        if block == 1:
-            cc, n_blocks = (A * A) @ (B * B).T, A.shape[1]
+        if isinstance(A, Tensor) or isinstance(B, Tensor):
+            A, B = torch.as_tensor(A), torch.as_tensor(B)
+            dev = A.device if device is None else torch.device(device)
+
+            def f64(x):
+                return x.to(dev, torch.float64)
+
+            def out(x):
+                return x.cpu().numpy()
         else:
-            cc, n_blocks = np.zeros((A.shape[0], B.shape[0])), len(bounds) - 1
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                cc += (A[:, lo:hi] @ B[:, lo:hi].T) ** 2
-        return cls(*np.broadcast_arrays(aa, bb, A @ B.T, cc), n_blocks, block)
+            A, B = _pair(A, B)
+            f64 = out = np.asarray
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
+            raise ValueError(f"A and B must be (n, d) and (m, d), got {tuple(A.shape)} and "
+                             f"{tuple(B.shape)}")
+        d = A.shape[1]
+        bounds = _block_bounds(d, block)
+        step = d if chunk is None else chunk
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"chunk={chunk!r} must be an integer >= 1 (columns per slice)")
+        aa = bb = ab = cc = 0.0  # accumulated over column slices
+        for lo in range(0, d, step):
+            a, b = f64(A[:, lo : lo + step]), f64(B[:, lo : lo + step])
+            aa = aa + (a * a).sum(1)
+            bb = bb + (b * b).sum(1)
+            ab = ab + a @ b.T
+            if block == 1:
+                cc = cc + (a * a) @ (b * b).T
+        for lo, hi in zip(bounds[:-1], bounds[1:]) if block > 1 else ():
+            cc = cc + (f64(A[:, lo:hi]) @ f64(B[:, lo:hi]).T) ** 2
+        n_blocks = d if block == 1 else len(bounds) - 1
+        aa, bb, ab, cc = (out(x) for x in (aa, bb, ab, cc))
+        return cls(*np.broadcast_arrays(aa[:, None], bb[None, :], ab, cc), n_blocks, block)
 
     @classmethod
     def concat(cls, parts: list[PairStats]) -> PairStats:
@@ -164,6 +193,48 @@ def variance(stats: PairStats, law: str, k: float) -> Array:
             raise ValueError("SJLT's variance needs unit statistics: PairStats with block=1")
         return (stats.aa * stats.bb + stats.ab**2 - 2.0 * stats.cc) / k
     raise ValueError(f"law={law!r}; choose one of {LAWS}")
+
+
+def chain_variance(stats: PairStats, mask: str, m: float, proj: str, k: int) -> Array:
+    """Variance of ``ahat . bhat`` for a flat mask of d to m coordinates followed by an SJLT or a
+    Gaussian projection of m to k (``Chain(Dropout(1 - m/d), SJLT(k))``), with the two draws
+    independent. ``mask``: ``"fixed"`` or ``"bernoulli"`` (m the expected size); ``proj``:
+    ``"sjlt"`` or ``"gaussian"``. Unit statistics only (``stats.block == 1``).
+
+    Derivation, conditioning on the mask S with scale s on each side (``s^2 = d/m`` fixed,
+    ``1/q`` Bernoulli, q = m/d). Given S the projection is unbiased for ``X_S = a' . b'``
+    (``a' = s a_S``), the masked estimate, so by total variance
+    ``Var = Var(X_S) + E[Var(X | S)]``; the first term is the mask's own
+    (:func:`variance` of ``mask`` at m). With ``A_S = sum_S a_i^2``, ``C_S = sum_S a_i b_i``,
+    ``Q_S = sum_S a_i^2 b_i^2``, the projection's conditional variance is
+    ``s^4 (A_S B_S + C_S^2 - 2 Q_S) / k`` (SJLT) or ``s^4 (A_S B_S + C_S^2) / k`` (Gaussian).
+    With ``pi1 = P(i in S)`` and ``pi2 = P(i, j in S)`` for i != j,
+    ``E[A_S B_S] = pi1 cc + pi2 (aa bb - cc)``, ``E[C_S^2] = pi1 cc + pi2 (ab^2 - cc)``,
+    ``E[Q_S] = pi1 cc``. So, writing ``r = s^4 pi2`` (``d (m-1) / (m (d-1))`` for the fixed
+    mask, 1 for Bernoulli) and ``t = s^4 pi1`` (``d / m``, resp. ``1/q``):
+
+        SJLT:     Var = Var_mask(m) + r (aa bb + ab^2 - 2 cc) / k
+        Gaussian: Var = Var_mask(m) + [r (aa bb + ab^2 - 2 cc) + 2 t cc] / k
+
+    At m = d (no mask) both reduce to the projection's own variance. Returns the shape of
+    ``stats``' arrays.
+    """
+    if stats.block != 1:
+        raise ValueError("chain_variance needs unit statistics: PairStats with block=1")
+    if proj not in ("sjlt", "gaussian"):
+        raise ValueError(f"proj={proj!r}; the second stage is 'sjlt' or 'gaussian'")
+    d = stats.d
+    if mask == "fixed":
+        r, t = d * (m - 1) / (m * (d - 1)), d / m
+    elif mask == "bernoulli":
+        r, t = 1.0, d / m
+    else:
+        raise ValueError(f"mask={mask!r}; the first stage is 'fixed' or 'bernoulli'")
+    if not 1 <= k <= m:
+        raise ValueError(f"k={k} must be in [1, m={m}]: the projection reduces the kept m")
+    base = stats.aa * stats.bb + stats.ab**2 - 2.0 * stats.cc
+    extra = 2.0 * t * stats.cc if proj == "gaussian" else 0.0
+    return variance(stats, mask, m) + (r * base + extra) / k
 
 
 def _block_bounds(d: int, block: int) -> list[int]:

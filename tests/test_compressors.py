@@ -295,7 +295,7 @@ def test_map_bytes(case):
 
 
 def test_registry_builds_every_kind():
-    assert set(di.REGISTRY) == {"identity", "dropout", "gaussian", "sjlt", "pca"}
+    assert set(di.REGISTRY) == {"identity", "dropout", "gaussian", "sjlt", "pca", "chain"}
     assert isinstance(di.make("dropout", p=0.5, seed=1), di.Dropout)
     with pytest.raises(ValueError, match="unknown compressor kind 'dct'"):
         di.make("dct")
@@ -407,3 +407,37 @@ def test_gradients_reduce_factors_at_capture(monkeypatch):
     monkeypatch.setattr(di.Dropout, "reducers", counting)
     grads(task, batches, di.Dropout(0.5, factored=True))
     assert calls
+
+
+def test_held_bytes_count_what_a_bound_flat_compressor_holds():
+    task, _ = mixed_case()
+    d = task.dim
+    drop, sj = di.Dropout(0.7, seed=1).bind(task), di.SJLT(12, c=3, seed=1).bind(task)
+    assert drop.held_bytes(d) == sum(8 * len(i) for i in drop.flat.index.values())
+    assert sj.held_bytes(d) == sum(t.numel() * t.element_size() for pair in sj.hash.values()
+                                   for t in pair)
+    g = di.Gaussian(5, seed=1)
+    assert g.held_bytes(d) == g.bind(task).map_bytes == 4 * 5 * d
+    pca = di.PCA(3, n_fit=10)
+    assert pca.held_bytes(d) == 4 * 3 * d + 12 * 10 * d + 8 * min(10, d) * d
+    with pytest.raises(ValueError, match="flat unit masks"):
+        di.Dropout(0.5, factored=True).held_bytes(d)
+
+
+@pytest.mark.parametrize("make", [lambda: di.Dropout(0.5, factored=True, seed=1),
+                                  lambda: di.Gaussian(factored=True, p=0.5, seed=1),
+                                  lambda: di.SJLT(6, seed=1)])
+def test_reducing_captured_factors_equals_reducing_while_capturing(case, make):
+    """``bg.reduced(comp.reducers(...))`` of a full capture is what the hooks give."""
+    task, batches, _ = case
+    comp = make().bind(task)
+    with PerSampleGrads(task) as psg:
+        bg = psg(batches[0])[0]
+    with PerSampleGrads(task, comp) as psg:
+        want = comp.compress(psg(batches[0])[0])
+    reducers = comp.reducers(task.device)
+    reduced = bg.reduced(reducers)
+    held = [getattr(b, "module", None) for b in bg.blocks]
+    whole = {m for m in reducers if held.count(m) == 1}  # a grouped conv stays in its blocks
+    assert {b.module for b in reduced.blocks if type(b).__name__ == "ReducedFactors"} == whole
+    torch.testing.assert_close(comp.compress(reduced), want, rtol=1e-4, atol=1e-6)

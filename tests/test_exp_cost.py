@@ -15,7 +15,8 @@ from torch import nn
 import dropinf
 from dropinf.persample import PerSampleGrads
 from dropinf.study.experiments import cost
-from dropinf.study.experiments.methods import match
+from dropinf.study.experiments.measure import compression_step
+from dropinf.study.experiments.methods import compared, match, spec
 
 TINY = dict(
     mlp_widths=[[8, 16, 4], [16, 32, 4]],
@@ -58,7 +59,7 @@ def layers(model: nn.Module, task: dropinf.Task) -> list[tuple[int, int, bool]]:
 
 def test_profiles_and_validation():
     cfg = cost.Config.for_profile("cpu-quick")
-    assert cfg.methods == cost.METHODS and cfg.threads == 1
+    assert cfg.methods == compared() and cfg.threads == 1
     gpu = cost.Config.for_profile("gpu")
     assert gpu.device == "cuda" and "large" in gpu.gpt2_shapes
     c = tiny(methods=["dropout_factored", "sjlt"])
@@ -120,10 +121,10 @@ def test_matched_k_is_equal_across_methods():
                    for i, o, bias in layers(b.task.model, b.task))
         assert k == want
         fit = b.batches(cost.pca_fit_rows(k, cfg), 5)
-        for method in cost.METHODS:
+        for method in compared():
             comp = cost.make_compressor(method, m, cfg)
             if method == "pca":
-                cost.fit_pca(comp, b.task, fit)
+                cost.fit(comp, b.task, fit)
             assert comp.bind(b.task).dim == k, method
 
 
@@ -142,15 +143,21 @@ def test_map_and_need_bytes_against_an_independent_count():
         for method, nbytes in want.items():
             comp = cost.make_compressor(method, m, cfg)
             if method == "pca":
-                cost.fit_pca(comp, b.task, fit)
+                cost.fit(comp, b.task, fit)
             assert comp.bind(b.task).map_bytes == nbytes, method
+            if method not in ("dropout_factored", "gaussian_factored"):
+                assert spec(method).stored_bytes(m, **cost.options(m, cfg)) == nbytes, method
         n = cost.pca_fit_rows(k, cfg)
-        assert cost.needs_bytes("gaussian", k, d, n) == 4 * k * d
-        assert cost.needs_bytes("pca", k, d, n) == 4 * k * d + 12 * n * d + 8 * min(n, d) * d
+
+        def need(method, sjlt_c=1, m=m, n=n):
+            return spec(method).need_bytes(m, sjlt_c=sjlt_c, pca_n_fit=n)
+
+        assert need("gaussian") == 4 * k * d
+        assert need("pca") == 4 * k * d + 12 * n * d + 8 * min(n, d) * d
         c = 2 if k % 2 == 0 else 1  # SJLT's nonzeros per column must divide k
-        assert cost.needs_bytes("sjlt", k, d, n, sjlt_c=2) == c * (8 + 4) * d
-        assert cost.needs_bytes("dropout", k, d, n) == 8 * k
-        assert cost.needs_bytes("dropout_factored", k, d, n) == 0
+        assert need("sjlt", sjlt_c=2) == c * (8 + 4) * d
+        assert need("dropout") == 8 * k
+        assert need("dropout_factored") == need("gaussian_factored") == 0
 
 
 def test_compression_step_equals_the_library_path():
@@ -165,7 +172,7 @@ def test_compression_step_equals_the_library_path():
             bg = psg(batch)[0]
         for method in ("dropout_factored", "gaussian_factored", "dropout", "sjlt"):
             comp = cost.make_compressor(method, m, cfg).bind(b.task)
-            z = cost.compression_step(comp, bg)()
+            z = compression_step(comp, bg)()
             with PerSampleGrads(b.task, comp) as psg:
                 ref = comp.compress(psg(batch)[0])
             assert z.shape == (4, k)
@@ -173,7 +180,7 @@ def test_compression_step_equals_the_library_path():
         # and factored dropout is exact: the kept coordinates of the full gradient, scaled
         comp = cost.make_compressor("dropout_factored", m, cfg).bind(b.task)
         idx, scale = comp.kept_indices()
-        torch.testing.assert_close(cost.compression_step(comp, bg)(), bg.flat()[:, idx] * scale,
+        torch.testing.assert_close(compression_step(comp, bg)(), bg.flat()[:, idx] * scale,
                                    rtol=1e-4, atol=1e-6)
 
 
@@ -186,7 +193,7 @@ def test_measure_size_rows():
     before = torch.get_num_threads()
     rows = pd.DataFrame(cost.measure_size(size, cfg))
     assert torch.get_num_threads() == before and (rows["threads"] == cfg.threads).all()
-    assert list(rows["method"]) == list(cost.METHODS)
+    assert list(rows["method"]) == list(compared())
     assert (rows["status"] == "ok").all(), rows["status"].tolist()
     assert rows["k"].nunique() == 1 and rows["d"].iloc[0] == size.dim
     assert (rows["compress_ms"] > 0).all() and (rows["calls"] >= 1).all()
@@ -201,15 +208,16 @@ def test_does_not_fit_and_pipeline_cap():
     cfg = tiny(pipeline_max_k=1)
     size = cost.ladder(cfg)[0]
     k, d = match(cost.build(size, cfg, 0).task, p=cfg.p).k, size.dim
-    n = cost.pca_fit_rows(k, cfg)
-    low, high = cost.needs_bytes("sjlt", k, d, n), cost.needs_bytes("gaussian", k, d, n)
-    assert low < high <= cost.needs_bytes("pca", k, d, n)
+    m = match(cost.build(size, cfg, 0).task, p=cfg.p)
+    opts = cost.options(m, cfg)
+    low, high = (spec(x).need_bytes(m, **opts) for x in ("sjlt", "gaussian"))
+    assert low < high <= spec("pca").need_bytes(m, **opts)
     cfg = tiny(pipeline_max_k=1, memory_budget_gb=(low + high) / 2 / cost.GB)
     rows = pd.DataFrame(cost.measure_size(size, cfg)).set_index("method")
     for method in ("gaussian", "pca"):
         r = rows.loc[method]
         assert r["status"] == "does not fit" and np.isnan(r["compress_ms"])
-        assert r["need_bytes"] == cost.needs_bytes(method, k, d, n)
+        assert r["need_bytes"] == spec(method).need_bytes(m, **opts)
         assert r["map_bytes"] == 4 * k * d  # what it would have to store
     for method in ("dropout_factored", "dropout", "gaussian_factored", "sjlt"):
         assert rows.loc[method, "status"] == "ok"
@@ -325,4 +333,4 @@ def test_notebook_runs_tiny(tmp_path):
         assert key in summary
     assert summary["notebook"] == "03_cost" and len(summary["ladder"]) == 3
     table = pd.read_csv(out / "tables" / "cost.csv")
-    assert set(table["method"]) == set(cost.METHODS)
+    assert set(table["method"]) == set(compared())

@@ -291,3 +291,22 @@ def test_notebook_runs_with_tiny_parameters(tmp_path, tiny_run):
     expected = json.loads(json.dumps({"notebook": "02_fidelity", "profile": "cpu-quick",
                                       **tiny_run[3]}))
     assert s == expected
+
+
+def test_a_method_added_to_the_table_appears_in_summary_and_conclusion(monkeypatch):
+    """One MethodSpec entry is all a new compressor needs: here a second flat-dropout draw."""
+    from dropinf import Dropout
+    from dropinf.study.experiments import methods as M
+
+    extra = M.MethodSpec("dropout_b", "dropout (flat, second draw)", "C7", "<", "mask",
+                         lambda m, s, o: Dropout(m.p_flat, seed=s + 1000))
+    monkeypatch.setitem(M.METHODS, extra.name, extra)
+    cfg = fid.Config(**{**TINY, "models": ("mlp",), "references": ("exact",),
+                        "methods": ("dropout", "sjlt", "dropout_b")})
+    out = fid.run_model(cfg, "mlp", progress=False, log=None)
+    rows = out.rows
+    s = fid.make_summary(cfg, rows, {"mlp": out.info})
+    assert set(s["table_16x"]["mlp"]) == {"dropout", "sjlt", "dropout_b"}
+    assert "Dropout (flat, second draw) matches the best random projection" in s["conclusion"]
+    assert "dropout (flat, second draw) " in s["conclusion"]  # its number at each ratio
+    fid.plot_fidelity(fid.summary_table(rows))

@@ -56,23 +56,53 @@ def test_every_method_is_built_at_k(task):
     G = torch.randn(400, task.dim, generator=torch.Generator().manual_seed(0))
     for ratio in (2.0, 16.0):  # k = 312 and 38 of d = 610
         m = M.match(task, ratio=ratio)
-        for method in M.METHODS:
+        for method in M.compared("mask", "projection", "fitted", "composed"):
             comp = M.ready(M.build(method, m, seed=1, sjlt_c=4, pca_n_fit=400), task, m.k, G)
             assert comp.dim == m.k, method
-            assert comp.fingerprint == M.ready(M.build(method, m, 1, 4, 400), task, m.k,
-                                               G).fingerprint, method  # the seed decides
+            assert comp.fingerprint == M.ready(M.build(method, m, 1, sjlt_c=4, pca_n_fit=400),
+                                               task, m.k, G).fingerprint, method  # the seed
         sj = M.build("sjlt", m, seed=1, sjlt_c=4)
         assert sj.c == M.sjlt_nonzeros(m.k, 4) and m.k % sj.c == 0
+        chain = M.build("dropout_sjlt", m, seed=1, oversample=3).bind(task)
+        assert chain.first.dim == min(m.d, 3 * m.k) and chain.dim == m.k
     flat = M.build("dropout", m, seed=0)
     assert isinstance(flat, Dropout) and not flat.factored and flat.p == pytest.approx(m.p_flat)
     assert isinstance(M.build(M.IDENTITY, m, 0), Identity)
     assert M.sjlt_nonzeros(12, 5) == 4 and M.sjlt_nonzeros(7, 4) == 1
     with pytest.raises(ValueError, match="method='nope'"):
         M.build("nope", m, 0)
+    with pytest.raises(ValueError, match="'random' .*not a compressor"):
+        M.build("random", m, 0)
     with pytest.raises(RuntimeError, match="not the matched k"):
         M.ready(M.build("sjlt", m, 0), task, m.k + 1)
     with pytest.raises(ValueError, match="G_train"):
         M.ready(M.build("pca", m, 0), task, m.k)
+
+
+def test_memory_needs_come_from_the_library(task):
+    m = M.match(task, ratio=16.0)
+    for name in M.compared("mask", "projection", "fitted", "composed"):
+        s = M.spec(name)
+        comp = M.ready(s.compressor(m, 0, pca_n_fit=64), task, m.k,
+                       torch.randn(64, task.dim, generator=torch.Generator().manual_seed(0)))
+        if s.factored:
+            assert s.stored_bytes(m) == s.need_bytes(m) == 0
+            continue
+        assert s.stored_bytes(m, pca_n_fit=64) == comp.map_bytes, name
+        assert s.need_bytes(m, pca_n_fit=64) >= s.stored_bytes(m, pca_n_fit=64), name
+    assert M.spec("pca").need_bytes(m, pca_n_fit=64) == 4 * m.k * m.d + PCA(
+        m.k, n_fit=64).fit_bytes(m.d)
+
+
+def test_families_group_the_table():
+    assert M.compared() == ("dropout", "dropout_factored", "gaussian", "gaussian_factored",
+                            "sjlt", "pca")
+    assert M.in_family(["sjlt", "dropout", "pca"], "mask", "fitted") == ("dropout", "pca")
+    assert M.family("dropout_sjlt") == "composed" and M.family("identity") == "reference"
+    assert all(s.compresses == (s.family not in ("reference", "baseline"))
+               for s in M.METHODS.values() if s.name != M.IDENTITY)
+    with pytest.raises(ValueError, match="family='nope'"):
+        M.MethodSpec("x", "x", "k", "o", "nope")
 
 
 def test_pca_fits_are_shared_across_k_and_refused_beyond_the_span():
@@ -85,15 +115,12 @@ def test_pca_fits_are_shared_across_k_and_refused_beyond_the_span():
     assert len(cache) == 1
     assert M.fit_pca(PCA(41, n_fit=40, seed=5), G, cache) is None  # 40 rows span 40 directions
     assert M.fit_pca(PCA(51, n_fit=200, seed=5), G) is None  # d = 50
-    assert M.dense_map_bytes("gaussian", 7, 50) == M.dense_map_bytes("pca", 7, 50) == 4 * 7 * 50
-    assert M.dense_map_bytes("dropout_factored", 7, 50) == 0
 
 
 def test_one_label_colour_and_marker_per_method():
-    names = (M.IDENTITY, *M.METHODS, M.VARIANT)
-    for table in (M.LABELS, M.COLORS, M.MARKERS):
-        assert set(names) <= set(table)
-    rgb = [to_rgb(M.COLORS[n]) for n in (*names, "random", "loss", "harmful")]
-    assert len(set(rgb)) == len(rgb)  # no two methods or baselines share a colour
-    assert len({M.LABELS[n] for n in names}) == len(names)
-    assert len({M.MARKERS[n] for n in names}) == len(names)
+    specs = [s for s in M.METHODS.values() if s.family != "baseline"]
+    assert all(M.METHODS[s.name] is s for s in M.METHODS.values())
+    rgb = [to_rgb(s.color) for s in M.METHODS.values()]
+    assert len(set(rgb)) == len(rgb)  # no two methods, references or baselines share a colour
+    assert len({s.label for s in M.METHODS.values()}) == len(M.METHODS)
+    assert len({s.marker for s in specs}) == len(specs)

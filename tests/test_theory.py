@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.polynomial.hermite_e import hermegauss
@@ -414,3 +415,20 @@ def test_concat_is_the_statistics_of_the_concatenation():
             assert whole.d == sums.shape[-1] == 4 + 4 + 1
     with pytest.raises(ValueError, match="same block"):
         th.PairStats.concat([th.PairStats.of(A[0], B[0]), th.PairStats.of(A[0], B[0], block=2)])
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_pairwise_of_tensors_in_column_slices_equals_numpy(block):
+    """The torch backend, accumulated over column slices, against numpy on the whole arrays."""
+    g = np.random.default_rng(0)
+    A = (g.standard_normal((4, 23)) * np.linspace(0.1, 5, 23)).astype(np.float32)
+    B = g.standard_normal((6, 23)).astype(np.float32)
+    ours = th.PairStats.pairwise(torch.from_numpy(A), torch.from_numpy(B), block, chunk=5)
+    ref = th.PairStats.pairwise(A, B, block)
+    for name in ("aa", "bb", "ab", "cc"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(ref, name), rtol=1e-12)
+    assert (ours.d, ours.block) == (ref.d, ref.block) and ours.aa.shape == (4, 6)
+    one = th.PairStats.of(A[1].astype(np.float64), B[2].astype(np.float64), block)
+    np.testing.assert_allclose(ours.coherence[1, 2], one.coherence, rtol=1e-12)
+    with pytest.raises(ValueError, match="chunk=0"):
+        th.PairStats.pairwise(torch.from_numpy(A), torch.from_numpy(B), chunk=0)

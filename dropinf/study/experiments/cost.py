@@ -1,16 +1,18 @@
 """Notebook 03 (cost): what compressing per-sample gradients costs as the model grows.
 
 What ``notebooks/03_cost.ipynb`` measures, here so that it is tested: for a ladder of model sizes
-(MLPs and GPT-2 configurations, :func:`ladder`), every method of :data:`METHODS` at the same
-compressed dimension k (that of factored dropout at rate ``p`` per side, :func:`~.methods.match`):
+(MLPs and GPT-2 configurations, :func:`ladder`), every compressor of the method table
+(:data:`~.methods.METHODS`) at the same compressed dimension k (that of factored dropout at
+rate ``p`` per side, :func:`~.methods.match`):
 
 - ``compress_ms``: the compression step per batch of B samples. Input: the batch's layer factors
   as the backward pass captures them in full (``PerSampleGrads(task)``); output: the (B, k)
   compressed gradients. For the factored methods that is the compressor's capture-time reducers
   (gather or project each factor) and then ``compress``; for the flat methods ``compress`` alone,
   which forms each parameter's (B, numel) per-sample gradient and maps it
-  (:func:`compression_step`). Forward and backward passes, the same for every method, are not in
-  it. Median over repeated calls after warm-up (:func:`time_calls`).
+  (:func:`compression_step`, the library's ``BatchGrads.reduced`` and ``compress``). Forward
+  and backward passes, the same for every method, are not in it. Median over repeated calls
+  after warm-up (:func:`time_calls`).
 - ``featurize_ms`` and ``capture_ms``: the library's per-batch path, forward + backward with the
   capture hooks + compression (``PerSampleGrads(task, comp)`` then ``compress``, as
   :func:`dropinf.gradients` runs it; reducers inside the hooks), and the same capturing the full
@@ -18,7 +20,7 @@ compressed dimension k (that of factored dropout at rate ``p`` per side, :func:`
   difference of two noisy medians.
 - ``map_bytes``: the map that must be stored because the seed cannot regenerate it
   (``Compressor.map_bytes``); ``need_bytes``: what a method must hold beyond the model and data
-  (:func:`needs_bytes`), which decides whether it fits ``memory_budget_gb``.
+  (:meth:`~.methods.MethodSpec.need_bytes`), which decides whether it fits ``memory_budget_gb``.
 - ``peak_mb``: the peak memory of one compression step above what was resident before it
   (:func:`peak_bytes`).
 - ``pipeline_s``: the whole pipeline for ``n_train`` training and ``n_test`` test points: a fresh
@@ -50,8 +52,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...blocks import BatchGrads, ReducedFactors
-from ...compressors import PCA, Compressor, Identity
+from ...blocks import BatchGrads
+from ...compressors import Compressor, Identity
 from ...curvature import Preconditioner
 from ...gradients import gradients
 from ...losses import causal_lm, cross_entropy
@@ -60,11 +62,10 @@ from ...scores import scores
 from ...task import Task
 from .. import models
 from .common import check_int, from_profile, threads
-from .measure import OtherLoad, frozen_gc, peak_bytes, sync, time_calls
-from .methods import COLORS, LABELS, MARKERS, METHODS, Match, dense_map_bytes, match, sjlt_nonzeros
-from .methods import build as build_method
+from .measure import OtherLoad, compression_step, frozen_gc, peak_bytes, sync, time_calls
+from .methods import ANCHOR, Match, color, compared, label, marker, match, spec
 
-REFERENCE = "dropout_factored"
+REFERENCE = ANCHOR  # it fixes k: every ratio is to it
 FAMILIES = ("mlp", "gpt2")
 # Costs plotted and fitted against the parameter count, with their axis labels.
 METRICS = {
@@ -111,7 +112,7 @@ class Config:
     vocab_size: int = 256
     n_positions: int = 256
     tokens: int = 64
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = compared()
     batch_size: int = 8
     warmup: int = 1
     repeats: int = 3
@@ -142,9 +143,10 @@ class Config:
             if len(w) < 2:
                 raise ValueError(f"mlp_widths entry {list(w)} needs an input and an output width")
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
-        bad = [m for m in methods if m not in METHODS]
+        known = compared("mask", "projection", "fitted", "composed")
+        bad = [m for m in methods if m not in known]
         if bad or not methods:
-            raise ValueError(f"methods={list(methods)!r}: choose a non-empty subset of {METHODS}")
+            raise ValueError(f"methods={list(methods)!r}: choose a non-empty subset of {known}")
         if REFERENCE not in methods:
             raise ValueError(
                 f"methods={list(methods)!r} lacks {REFERENCE!r}: it fixes k and is the reference "
@@ -344,65 +346,21 @@ def pca_fit_rows(k: int, cfg: Config) -> int:
     return max(k, cfg.pca_min_fit)
 
 
-def needs_bytes(method: str, k: int, d: int, n_fit: int, sjlt_c: int = 1) -> int:
-    """Bytes a method must hold beyond the model and data, stored or regenerable.
-
-    ``gaussian`` (dense): the (k, d) float32 projection. ``pca``: the (k, d) float32 components
-    plus the fit on ``n_fit`` exact gradients: the (n_fit, d) float32 gradients, their float64
-    copy and the float64 (min(n_fit, d), d) right singular vectors (a lower bound: the SVD's
-    workspace comes on top). ``sjlt``: the int64 row and float32 sign of each of the c d
-    nonzeros (c: the largest divisor of k up to ``sjlt_c``). ``dropout`` (flat): k int64
-    indices. The factored methods are counted as 0: factored
-    dropout holds unit indices, O(n_in + n_out) per layer, and factored Gaussian its projections
-    (its ``map_bytes``), ``k_in (n_in + 1) + k_out n_out`` floats per layer, about (1-p) d in
-    all. That holds because the ladder's models have no parameter outside a factored layer (the
-    library would project those with a dense Gaussian).
-    """
-    if method == "pca":
-        return dense_map_bytes(method, k, d) + 12 * n_fit * d + 8 * min(n_fit, d) * d
-    if method == "sjlt":
-        return 12 * sjlt_nonzeros(k, sjlt_c) * d
-    if method == "dropout":
-        return 8 * k
-    return dense_map_bytes(method, k, d)
+def options(m: Match, cfg: Config) -> dict:
+    """How ``cfg`` builds methods at ``m`` (:class:`~.methods.Options`)."""
+    return {"sjlt_c": cfg.sjlt_c, "pca_n_fit": pca_fit_rows(m.k, cfg)}
 
 
 def make_compressor(method: str, m: Match, cfg: Config) -> Compressor:
-    """The unbound compressor of ``method`` at the matched setting ``m`` (:func:`~.methods.build`
-    with ``cfg``'s seed and SJLT nonzeros; PCA not yet fitted, on :func:`pca_fit_rows` rows)."""
-    return build_method(method, m, cfg.seed, cfg.sjlt_c, pca_fit_rows(m.k, cfg))
+    """The unbound compressor of ``method`` at the matched setting ``m`` with ``cfg``'s seed and
+    :func:`options` (a fitted method not yet fitted)."""
+    return spec(method).compressor(m, cfg.seed, **options(m, cfg))
 
 
-def fit_pca(comp: PCA, task: Task, fit_batches: list) -> PCA:
+def fit(comp: Compressor, task: Task, fit_batches: list) -> Compressor:
     """Fit ``comp`` on the exact (Identity) gradients of ``fit_batches``: the fit's full cost."""
     G = gradients(task, fit_batches, Identity(), progress=False)
     return comp.fit(G.data)
-
-
-def compression_step(comp: Compressor, bg: BatchGrads) -> Callable[[], Tensor]:
-    """The compression step on one batch's fully captured factors, as a call returning (B, k).
-
-    Factored methods: the capture-time reducers (:meth:`~dropinf.Compressor.reducers`) applied to
-    each layer's factors, then ``compress``; others: ``compress`` (which builds each parameter's
-    per-sample gradient). A layer captured in several blocks is left to ``compress``.
-    """
-    reducers = comp.reducers(bg.device)
-    if not reducers:
-        return lambda: comp.compress(bg)
-    counts: dict[str, int] = {}
-    for b in bg.blocks:
-        counts[getattr(b, "module", "")] = counts.get(getattr(b, "module", ""), 0) + 1
-
-    def step() -> Tensor:
-        blocks = []
-        for b in bg.blocks:
-            r = reducers.get(getattr(b, "module", None))
-            if r is not None and counts[b.module] == 1:
-                b = ReducedFactors(b.module, r.inputs(b.x), r.outputs(b.delta), b.params)
-            blocks.append(b)
-        return comp.compress(BatchGrads(bg.params, blocks, bg.size))
-
-    return step
 
 
 def run_pipeline(bench: Bench, method: str, m: Match, cfg: Config, train: list, test: list,
@@ -411,8 +369,8 @@ def run_pipeline(bench: Bench, method: str, m: Match, cfg: Config, train: list, 
     the training and test sets, fit the damped Fisher, score. Returns the (n_test, n_train)
     scores (positive = helpful)."""
     comp = make_compressor(method, m, cfg)
-    if isinstance(comp, PCA):
-        fit_pca(comp, bench.task, fit_batches)
+    if spec(method).needs_fit:
+        fit(comp, bench.task, fit_batches)
     G_train = gradients(bench.task, train, comp, progress=False)
     G_test = gradients(bench.task, test, comp, progress=False)
     pre = Preconditioner.fit(G_train, kind="fisher", damping=cfg.damping)
@@ -426,9 +384,9 @@ def _time_fit(method: str, m: Match, bench: Bench, cfg: Config, fit_batches: lis
     dev = torch.device(cfg.device)
     comp = make_compressor(method, m, cfg)
     fit_s = 0.0
-    if isinstance(comp, PCA):
+    if spec(method).needs_fit:
         t0 = time.perf_counter()
-        fit_pca(comp, bench.task, fit_batches)
+        fit(comp, bench.task, fit_batches)
         fit_s = time.perf_counter() - t0
     sync(dev)
     t0 = time.perf_counter()
@@ -462,10 +420,11 @@ def _measure_bench(bench: Bench, cfg: Config, bar: tqdm | None) -> list[dict]:
     d, k = setting.d, setting.k
     data_seed = cfg.seed + 1
     batch = bench.batches(cfg.batch_size, data_seed)[0]
-    n_fit = pca_fit_rows(k, cfg)
     budget = cfg.memory_budget_gb * GB
-    pca_fits = "pca" in cfg.methods and needs_bytes("pca", k, d, n_fit) <= budget
-    fit_batches = bench.batches(n_fit, data_seed + 1) if pca_fits else []
+    need = {method: spec(method).need_bytes(setting, **options(setting, cfg))
+            for method in cfg.methods}
+    fits = any(spec(x).needs_fit and need[x] <= budget for x in cfg.methods)
+    fit_batches = bench.batches(pca_fit_rows(k, cfg), data_seed + 1) if fits else []
     run_pipe = k <= cfg.pipeline_max_k
     train = bench.batches(cfg.n_train, data_seed + 2) if run_pipe else []
     test = bench.batches(cfg.n_test, data_seed + 3) if run_pipe else []
@@ -480,11 +439,11 @@ def _measure_bench(bench: Bench, cfg: Config, bar: tqdm | None) -> list[dict]:
     for method in cfg.methods:
         if bar is not None:
             bar.set_postfix_str(f"{size.name} {method}")
-        need = needs_bytes(method, k, d, n_fit, cfg.sjlt_c)
-        row = {**base, "method": method, "need_bytes": need}
-        if need > budget:
+        row = {**base, "method": method, "need_bytes": need[method]}
+        if need[method] > budget:
             rows.append({**row, "status": "does not fit", "pipeline_status": "does not fit",
-                         "map_bytes": dense_map_bytes(method, k, d)})
+                         "map_bytes": spec(method).stored_bytes(setting,
+                                                                **options(setting, cfg))})
         else:
             try:
                 with OtherLoad() as load:
@@ -677,21 +636,21 @@ def plot(df: pd.DataFrame, slope_df: pd.DataFrame, hardware: str = "", p: float 
             ax = axes[i, j]
             none = []
             for method in dict.fromkeys(g["method"]):
-                style = dict(color=COLORS[method], marker=MARKERS[method], ms=4)
+                style = dict(color=color(method), marker=marker(method), ms=4)
                 m = _measured(g[g["method"] == method], metric).sort_values("d")
                 y = m[metric].to_numpy(float)
                 if metric == "map_bytes" and len(y) and (y == 0).all():
-                    none.append(LABELS[method])
+                    none.append(label(method))
                     continue
                 s = slope_df[(slope_df["family"] == family) & (slope_df["method"] == method)
                              & (slope_df["metric"] == metric)]["slope"]
                 slope = f"slope {s.iloc[0]:.2f}" if len(s) and np.isfinite(s.iloc[0]) else "1 pt"
                 if len(y):
-                    ax.plot(m["d"], y, "-", label=f"{LABELS[method]} ({slope})", **style)
+                    ax.plot(m["d"], y, "-", label=f"{label(method)} ({slope})", **style)
                 nf = g[(g["method"] == method) & (g["status"] == "does not fit")]
                 if metric == "map_bytes" and len(nf):
                     ax.plot(nf["d"], nf["map_bytes"], "--", mfc="none",
-                            label=f"{LABELS[method]}: would need", **style)
+                            label=f"{label(method)}: would need", **style)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("parameters in the gradient, d")
@@ -728,7 +687,7 @@ def conclude(df: pd.DataFrame, ratio_df: pd.DataFrame) -> str:
             continue
         ref = g[(g["metric"] == "compress_ms") & (g["method"] == REFERENCE)].iloc[0]
         size = ref["size"]
-        rel = [f"{LABELS[r.method]} {_fmt_ratio(r.ratio)}" + ("" if r.size == size else
+        rel = [f"{label(r.method)} {_fmt_ratio(r.ratio)}" + ("" if r.size == size else
                f" (at {r.size}, the largest where it fits)") for r in c.itertuples()]
         faster = c[c["ratio"] < 1.0]
         lines.append(
@@ -736,15 +695,15 @@ def conclude(df: pd.DataFrame, ratio_df: pd.DataFrame) -> str:
             f"gradient): the factored-dropout compression step takes {ref['value']:.3g} ms per "
             f"batch; relative to it, {'; '.join(rel)}. "
             + (f"Faster than factored dropout: "
-               f"{', '.join(LABELS[m] for m in faster['method'])}." if len(faster)
+               f"{', '.join(label(m) for m in faster['method'])}." if len(faster)
                else "No method is faster.")
         )
         maps = df[(df["family"] == family) & (df["size"] == size)]
-        stored = [f"{LABELS[r.method]} "
+        stored = [f"{label(r.method)} "
                   + (f"would need {_fmt_bytes(r.map_bytes)} (over the memory budget)"
                      if r.status == "does not fit" else _fmt_bytes(r.map_bytes))
                   for r in maps.itertuples() if r.map_bytes > 0]
-        free = [LABELS[r.method] for r in maps.itertuples()
+        free = [label(r.method) for r in maps.itertuples()
                 if r.status == "ok" and r.map_bytes == 0]
         lines.append(f"  Stored map at {size}: none for {', '.join(free)}; "
                      f"{'; '.join(stored) if stored else 'none for any method'}.")
@@ -752,7 +711,7 @@ def conclude(df: pd.DataFrame, ratio_df: pd.DataFrame) -> str:
         if len(close):
             lines.append(
                 "  Within 2x of factored dropout's time and storing no map either: "
-                + ", ".join(f"{LABELS[r.method]} ({_fmt_ratio(r.ratio)})"
+                + ", ".join(f"{label(r.method)} ({_fmt_ratio(r.ratio)})"
                             for r in close.itertuples())
                 + "."
             )
@@ -764,17 +723,17 @@ def conclude(df: pd.DataFrame, ratio_df: pd.DataFrame) -> str:
             lines.append(
                 f"  Whole pipeline at {top['size']} (the largest size where it ran): factored "
                 f"dropout {top['value']:.2f} s; relative to it, "
-                + "; ".join(f"{LABELS[r.method]} {_fmt_ratio(r.ratio)}"
+                + "; ".join(f"{label(r.method)} {_fmt_ratio(r.ratio)}"
                             + ("" if r.size == top["size"] else f" (at {r.size})")
                             for r in others.itertuples())
                 + "."
-                + (f" Within 20-25% of dropout: {', '.join(LABELS[m] for m in same['method'])}"
+                + (f" Within 20-25% of dropout: {', '.join(label(m) for m in same['method'])}"
                    ": there featurisation and the k x k Fisher, the same for all, dominate."
                    if len(same) else "")
             )
     errors = df[df["status"].astype(str).str.startswith("error")]
     for r in errors.itertuples():
-        lines.append(f"- **Failed**: {LABELS[r.method]} at {r.size}: {r.status}")
+        lines.append(f"- **Failed**: {label(r.method)} at {r.size}: {r.status}")
     busy = df["other_pct"].dropna()
     if len(busy) and busy.max() > 10:
         lines.append(

@@ -48,17 +48,28 @@ from ...scores import scores
 from ...task import Task
 from .. import data, metrics, models, retrain
 from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
-from .methods import COLORS, METHODS, Match, build, match, ready
-from .methods import LABELS as METHOD_LABELS
+from .methods import (
+    FAMILIES,
+    IDENTITY,
+    Match,
+    color,
+    compared,
+    compressors,
+    in_family,
+    match,
+    ready,
+    spec,
+)
+from .methods import label as method_label
 
-REFERENCES = ("exact", "ggn", "identity")
+METHODS = compared()
+REFERENCES = compared("reference")
 MODELS = ("logreg", "mlp", "resnet9")
-LABELS = {  # the references' labels; "identity" is the uncompressed Fisher here
-    **METHOD_LABELS,
-    "exact": "exact (Hessian)",
-    "ggn": "exact GGN",
-    "identity": "uncompressed Fisher",
-}
+
+
+def label(name: str) -> str:
+    """The method's label; the ``identity`` reference is the uncompressed Fisher here."""
+    return "uncompressed Fisher" if name == IDENTITY else method_label(name)
 MODEL_LABELS = {"logreg": "logistic regression", "mlp": "MLP", "resnet9": "ResNet-9"}
 METRICS = ("pearson", "spearman", "spearman_overall", "topk", "spearman_vs_identity", "loo",
            "lds")
@@ -127,7 +138,7 @@ class Config:
         for name in ("models", "methods", "references"):
             value = getattr(self, name)
             value = (value,) if isinstance(value, str) else tuple(value)
-            allowed = {"models": MODELS, "methods": METHODS, "references": REFERENCES}[name]
+            allowed = {"models": MODELS, "methods": compressors(), "references": REFERENCES}[name]
             bad = [v for v in value if v not in allowed]
             if bad or len(set(value)) != len(value):
                 raise ValueError(f"{name}={value!r} must be distinct entries of {allowed}")
@@ -372,7 +383,7 @@ def build_compressor(method: str, m: Match, seed: int, cfg: Config, task: Task,
     per column, PCA fitted on ``cfg.pca_n_fit`` rows of the uncompressed training gradients
     ``G_train``, once per seed with a ``pca_cache``; None for PCA when k exceeds what those rows
     span."""
-    comp = build(method, m, seed, sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_n_fit)
+    comp = spec(method).compressor(m, seed, sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_n_fit)
     return ready(comp, task, m.k, G_train, pca_cache)
 
 
@@ -508,7 +519,7 @@ def run_model(cfg: Config, name: str, progress: bool = True,
             f"{info['test_accuracy']:.3f}")
         G_tr = G_te = None
         refs: dict[str, tuple[np.ndarray, dict]] = {}
-        if cfg.references or "pca" in cfg.methods:
+        if cfg.references or any(spec(m).needs_fit for m in cfg.methods):
             with stage("exact gradients"):
                 G_tr, G_te = exact_gradients(fitted)
         with stage("references"):
@@ -601,7 +612,7 @@ def ratio_pivot(summ: pd.DataFrame, ratios: tuple[float, ...] = (16.0, 64.0),
     ``mean +- std`` over seeds; references (ratio 1) in every ratio column."""
     out = []
     for (model, method), g in summ.groupby(["model", "method"], sort=False):
-        row = {"model": model, "method": LABELS[method]}
+        row = {"model": model, "method": label(method)}
         for r in ratios:
             sel = g if (g.kind == "reference").all() else g[np.isclose(g.ratio, r)]
             for m in metrics_:
@@ -660,13 +671,12 @@ def _at(summ: pd.DataFrame, model: str, ratio: float, metric: str) -> str:
     """'flat dropout 0.16, factored dropout 0.12, best projection 0.18 (Gaussian (dense))'."""
     s = summ[(summ.model == model) & (summ.kind == "compressed") & np.isclose(summ.ratio, ratio)]
     mean = s.set_index("method")[f"{metric}_mean"].dropna()
-    proj = mean[[m for m in ("gaussian", "gaussian_factored", "sjlt") if m in mean.index]]
-    parts = [f"{LABELS[m]} {mean[m]:.2f}" for m in ("dropout", "dropout_factored")
-             if m in mean.index]
+    present = [m for m in compared(*FAMILIES) if m in mean.index]
+    proj = mean[list(in_family(present, "projection"))]
+    parts = [f"{label(m)} {mean[m]:.2f}" for m in in_family(present, "mask")]
     if len(proj):
-        parts.append(f"best projection {proj.max():.2f} ({LABELS[proj.idxmax()]})")
-    if "pca" in mean.index:
-        parts.append(f"PCA {mean['pca']:.2f}")
+        parts.append(f"best projection {proj.max():.2f} ({label(proj.idxmax())})")
+    parts += [f"{label(m)} {mean[m]:.2f}" for m in in_family(present, "fitted", "composed")]
     return ", ".join(parts)
 
 
@@ -681,19 +691,19 @@ def conclude(summ: pd.DataFrame, infos: dict[str, dict]) -> str:
             f"Exact influence on logistic regression reaches a leave-one-out correlation of "
             f"{lr['loo']['value']:.2f} and an LDS of {lr['lds']['value']:.2f} (dattri reports "
             f"about {DATTRI['loo']:.2f} and {DATTRI['lds']:.2f} on MNIST).")
-    methods = set(summ.method)
-    projections = [m for m in ("gaussian", "gaussian_factored", "sjlt") if m in methods]
+    methods = [m for m in compared(*FAMILIES) if m in set(summ.method)]
+    projections = list(in_family(methods, "projection"))
     for model in dict.fromkeys(summ.model):
-        info, label = infos.get(model, {}), MODEL_LABELS[model]
+        info, what = infos.get(model, {}), MODEL_LABELS[model]
         ref = summ[(summ.model == model) & (summ.kind == "reference")].set_index("method")
         if model != "logreg" and "exact" in info:
             consistency = info.get("seed_consistency", math.nan)
-            s.append(f"On the {label}, exact influence has an LDS of "
+            s.append(f"On the {what}, exact influence has an LDS of "
                      f"{info['exact']['lds']['value']:.2f}"
                      + (f" (the outputs of two retraining seeds agree at Spearman "
                         f"{consistency:.2f})" if np.isfinite(consistency) else "") + ".")
         if "identity" in ref.index and np.isfinite(ref.spearman_mean["identity"]):
-            s.append(f"On the {label} the uncompressed Fisher itself agrees with exact influence "
+            s.append(f"On the {what} the uncompressed Fisher itself agrees with exact influence "
                      f"at Spearman {ref.spearman_mean['identity']:.2f} (LDS "
                      f"{ref.lds_mean['identity']:.2f}): compression starts from there.")
         for metric, name in (("spearman", "Spearman with exact influence"), ("lds", "LDS")):
@@ -703,17 +713,16 @@ def conclude(summ: pd.DataFrame, infos: dict[str, dict]) -> str:
             at = "; ".join(f"at {r:g}x {_at(summ, model, r, metric)}"
                            for r in (16.0, 64.0) if np.isclose(sub.ratio, r).any())
             if at:
-                s.append(f"{label[0].upper()}{label[1:]}, {name}: {at}.")
-            for a in ("dropout", "dropout_factored"):
-                if a in methods and projections:
-                    match, lose = _compare(summ, model, a, projections, metric)
-                    s.append(f"{LABELS[a].capitalize()} matches the best random projection on "
-                             f"{name} at {_ratios(match)} and loses at {_ratios(lose)}.")
-            if "pca" in methods:
+                s.append(f"{what[0].upper()}{what[1:]}, {name}: {at}.")
+            for a in in_family(methods, "mask", "composed") if projections else ():
+                match, lose = _compare(summ, model, a, projections, metric)
+                s.append(f"{label(a).capitalize()} matches the best random projection on "
+                         f"{name} at {_ratios(match)} and loses at {_ratios(lose)}.")
+            for a in in_family(methods, "fitted"):
                 best = sub.loc[sub.groupby("ratio")[f"{metric}_mean"].idxmax()]
-                pca_best = [float(r) for r in best[best.method == "pca"].ratio]
-                s.append(f"PCA, fitted on the training gradients, is best on {name} at "
-                         f"{_ratios(pca_best)}.")
+                wins = [float(r) for r in best[best.method == a].ratio]
+                s.append(f"{label(a)}, fitted on the training gradients, is best on {name} at "
+                         f"{_ratios(wins)}.")
     return " ".join(s)
 
 
@@ -784,17 +793,17 @@ def plot_fidelity(summ: pd.DataFrame, metrics_: tuple[str, ...] = ("spearman", "
                 mean, std = g[f"{metric}_mean"], g[f"{metric}_std"].fillna(0.0)
                 if mean.isna().all():
                     continue
-                ax.plot(g.ratio, mean, "o-", ms=3.5, lw=1.5, color=COLORS[method],
-                        label=LABELS[method])
-                ax.fill_between(g.ratio, mean - std, mean + std, color=COLORS[method],
+                ax.plot(g.ratio, mean, "o-", ms=3.5, lw=1.5, color=color(method),
+                        label=label(method))
+                ax.fill_between(g.ratio, mean - std, mean + std, color=color(method),
                                 alpha=0.18, lw=0)
             for row in s[s.kind == "reference"].itertuples():
                 value = getattr(row, f"{metric}_mean")
                 trivial = (row.method == "identity" if metric == "spearman_vs_identity"
                            else row.method == "exact" and metric in AGAINST_EXACT)
                 if np.isfinite(value) and not trivial:  # a reference against itself is 1
-                    color, style = REF_STYLES[row.method]
-                    ax.axhline(value, color=color, ls=style, lw=1.2, label=LABELS[row.method])
+                    ref_color, style = REF_STYLES[row.method]
+                    ax.axhline(value, color=ref_color, ls=style, lw=1.2, label=label(row.method))
             if s[f"{metric}_mean"].isna().all():
                 ax.text(0.5, 0.5, "not measured for this model", ha="center", va="center",
                         transform=ax.transAxes, color="0.4")

@@ -14,15 +14,16 @@ What ``notebooks/06_language.ipynb`` computes, here so that it is tested:
   document and top-k overlap, against the compression ratio d / k, over several draws. Scores
   use the damped empirical Fisher (:func:`fisher_scores`) and, as a second view, plain gradient
   dot products;
-- the coherence of real test-train gradient pairs (:func:`pair_stats`, :func:`coherence`),
+- the coherence of real test-train gradient pairs (:func:`coherence`),
   which sets a mask's variance against a projection's (DESIGN section 3);
 - removal of the documents most helpful to a set of target test documents by each method's
   scores, re-fine-tuning from the same checkpoint with several seeds, against removing random
   documents (:func:`removal`);
 - the cost of each method at this scale (:func:`cost_table`: compression step per batch, map
   bytes; timings go to tables, never to the summary);
-- one variant beyond the paper (DESIGN section 6): a flat dropout mask to ``oversample * k``
-  coordinates followed by an SJLT down to k (:data:`VARIANT`, :func:`sjlt_rows`).
+- the composed methods (family ``composed`` of :data:`~.methods.METHODS`), beyond the paper
+  (DESIGN section 6): a flat dropout mask to ``oversample * k`` coordinates followed by an SJLT
+  down to k, one :class:`dropinf.Chain`.
 
 Sign convention: positive score = helpful (removing the document raises the test loss). Every
 random choice comes from ``cfg.seed`` through named streams (:func:`~.common.seed_for`).
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ... import theory as th
-from ...compressors import PCA, Compressor, Dropout, Identity
+from ...compressors import Compressor, Identity
 from ...curvature import Preconditioner
 from ...gradients import gradients
 from ...losses import causal_lm
@@ -55,17 +56,16 @@ from .. import data as dd
 from .. import metrics
 from ..models import GPT2_LADDER, gpt2_ladder, train
 from .common import check_int, float_list, from_profile, rng_for, seed_for
-from .cost import compression_step
-from .measure import time_calls
-from .methods import COLORS, IDENTITY, LABELS, VARIANT, Match, build, dense_map_bytes, match
-from .methods import METHODS as COMPRESSED
+from .measure import compression_step, time_calls
+from .methods import IDENTITY, Match, color, compressors, in_family, label, match, spec
 from .theory import crossover_coherence
 
 REFERENCE = IDENTITY
-METHODS = (*COMPRESSED, VARIANT)
+METHODS = compressors()
 CURVATURES = ("fisher", "dot")
 CORPORA = ("stdlib", *dd.WEBTEXT)
 MB = 2**20
+COLUMNS = 1 << 20  # pair statistics accumulate over slices of this many gradient columns
 
 
 # --------------------------------------------------------------------------- configuration
@@ -92,7 +92,7 @@ class Config:
     its map takes at most ``dense_max_mb``; PCA where k is at most the number of training
     gradients it is fitted on. Fisher damping ``damping`` (relative: a fraction of the mean
     eigenvalue, the same for every method); top-``top_k`` overlap.
-    :data:`VARIANT` keeps ``oversample * k`` coordinates before its SJLT.
+    A composed method keeps ``oversample * k`` coordinates before its SJLT.
 
     Removal: ``n_targets`` test documents; the ``remove_fraction`` of training documents with the
     largest summed score over them, by each of ``removal_methods`` at ``removal_ratio`` (first
@@ -131,7 +131,7 @@ class Config:
     removal_ratio: float = 16.0
     removal_methods: tuple[str, ...] = (
         REFERENCE, "dropout", "dropout_factored", "gaussian_factored", "sjlt",
-    )  # fmt: skip
+    )  # fmt: skip  (data: which methods this profile re-fine-tunes for)
     n_retrain_seeds: int = 3
     timing_repeats: int = 5
     threads: int = 1
@@ -162,8 +162,8 @@ class Config:
             if name not in CORPORA:
                 raise ValueError(f"corpora contains {name!r}; choose from {CORPORA}")
         for name in self.methods:
-            if name not in METHODS:
-                raise ValueError(f"methods contains {name!r}; choose from {METHODS}")
+            if name not in compressors():
+                raise ValueError(f"methods contains {name!r}; choose from {compressors()}")
         for name in self.removal_methods:
             if name != REFERENCE and name not in self.methods:
                 raise ValueError(
@@ -387,46 +387,26 @@ def compressed(lm: LM, comp: Compressor, batch: int) -> tuple[Tensor, Tensor]:
 
 def method_compressor(method: str, m: Match, seed: int, cfg: Config
                       ) -> tuple[Compressor | None, str]:
-    """The unbound compressor of ``method`` at the matched setting ``m``, or None and why not.
-
-    :data:`VARIANT` returns its first stage, a flat mask to ``min(d, oversample * k)``
-    coordinates (:func:`sjlt_rows` is the second); PCA is returned unfitted (fitted on the
-    ``n_train`` training gradients by :func:`compress_method`).
-    """
-    if method == VARIANT:
-        return Dropout(1.0 - min(m.d, cfg.oversample * m.k) / m.d, seed=seed), "ok"
-    need = dense_map_bytes(method, m.k, m.d)
-    if method == "gaussian" and need > cfg.dense_max_mb * MB:
-        return None, (f"does not fit: its (k, d) map needs {need / MB:,.0f} MB > "
+    """The unbound compressor of ``method`` at the matched setting ``m``, or None and why not:
+    a fitted method (PCA, fitted on the ``n_train`` training gradients by
+    :func:`compress_method`) where k exceeds them, another whose stored map exceeds
+    ``dense_max_mb``."""
+    s, opts = spec(method), {"pca_n_fit": cfg.n_train, "oversample": cfg.oversample}
+    if s.needs_fit:
+        if m.k > cfg.n_train:
+            return None, f"does not fit: k={m.k} directions from {cfg.n_train} training gradients"
+    elif (need := s.stored_bytes(m, **opts)) > cfg.dense_max_mb * MB:
+        return None, (f"does not fit: its map needs {need / MB:,.0f} MB > "
                       f"dense_max_mb={cfg.dense_max_mb:g}")
-    if method == "pca" and m.k > cfg.n_train:
-        return None, f"does not fit: k={m.k} directions from {cfg.n_train} training gradients"
-    return build(method, m, seed, pca_n_fit=cfg.n_train), "ok"
+    return s.compressor(m, seed, **opts), "ok"
 
 
-def sjlt_rows(Z: Tensor, k: int, seed: int) -> Tensor:
-    """(n, m) rows mapped to (n, k) by one SJLT with one nonzero per column: column j of Z goes
-    to row ``h(j)`` with sign ``s(j)``, both drawn from ``seed``; dot products are unbiased."""
-    if not 1 <= k <= Z.shape[1]:
-        raise ValueError(f"k={k} must be in [1, {Z.shape[1]}] (the input dimension)")
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randint(k, (Z.shape[1],), generator=g)
-    signs = torch.randint(2, (Z.shape[1],), generator=g).to(Z.dtype) * 2 - 1
-    out = torch.zeros(Z.shape[0], k, dtype=Z.dtype)
-    return out.index_add_(1, rows, Z * signs)
-
-
-def compress_method(lm: LM, method: str, comp: Compressor, k: int, seed: int, batch: int
-                    ) -> tuple[Tensor, Tensor]:
+def compress_method(lm: LM, method: str, comp: Compressor, batch: int) -> tuple[Tensor, Tensor]:
     """Training and test gradients compressed by ``method`` (``comp`` from
-    :func:`method_compressor`; PCA gets fitted on ``lm.G_train`` here)."""
-    if isinstance(comp, PCA) and comp.components is None:
+    :func:`method_compressor`; a fitted method is fitted on ``lm.G_train`` here)."""
+    if spec(method).needs_fit:
         comp.fit(lm.G_train)
-    Gtr, Gte = compressed(lm, comp, batch)
-    if method == VARIANT and Gtr.shape[1] > k:
-        s2 = seed_for(seed, "sjlt stage")
-        Gtr, Gte = sjlt_rows(Gtr, k, s2), sjlt_rows(Gte, k, s2)
-    return Gtr, Gte
+    return compressed(lm, comp, batch)
 
 
 # --------------------------------------------------------------------------- scores
@@ -481,7 +461,7 @@ def agreement(cfg: Config, lm: LM, progress: bool = True) -> Agreement:
     kept = {REFERENCE: S_ref}
     rows = []
     cells = [(r, m, s) for r in cfg.ratios for m in cfg.methods
-             for s in range(1 if m == "pca" else cfg.n_mask_seeds)]
+             for s in range(1 if spec(m).needs_fit else cfg.n_mask_seeds)]  # fitted: exact
     dims = {r: match(lm.task, ratio=r) for r in cfg.ratios}
     for ratio, method, s in tqdm(cells, desc=f"{lm.corpus}: agreement", unit="draw",
                                  disable=not progress):
@@ -494,7 +474,7 @@ def agreement(cfg: Config, lm: LM, progress: bool = True) -> Agreement:
             rows += [{**base, "curvature": c, "status": status} for c in CURVATURES]
             continue
         t0 = time.perf_counter()
-        Gtr, Gte = compress_method(lm, method, comp, k, cseed, cfg.grad_batch)
+        Gtr, Gte = compress_method(lm, method, comp, cfg.grad_batch)
         grad_s = time.perf_counter() - t0
         if Gtr.shape[1] != k:
             raise RuntimeError(f"{method} gave dimension {Gtr.shape[1]}, not the matched k={k}")
@@ -541,27 +521,6 @@ def _round(x: float, digits: int = 4) -> float | None:
 # --------------------------------------------------------------------------- coherence
 
 
-def pair_stats(A: Tensor, B: Tensor, device: str | torch.device = "cpu", block: int = 1 << 20
-               ) -> th.PairStats:
-    """:class:`dropinf.theory.PairStats` of every pair ``(A[i], B[j])`` of A (n, d) and B (m, d),
-    accumulated in float64 over column blocks on ``device`` (the numpy
-    :meth:`~dropinf.theory.PairStats.pairwise` holds float64 copies of both)."""
-    n, m, d = A.shape[0], B.shape[0], A.shape[1]
-    ab = torch.zeros(n, m, dtype=torch.float64, device=device)
-    cc = torch.zeros_like(ab)
-    aa = torch.zeros(n, 1, dtype=torch.float64, device=device)
-    bb = torch.zeros(1, m, dtype=torch.float64, device=device)
-    for j in range(0, d, block):
-        a = A[:, j : j + block].to(device, torch.float64)
-        b = B[:, j : j + block].to(device, torch.float64)
-        ab += a @ b.T
-        cc += (a * a) @ (b * b).T
-        aa += (a * a).sum(1, keepdim=True)
-        bb += (b * b).sum(1)[None]
-    aa, bb = (x.expand(n, m).cpu().numpy() for x in (aa, bb))
-    return th.PairStats(aa, bb, ab.cpu().numpy(), cc.cpu().numpy(), d)
-
-
 def coherence(cfg: Config, lm: LM) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray]:
     """Coherence ``d sum(a^2 b^2) / (|a|^2 |b|^2)`` of every test-train gradient pair, and what
     it predicts for a fixed-size mask against a Gaussian projection of the same k.
@@ -574,7 +533,7 @@ def coherence(cfg: Config, lm: LM) -> tuple[dict[str, Any], pd.DataFrame, np.nda
     quantiles of the pairs restricted to each layer's weights and bias; ``values`` all pair
     coherences (pairs with a zero gradient left out).
     """
-    st = pair_stats(lm.G_test, lm.G_train, cfg.device)
+    st = th.PairStats.pairwise(lm.G_test, lm.G_train, chunk=COLUMNS, device=cfg.device)
     ok = (st.aa * st.bb) > 0
     values = st.coherence[ok]
     stats: dict[str, Any] = {"d": lm.d, "n_pairs": int(ok.sum()), **_quantiles(values)}
@@ -599,7 +558,8 @@ def coherence(cfg: Config, lm: LM) -> tuple[dict[str, Any], pd.DataFrame, np.nda
         lo, hi = min(q.offset for q in cols), max(q.stop for q in cols)
         if hi - lo != sum(q.numel for q in cols):
             raise RuntimeError(f"the parameters of {layer} are not contiguous in the gradient")
-        sl = pair_stats(lm.G_test[:, lo:hi], lm.G_train[:, lo:hi], cfg.device)
+        sl = th.PairStats.pairwise(lm.G_test[:, lo:hi], lm.G_train[:, lo:hi],
+                                   chunk=COLUMNS, device=cfg.device)
         good = (sl.aa * sl.bb) > 0
         rows.append({"corpus": lm.corpus, "layer": layer, "d_layer": hi - lo,
                      **_quantiles(sl.coherence[good])})
@@ -718,15 +678,15 @@ def removal_summary(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
 def cost_table(cfg: Config, lm: LM, progress: bool = True) -> pd.DataFrame:
     """Per method and ratio (first draw): the compression step on one batch of ``grad_batch``
     training documents (median ms over ``timing_repeats`` calls after one warm-up, from the fully
-    captured layer factors to the (B, k) output, :func:`~.cost.compression_step`;
-    the variant adds its SJLT stage), the map bytes it must store, and the fit (PCA) in seconds.
+    captured layer factors to the (B, k) output, :func:`~.measure.compression_step`), the map
+    bytes it must store, and the fit (PCA) in seconds.
     Times vary between runs: they belong in tables, not in the summary."""
     dev = torch.device(cfg.device)
     batch = next(iter(lm.loader("train", cfg.grad_batch)))
     batch = {k: v.to(dev) for k, v in batch.items()}
     with lm.task.evaluating(), PerSampleGrads(lm.task) as psg:
         bg = psg(batch)[0]
-        rows = [_cost_row(cfg, lm, REFERENCE, Identity(), lm.d, 0, bg, 0.0, 1.0)]
+        rows = [_cost_row(cfg, lm, REFERENCE, Identity(), lm.d, bg, 0.0, 1.0)]
         cells = [(r, m) for r in cfg.ratios for m in cfg.methods]
         dims = {r: match(lm.task, ratio=r) for r in cfg.ratios}
         for ratio, method in tqdm(cells, desc=f"{lm.corpus}: cost", unit="method",
@@ -739,12 +699,11 @@ def cost_table(cfg: Config, lm: LM, progress: bool = True) -> pd.DataFrame:
                              "status": status})
                 continue
             fit_s = 0.0
-            if isinstance(comp, PCA):
+            if spec(method).needs_fit:
                 t0 = time.perf_counter()
                 comp.fit(lm.G_train)
                 fit_s = time.perf_counter() - t0
-            rows.append(_cost_row(cfg, lm, method, comp.bind(lm.task), k, cseed, bg, fit_s,
-                                  ratio))
+            rows.append(_cost_row(cfg, lm, method, comp.bind(lm.task), k, bg, fit_s, ratio))
     return pd.DataFrame(rows)
 
 
@@ -756,22 +715,16 @@ def cost_text(df: pd.DataFrame, ratio: float) -> str:
         g = g[(g["ratio"] == ratio) & (g["status"] == "ok")]
         if g.empty:
             continue
-        items = ", ".join(f"{LABELS[r.method]} {r.compress_ms:.1f} ms"
+        items = ", ".join(f"{label(r.method)} {r.compress_ms:.1f} ms"
                           + (f" ({r.map_bytes / MB:.1f} MB map)" if r.map_bytes else "")
                           for r in g.sort_values("compress_ms").itertuples())
         parts.append(f"{corpus}, {ratio:g}x, batch of {int(g['batch'].iloc[0])}: {items}")
     return "Compression step per batch (median; this machine, this load): " + "; ".join(parts)
 
 
-def _cost_row(cfg: Config, lm: LM, method: str, comp: Compressor, k: int, seed: int, bg,
-              fit_s: float, ratio: float) -> dict[str, Any]:
+def _cost_row(cfg: Config, lm: LM, method: str, comp: Compressor, k: int, bg, fit_s: float,
+              ratio: float) -> dict[str, Any]:
     step = compression_step(comp.bind(lm.task), bg)
-    if method == VARIANT and comp.dim > k:
-        first, s2 = step, seed_for(seed, "sjlt stage")
-
-        def step() -> Tensor:
-            return sjlt_rows(first().cpu(), k, s2)
-
     t = time_calls(step, torch.device(cfg.device), 1, cfg.timing_repeats)
     return {"corpus": lm.corpus, "method": method, "ratio": ratio, "k": k, "status": "ok",
             "batch": bg.size, "compress_ms": 1e3 * t.median, "compress_ms_min": 1e3 * t.min,
@@ -839,7 +792,7 @@ def conclude(cfg: Config, results: dict[str, dict[str, Any]]) -> str:
                 if a:
                     ranked = sorted(a.items(), key=lambda kv: -kv[1]["mean"])
                     parts.append(f"at {ratio}: " + ", ".join(
-                        f"{LABELS[m]} {v['mean']:.2f}"
+                        f"{label(m)} {v['mean']:.2f}"
                         + (f" ± {v['std']:.2f}" if v["std"] is not None else " (deterministic)")
                         for m, v in ranked))
             if parts:
@@ -860,15 +813,16 @@ SECTION6 = {"dropout": (0.83, 0.59), "dropout_factored": (0.71, 0.52),
 
 def _section6_text(s: dict[str, Any]) -> list[str]:
     a16, a64 = s.get("agreement_dot_16x") or {}, s.get("agreement_dot_64x") or {}
-    here = [f"{LABELS[m]} {a16[m]['mean']:.2f} / {a64[m]['mean']:.2f} (there {x:.2f} / {y:.2f})"
+    here = [f"{label(m)} {a16[m]['mean']:.2f} / {a64[m]['mean']:.2f} (there {x:.2f} / {y:.2f})"
             for m, (x, y) in SECTION6.items() if m in a16 and m in a64]
     out = []
     if here:
         out.append("- With plain gradient dot products, as in DESIGN.md section 6's first "
                    "measurement on a character-level GPT-2, Spearman at 16x / 64x here: "
                    + "; ".join(here) + ".")
-    if "pca" in (s.get("agreement_64x") or {}):
-        out.append(f"- PCA ({s['agreement_64x']['pca']['mean']:.2f} at 64x with Fisher) is "
+    a64 = s.get("agreement_64x") or {}
+    for m in in_family(a64, "fitted"):
+        out.append(f"- {label(m)} ({a64[m]['mean']:.2f} at 64x with Fisher) is "
                    "fitted on the very training gradients it scores and needs them uncompressed "
                    "first, so it is an upper reference, not a competitor at equal cost.")
     return out
@@ -909,8 +863,8 @@ def _mask_verdict(s: dict[str, Any]) -> list[str]:
                 f"{abs(gap):.2f} in Spearman ({a['dropout']['mean']:.2f} vs "
                 f"{a['sjlt']['mean']:.2f})" + (
                     f"; factored dropout reaches {fact['mean']:.2f}" if fact else "")
-                + (f"; dropout then SJLT reaches {a[VARIANT]['mean']:.2f}" if VARIANT in a
-                   else "") + ".")
+                + "".join(f"; {label(m)} reaches {a[m]['mean']:.2f}"
+                          for m in in_family(a, "composed")) + ".")
     return out
 
 
@@ -920,7 +874,7 @@ def _removal_text(s: dict[str, Any]) -> list[str]:
         return []
     rand = rem.get("random")
     n = next(iter(rem.values()))["n_removed"]
-    parts = [f"{LABELS.get(m, m)} {v['target_loss_change']['mean']:+.4f} ± "
+    parts = [f"{label(m)} {v['target_loss_change']['mean']:+.4f} ± "
              f"{v['target_loss_change']['std'] or 0:.4f}"
              for m, v in rem.items() if m != "random"]
     line = (f"- Removing the {n} training documents most helpful to the target test documents "
@@ -933,8 +887,8 @@ def _removal_text(s: dict[str, Any]) -> list[str]:
     excess = {m: v["excess_over_random"] for m, v in rem.items() if "excess_over_random" in v}
     clear = [m for m, e in excess.items() if e["std"] is not None and e["mean"] > 2 * e["std"]]
     line += (" Paired with random removal on the same seed, the excess is " + ", ".join(
-        f"{LABELS.get(m, m)} {e['mean']:+.4f} ± {e['std'] or 0:.4f}" for m, e in excess.items())
-        + "; " + (f"more than twice its sd for {', '.join(LABELS.get(m, m) for m in clear)}"
+        f"{label(m)} {e['mean']:+.4f} ± {e['std'] or 0:.4f}" for m, e in excess.items())
+        + "; " + (f"more than twice its sd for {', '.join(label(m) for m in clear)}"
                   if clear else "no method's excess exceeds twice its sd") + ".")
     ref = rem.get(REFERENCE)
     if ref is not None:
@@ -944,10 +898,10 @@ def _removal_text(s: dict[str, Any]) -> list[str]:
             worst = min(others, key=lambda m: others[m]["target_loss_change"]["mean"])
             line += (f" Against the uncompressed reference "
                      f"({ref['target_loss_change']['mean']:+.4f}), the compressed methods range "
-                     f"from {LABELS[worst]} ({others[worst]['target_loss_change']['mean']:+.4f}) "
-                     f"to {LABELS[best]} ({others[best]['target_loss_change']['mean']:+.4f}); "
+                     f"from {label(worst)} ({others[worst]['target_loss_change']['mean']:+.4f}) "
+                     f"to {label(best)} ({others[best]['target_loss_change']['mean']:+.4f}); "
                      "their removed sets share " + ", ".join(
-                         f"{100 * v['overlap_with_reference']:.0f}% ({LABELS[m]})"
+                         f"{100 * v['overlap_with_reference']:.0f}% ({label(m)})"
                          for m, v in others.items()) + " of the reference's documents.")
         o = [v["other_loss_change"]["mean"] for v in rem.values()]
         line += (f" On the other test documents the change is {min(o):+.4f} to {max(o):+.4f} "
@@ -979,8 +933,8 @@ def plot_agreement(agg: pd.DataFrame, top_k: int, n_train: int):
                     r = g[g["method"] == method].sort_values("actual_ratio")
                     ax.errorbar(r["actual_ratio"], r[f"{metric}_mean"],
                                 yerr=r[f"{metric}_std"].fillna(0), fmt="o", ms=5, capsize=3,
-                                color=COLORS[method], label=LABELS[method],
-                                ls="--" if method == VARIANT else "-", lw=1.4)
+                                color=color(method), label=label(method),
+                                ls="--" if spec(method).family == "composed" else "-", lw=1.4)
                 if metric == "topk":
                     ax.axhline(top_k / n_train, color="0.5", lw=0.8, ls=":",
                                label=f"random scores (top-{top_k} of {n_train})")
@@ -1014,14 +968,14 @@ def plot_removal(rem: pd.DataFrame):
         g = rem[rem["corpus"] == corpus]
         methods = list(dict.fromkeys(g["method"]))
         x = np.arange(len(methods))
-        for off, col, label, hatch in ((-0.2, "target_loss_change", "target test documents", ""),
+        for off, col, which, hatch in ((-0.2, "target_loss_change", "target test documents", ""),
                                        (0.2, "other_loss_change", "other test documents", "//")):
             stats = g.groupby("method", sort=False)[col].agg(["mean", "std"]).loc[methods]
             ax.bar(x + off, stats["mean"], 0.38, yerr=stats["std"].fillna(0), capsize=3,
-                   color=[COLORS[m] for m in methods], alpha=1.0 if not hatch else 0.45,
-                   hatch=hatch, edgecolor="k", lw=0.5, label=label)
+                   color=[color(m) for m in methods], alpha=1.0 if not hatch else 0.45,
+                   hatch=hatch, edgecolor="k", lw=0.5, label=which)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(x, [LABELS.get(m, m).replace(" (", "\n(") for m in methods], fontsize=7,
+        ax.set_xticks(x, [label(m).replace(" (", "\n(") for m in methods], fontsize=7,
                       rotation=20)
         ax.set_ylabel("change in mean loss after removal (nats / token)\n"
                       "positive: the removed documents were helpful")

@@ -20,6 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
+
+from ...blocks import BatchGrads
+from ...compressors import Compressor
 
 
 def proc_status_kb(key: str) -> int:
@@ -173,3 +177,11 @@ def frozen_gc() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def compression_step(comp: Compressor, bg: BatchGrads) -> Callable[[], Tensor]:
+    """The compression step on one batch's fully captured factors, as a call returning (B, k):
+    the compressor's capture-time reducers applied to them (:meth:`~dropinf.BatchGrads.reduced`,
+    what :class:`~dropinf.PerSampleGrads` does inside its hooks) and ``compress``."""
+    reducers = comp.reducers(bg.device)
+    return lambda: comp.compress(bg.reduced(reducers))

@@ -1,68 +1,175 @@
-"""The compared methods: their names, labels and colours, how each is built at a matched
-dimension, in one place for every notebook.
+"""The compared methods, in one table: name, label, colour, marker, family, how each is built
+at a matched dimension and what it needs in memory, for every notebook.
 
-Names: :data:`IDENTITY` (no compression) and :data:`METHODS`: ``dropout`` (flat) and
-``dropout_factored``, ``gaussian`` (a dense projection) and ``gaussian_factored`` (LoGra's),
-``sjlt`` and ``pca``; plus notebook 06's two-stage :data:`VARIANT`. Each has one label
-(:data:`LABELS`), one colour (:data:`COLORS`) and one marker (:data:`MARKERS`) in every figure.
+:data:`METHODS` maps a name to its :class:`MethodSpec`. Families (:data:`FAMILIES`): the
+``reference`` (``identity``, no compression, and notebook 02's exact and GGN influence), the
+random ``mask`` (flat and factored dropout), random ``projection`` (dense and factored
+Gaussian, SJLT), ``fitted`` (PCA, fitted on the uncompressed training gradients), ``composed``
+(notebook 06's flat dropout to ``oversample * k`` then an SJLT to k, a
+:class:`dropinf.Chain`), and the ``baseline`` rankings of notebooks 04 and 05 (no compressor).
+Notebooks group, compare and write conclusions by family (:func:`in_family`), so a compressor
+added to the study is one :class:`MethodSpec` (plus its library class) and appears in every
+table, figure and conclusion.
 
 Matched dimension (:func:`match`): factored dropout at rate p per side fixes the dimension k
-that every other method is built with (:func:`build`): flat dropout at rate ``1 - k / d``,
-factored Gaussian at the same p (the same per-layer sizes by construction), the dense Gaussian,
-SJLT and PCA at k. The rate comes either from the notebook (``p``) or from a compression ratio
-r: then p is the one whose factored dimension is closest to ``d / r`` (:func:`factored_rate`).
+that every other method is built with (:meth:`MethodSpec.compressor`): flat dropout at rate
+``1 - k / d``, factored Gaussian at the same p (the same per-layer sizes by construction), the
+dense Gaussian, SJLT and PCA at k. The rate comes either from the notebook (``p``) or from a
+compression ratio r: then p is the one whose factored dimension is closest to ``d / r``
+(:func:`factored_rate`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from ...compressors import PCA, SJLT, Compressor, Dropout, Gaussian, Identity, Layout
+from ...compressors import PCA, SJLT, Chain, Compressor, Dropout, Gaussian, Identity, Layout
 from ...task import Task
 
+FAMILIES = ("reference", "mask", "projection", "fitted", "composed", "baseline")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a notebook sets about how methods are built: SJLT's nonzeros per column (at most;
+    :func:`sjlt_nonzeros`), the rows PCA is fitted on, and the composed method's first-stage
+    size as a multiple of k."""
+
+    sjlt_c: int = 1
+    pca_n_fit: int = 1024
+    oversample: int = 4
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One compared method. ``make(match, seed, options)`` builds its unbound compressor (None
+    for the references and baselines that are not compressors); ``needs_fit``: fitted on the
+    uncompressed training gradients (so it needs them in memory); ``factored``: its maps are per
+    layer (O(n_in + n_out) indices or ``k_in n_in + k_out n_out`` floats per layer), so its
+    memory is not a function of d and is counted as 0 in :meth:`need_bytes`."""
+
+    name: str
+    label: str
+    color: str
+    marker: str
+    family: str
+    make: Callable[[Match, int, Options], Compressor] | None = None
+    needs_fit: bool = False
+    factored: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} of {self.name!r}; choose from {FAMILIES}")
+
+    @property
+    def compresses(self) -> bool:
+        """Whether it is a compressor (built at a matched k), not a reference or baseline."""
+        return self.make is not None and self.family != "reference"
+
+    def compressor(self, m: Match, seed: int, **options) -> Compressor:
+        """The unbound compressor at the matched setting ``m``, drawn from ``seed`` (PCA not
+        yet fitted, see :func:`ready`); ``options``: fields of :class:`Options`."""
+        if self.make is None:
+            raise ValueError(f"method {self.name!r} ({self.family}) is not a compressor")
+        return self.make(m, seed, Options(**options))
+
+    def stored_bytes(self, m: Match, **options) -> int:
+        """The map it would store at ``m`` (``Compressor.map_bytes``, from the arguments alone:
+        :meth:`~dropinf.Compressor.stored_bytes`); 0 for a factored method."""
+        return 0 if self.factored else self.compressor(m, 0, **options).stored_bytes(m.d)
+
+    def need_bytes(self, m: Match, **options) -> int:
+        """What it holds beyond the model and data at ``m``, stored or regenerable, with a fit's
+        workspace (:meth:`~dropinf.Compressor.held_bytes`); 0 for a factored method."""
+        return 0 if self.factored else self.compressor(m, 0, **options).held_bytes(m.d)
+
+
+def sjlt_nonzeros(k: int, c: int) -> int:
+    """The largest divisor of k that is at most c (SJLT needs c to divide k)."""
+    return max(j for j in range(1, min(c, k) + 1) if k % j == 0)
+
+
+def _chain(m: Match, seed: int, o: Options) -> Chain:
+    """Flat dropout to ``min(d, oversample * k)`` coordinates, then an SJLT (c = 1) to k."""
+    return Chain(Dropout(1.0 - min(m.d, o.oversample * m.k) / m.d, seed=seed), SJLT(m.k, seed=seed))
+
+
+def _spec(*args, **kwargs) -> tuple[str, MethodSpec]:
+    return args[0], MethodSpec(*args, **kwargs)
+
+
+METHODS: dict[str, MethodSpec] = dict([
+    _spec("exact", "exact (Hessian)", "0.15", "h", "reference"),
+    _spec("ggn", "exact GGN", "0.35", "8", "reference"),
+    _spec("identity", "no compression", "black", "*", "reference", lambda m, s, o: Identity()),
+    _spec("dropout", "dropout (flat)", "C3", "s", "mask",
+          lambda m, s, o: Dropout(m.p_flat, seed=s)),
+    _spec("dropout_factored", "dropout (factored)", "C1", "o", "mask",
+          lambda m, s, o: Dropout(m.p, factored=True, seed=s), factored=True),
+    _spec("gaussian", "Gaussian (dense)", "C0", "D", "projection",
+          lambda m, s, o: Gaussian(m.k, seed=s)),
+    _spec("gaussian_factored", "Gaussian (factored, LoGra)", "C9", "^", "projection",
+          lambda m, s, o: Gaussian(factored=True, p=m.p, seed=s), factored=True),
+    _spec("sjlt", "SJLT", "C2", "v", "projection",
+          lambda m, s, o: SJLT(m.k, sjlt_nonzeros(m.k, o.sjlt_c), seed=s)),
+    _spec("pca", "PCA", "C4", "x", "fitted",
+          lambda m, s, o: PCA(m.k, n_fit=o.pca_n_fit, seed=s), needs_fit=True),
+    _spec("dropout_sjlt", "dropout then SJLT (beyond the paper)", "C6", "P", "composed", _chain),
+    _spec("random", "random", "0.6", ".", "baseline"),
+    _spec("loss", "training loss (baseline)", "C5", ".", "baseline"),
+    _spec("harmful", "most harmful", "C8", ".", "baseline"),
+])
 IDENTITY = "identity"
-METHODS = ("dropout", "dropout_factored", "gaussian", "gaussian_factored", "sjlt", "pca")
-VARIANT = "dropout_sjlt"  # notebook 06: flat dropout to a multiple of k, then an SJLT to k
-LABELS = {
-    IDENTITY: "no compression",
-    "dropout": "dropout (flat)",
-    "dropout_factored": "dropout (factored)",
-    "gaussian": "Gaussian (dense)",
-    "gaussian_factored": "Gaussian (factored, LoGra)",
-    "sjlt": "SJLT",
-    "pca": "PCA",
-    VARIANT: "dropout then SJLT (beyond the paper)",
-}
-COLORS = {
-    IDENTITY: "black",
-    "dropout": "C3",
-    "dropout_factored": "C1",
-    "gaussian": "C0",
-    "gaussian_factored": "C9",
-    "sjlt": "C2",
-    "pca": "C4",
-    VARIANT: "C6",
-    # baselines of notebooks 04 and 05
-    "random": "0.6",
-    "loss": "C5",
-    "harmful": "C8",
-}
-MARKERS = {
-    IDENTITY: "*",
-    "dropout": "s",
-    "dropout_factored": "o",
-    "gaussian": "D",
-    "gaussian_factored": "^",
-    "sjlt": "v",
-    "pca": "x",
-    VARIANT: "P",
-}
-DENSE_MAPS = ("gaussian", "pca")  # the methods that store a (k, d) float32 matrix
+ANCHOR = "dropout_factored"  # its dimension at rate p is the matched k (:func:`match`)
+
+
+def spec(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` of ``name`` (ValueError naming the known ones)."""
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is not one of {tuple(METHODS)}")
+    return METHODS[name]
+
+
+def family(name: str) -> str:
+    """The family of method ``name``."""
+    return spec(name).family
+
+
+def in_family(names: Iterable[str], *families: str) -> tuple[str, ...]:
+    """Those of ``names`` whose family is one of ``families``, in the given order."""
+    return tuple(n for n in names if family(n) in families)
+
+
+COMPRESSING = ("mask", "projection", "fitted", "composed")
+
+
+def compressors() -> tuple[str, ...]:
+    """Every compressor of the table (what a notebook may be asked to run), in table order."""
+    return compared(*COMPRESSING)
+
+
+def compared(*families: str) -> tuple[str, ...]:
+    """Every method of the table in ``families`` (default: the compressors compared against
+    each other, families mask, projection and fitted), in table order."""
+    return in_family(METHODS, *(families or ("mask", "projection", "fitted")))
+
+
+def label(name: str) -> str:
+    """The method's label (an unknown name is its own label: a notebook's own rows)."""
+    return METHODS[name].label if name in METHODS else name
+
+
+def color(name: str) -> str:
+    return spec(name).color
+
+
+def marker(name: str) -> str:
+    return spec(name).marker
 
 
 # --------------------------------------------------------------------------- matched dimension
@@ -131,36 +238,9 @@ def factored_rate(layout: Layout, ratio: float) -> tuple[float, int]:
 # --------------------------------------------------------------------------- building
 
 
-def sjlt_nonzeros(k: int, c: int) -> int:
-    """The largest divisor of k that is at most c (SJLT needs c to divide k)."""
-    return max(j for j in range(1, min(c, k) + 1) if k % j == 0)
-
-
-def dense_map_bytes(method: str, k: int, d: int) -> int:
-    """Bytes of the (k, d) float32 matrix a method must store (0 for the others)."""
-    return 4 * k * d if method in DENSE_MAPS else 0
-
-
-def build(method: str, m: Match, seed: int, sjlt_c: int = 1, pca_n_fit: int = 1024
-          ) -> Compressor:
-    """The unbound compressor of ``method`` at the matched setting ``m``, drawn from ``seed``:
-    SJLT with ``sjlt_nonzeros(k, sjlt_c)`` nonzeros per column, PCA (not yet fitted, see
-    :func:`ready`) on ``pca_n_fit`` training gradients; ``identity`` ignores ``m``."""
-    if method == IDENTITY:
-        return Identity()
-    if method == "dropout":
-        return Dropout(m.p_flat, seed=seed)
-    if method == "dropout_factored":
-        return Dropout(m.p, factored=True, seed=seed)
-    if method == "gaussian":
-        return Gaussian(m.k, seed=seed)
-    if method == "gaussian_factored":
-        return Gaussian(factored=True, p=m.p, seed=seed)
-    if method == "sjlt":
-        return SJLT(m.k, sjlt_nonzeros(m.k, sjlt_c), seed=seed)
-    if method == "pca":
-        return PCA(m.k, n_fit=pca_n_fit, seed=seed)
-    raise ValueError(f"method={method!r} is not one of {(IDENTITY, *METHODS)}")
+def build(method: str, m: Match, seed: int, **options) -> Compressor:
+    """The unbound compressor of ``method`` at the matched setting ``m`` (:class:`MethodSpec`)."""
+    return spec(method).compressor(m, seed, **options)
 
 
 def fit_pca(pca: PCA, G_train: Tensor, cache: dict | None = None) -> PCA | None:

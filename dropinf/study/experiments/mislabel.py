@@ -46,17 +46,18 @@ from ...scores import self_influence
 from ...task import Task
 from .. import data, models
 from .common import check_int, from_profile, seed_for, threads
-from .methods import COLORS, IDENTITY, build, dense_map_bytes, match, ready
-from .methods import LABELS as METHOD_LABELS
-from .methods import METHODS as COMPRESSED
+from .methods import IDENTITY, Match, color, compared, compressors, match, ready, spec
+from .methods import label as method_label
 
 # Method names, labels and colours are notebook 02's (dropinf.study.experiments.fidelity).
-METHODS = (IDENTITY, *COMPRESSED)
-BASELINES = ("loss", "random")
-LABELS = {**METHOD_LABELS, "loss": "training loss (baseline)",
-          "random": "random order (baseline)"}
-DROPOUT = ("dropout", "dropout_factored")
-PROJECTIONS = ("gaussian", "gaussian_factored", "sjlt", "pca")
+METHODS = (IDENTITY, *compared())
+BASELINES = ("loss", "random")  # computed here: the training loss, a seeded random order
+
+
+def label(name: str) -> str:
+    """The method's label (the random baseline is a random order here)."""
+    return "random order (baseline)" if name == "random" else method_label(name)
+
 MLP_SETS = ("digits", "mnist1d")
 TEXT_SETS = ("docstrings", "mrpc", "sst2")
 DATASET_LABELS = {
@@ -142,12 +143,14 @@ class Config:
         known = MLP_SETS + TEXT_SETS
         if not self.datasets or any(d not in known for d in self.datasets):
             raise ValueError(f"datasets={list(self.datasets)!r}: choose from {known}")
-        if not self.methods or any(m not in METHODS for m in self.methods):
-            raise ValueError(f"methods={list(self.methods)!r}: choose a subset of {METHODS}")
-        if "pca" in self.methods and "identity" not in self.methods:
+        known = (IDENTITY, *compressors())
+        if not self.methods or any(m not in known for m in self.methods):
+            raise ValueError(f"methods={list(self.methods)!r}: choose a subset of {known}")
+        fitted = [m for m in self.methods if spec(m).needs_fit]
+        if fitted and IDENTITY not in self.methods:
             raise ValueError(
-                "methods has 'pca' without 'identity': PCA is fitted on the uncompressed "
-                "gradients, add 'identity'"
+                f"methods has {fitted[0]!r} without {IDENTITY!r}: it is fitted on the "
+                f"uncompressed gradients, add {IDENTITY!r}"
             )
         for name, low in (("seed", 0), ("threads", 0), ("n_seeds", 2), ("sjlt_c", 1),
                           ("pca_n_fit", 2), ("epochs", 1), ("batch_size", 1), ("text_layers", 1),
@@ -256,16 +259,18 @@ def on_grid(curve: np.ndarray, grid: np.ndarray) -> np.ndarray:
 def skip_reason(method: str, n: int, d: int, k: int, cfg: Config) -> str | None:
     """Why ``method`` cannot run here (None if it can): a dense map or the uncompressed
     gradients over the memory limits, or PCA asked for more directions than n gradients span."""
-    exact_gb = 4 * n * d / GB
-    if method in ("identity", "pca") and exact_gb > cfg.max_exact_gb:
+    exact_gb, s = 4 * n * d / GB, spec(method)
+    if (method == IDENTITY or s.needs_fit) and exact_gb > cfg.max_exact_gb:
         return (f"the uncompressed gradients (n x d = {n} x {d}) need {exact_gb:.1f} GB, over "
                 f"max_exact_gb={cfg.max_exact_gb:g}")
-    if method == "gaussian" and dense_map_bytes(method, k, d) / GB > cfg.max_map_gb:
-        return (f"the dense map (k x d = {k} x {d}) needs {4 * k * d / GB:.1f} GB, over "
+    if s.needs_fit:  # its map is no larger than the uncompressed gradients it is fitted on
+        if k > min(n, cfg.pca_n_fit):
+            return (f"k = {k} exceeds the min(n, pca_n_fit) = {min(n, cfg.pca_n_fit)} training "
+                    f"gradients that {s.label} is fitted on")
+    elif (need := s.stored_bytes(Match(1.0 - k / d, k, d), sjlt_c=cfg.sjlt_c)) / GB > \
+            cfg.max_map_gb:
+        return (f"the dense map (k x d = {k} x {d}) needs {need / GB:.1f} GB, over "
                 f"max_map_gb={cfg.max_map_gb:g}")
-    if method == "pca" and k > min(n, cfg.pca_n_fit):
-        return (f"k = {k} exceeds the min(n, pca_n_fit) = {min(n, cfg.pca_n_fit)} training "
-                "gradients that PCA is fitted on")
     return None
 
 
@@ -549,17 +554,17 @@ def rank_scores(problem: Problem, cfg: Config, p: float, progress: bool = False
     skipped: dict[str, str] = {}
     timings: list[dict] = []
     exact = None
-    for method in method_order(cfg.methods):  # "identity" before "pca", which is fitted on it
+    for method in method_order(cfg.methods):  # identity first: fitted methods are fitted on it
         reason = skip_reason(method, n, d, k, cfg)
-        if method == "pca" and reason is None and exact is None:
+        if spec(method).needs_fit and reason is None and exact is None:
             reason = "needs the uncompressed gradients, which were not computed"
         if reason is not None:
             skipped[method] = reason
             continue
         t0 = time.perf_counter()
-        # PCA is fitted on pca_n_fit rows of the uncompressed gradients
-        comp = ready(build(method, m, comp_seed, cfg.sjlt_c, cfg.pca_n_fit), task,
-                     d if method == IDENTITY else k, G_train=exact)
+        # a fitted method is fitted on pca_n_fit rows of the uncompressed gradients
+        comp = spec(method).compressor(m, comp_seed, sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_n_fit)
+        comp = ready(comp, task, d if method == IDENTITY else k, G_train=exact)
         G = gradients(task, loader, comp, progress=progress, desc=method)
         if method == IDENTITY:
             exact = G.data
@@ -631,7 +636,7 @@ def _run(cfg: Config, progress: bool) -> Results:
                 curve = detection_curve(s, flipped)
                 metrics.append({
                     "dataset": name, "seed": seed, "method": method,
-                    "k": {"identity": info["d"], **dict.fromkeys(BASELINES)}.get(method, info["k"]),
+                    "k": {IDENTITY: info["d"], **dict.fromkeys(BASELINES)}.get(method, info["k"]),
                     "recall_at_10": recall_at(curve, INSPECTED[0]),
                     "recall_at_20": recall_at(curve, INSPECTED[1]),
                     "auc": curve_auc(curve),
@@ -646,9 +651,10 @@ def _run(cfg: Config, progress: bool) -> Results:
 
 
 def method_order(methods) -> list[str]:
-    """Methods then baselines, in the fixed order of :data:`METHODS` + :data:`BASELINES`."""
+    """Methods then baselines: no compression, the compressors in table order, then
+    :data:`BASELINES`."""
     present = set(methods)
-    return [m for m in (*METHODS, *BASELINES) if m in present]
+    return [m for m in (IDENTITY, *compressors(), *BASELINES) if m in present]
 
 
 def table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -701,9 +707,10 @@ def compare(df: pd.DataFrame, r10: dict) -> dict:
         return max(ran, key=lambda m: r10[m]["mean"]) if ran else None
 
     by = df.set_index(["method", "seed"])
-    pairs = {"dropout_vs_projection": (best(DROPOUT), best(PROJECTIONS)),
-             "dropout_vs_identity": (best(DROPOUT), "identity" if "identity" in r10 else None),
-             "best_vs_loss": (best(METHODS), "loss")}
+    masks = best(compared("mask"))
+    pairs = {"dropout_vs_projection": (masks, best(compared("projection", "fitted"))),
+             "dropout_vs_identity": (masks, IDENTITY if IDENTITY in r10 else None),
+             "best_vs_loss": (best((IDENTITY, *compressors())), "loss")}
     out = {}
     for key, (a, b) in pairs.items():
         if a is None or b is None:
@@ -749,7 +756,8 @@ def conclude(summary: dict) -> str:
     lines, text_verdicts = [], {}
     for name, info in summary["datasets"].items():
         rec, cmp = r10[name], summary["comparisons"][name]
-        parts = ", ".join(f"{LABELS[m]} {_pm(rec[m])}" for m in METHODS if m in rec)
+        parts = ", ".join(f"{label(m)} {_pm(rec[m])}" for m in (IDENTITY, *compressors())
+                          if m in rec)
         line = (f"**{info['label']}** (n = {info['n_train']}, {info['n_flipped']} flipped, "
                 f"d = {info['d']:,}, k = {info['k']:,}; test accuracy "
                 f"{info['test_accuracy']['mean']:.0%}; the model fits "
@@ -758,7 +766,7 @@ def conclude(summary: dict) -> str:
                 f"finds {_pm(rec['loss'])} and a random order {_pm(rec['random'])}.")
         if "best_vs_loss" in cmp:
             c = cmp["best_vs_loss"]
-            line += (f" The best method, {LABELS[c['a']]}, is {verdict(c['recall_at_10'])} the "
+            line += (f" The best method, {label(c['a'])}, is {verdict(c['recall_at_10'])} the "
                      f"loss baseline ({_gap(c['recall_at_10'])} paired over seeds; AUC "
                      f"{auc[name][c['a']]['mean']:.3f} against {auc[name]['loss']['mean']:.3f}).")
         if "dropout_vs_projection" in cmp:
@@ -766,8 +774,8 @@ def conclude(summary: dict) -> str:
             v = verdict(c["recall_at_10"])
             if name in TEXT_SETS:
                 text_verdicts[name] = (v, c)
-            line += (f" Dropout's best ({LABELS[c['a']]}) is {v} the best projection "
-                     f"({LABELS[c['b']]}): {_gap(c['recall_at_10'])} in recall at 10%, "
+            line += (f" Dropout's best ({label(c['a'])}) is {v} the best projection "
+                     f"({label(c['b'])}): {_gap(c['recall_at_10'])} in recall at 10%, "
                      f"{c['auc']['mean']:+.3f} ± {c['auc']['std']:.3f} in AUC.")
         if "dropout_vs_identity" in cmp:
             c = cmp["dropout_vs_identity"]
@@ -777,9 +785,9 @@ def conclude(summary: dict) -> str:
     for name, (v, c) in text_verdicts.items():
         said = {"behind": "falls behind", "level with": "keeps up with",
                 "ahead of": "does better than"}[v]
-        label = summary["datasets"][name]["label"]
-        lines.append(f"On the transformer ({label}), dropout {said} the best "
-                     f"projection at the same k ({LABELS[c['a']]} against {LABELS[c['b']]}, "
+        what = summary["datasets"][name]["label"]
+        lines.append(f"On the transformer ({what}), dropout {said} the best "
+                     f"projection at the same k ({label(c['a'])} against {label(c['b'])}, "
                      f"{_gap(c['recall_at_10'])} in recall at 10% inspected; \"behind\" and "
                      "\"ahead\" mean beyond one standard deviation of the paired gap).")
     return "\n\n".join(lines)
@@ -806,11 +814,11 @@ def plot_curves(curves: pd.DataFrame, summary: dict):
                 continue
             g = df[df.method == method].groupby("inspected")["found"]
             mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
-            style = dict(color=COLORS[method], lw=1.6 if method in DROPOUT else 1.2,
+            style = dict(color=color(method), lw=1.6 if method in compared("mask") else 1.2,
                          ls="--" if method == "loss" else "-")
-            ax.plot(mean.index, mean.values, label=LABELS[method], **style)
+            ax.plot(mean.index, mean.values, label=label(method), **style)
             ax.fill_between(mean.index, (mean - std).values, (mean + std).values,
-                            color=COLORS[method], alpha=0.08, lw=0)
+                            color=color(method), alpha=0.08, lw=0)
         frac = info["n_flipped"] / info["n_train"]
         ax.plot([0, 1], [0, 1], color="gray", ls=":", label="random order (expected)")
         ax.plot([0, frac, 1], [0, 1, 1], color="lightgray", lw=1, label="perfect order")
@@ -846,12 +854,12 @@ def plot_recall(summary: dict):
             xs = [i for i, n in enumerate(names) if m in summary[key][n]]
             ys = [summary[key][names[i]][m]["mean"] for i in xs]
             es = [summary[key][names[i]][m]["std"] for i in xs]
-            ax.bar(np.array(xs) + offset, ys, width, yerr=es, color=COLORS[m], label=LABELS[m],
+            ax.bar(np.array(xs) + offset, ys, width, yerr=es, color=color(m), label=label(m),
                    capsize=2, error_kw={"lw": 0.8})
             for i, n in enumerate(names):  # a method that did not run (see "skipped")
                 if m not in summary[key][n]:
                     ax.text(i + offset, 0.01, "n/a", rotation=90, ha="center", va="bottom",
-                            fontsize=7, color=COLORS[m])
+                            fontsize=7, color=color(m))
         ax.axhline(frac, color="gray", ls=":", lw=1)
         ax.set_xticks(range(len(names)), [summary["datasets"][n]["label"] for n in names],
                       fontsize=9)

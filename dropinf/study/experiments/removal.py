@@ -52,12 +52,16 @@ from .. import data as dd
 from .. import models
 from ..retrain import subset_outputs
 from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
-from .methods import COLORS, IDENTITY, build, match, ready
-from .methods import LABELS as METHOD_LABELS
-from .methods import METHODS as COMPRESSED
+from .methods import IDENTITY, color, compared, compressors, in_family, match, ready, spec
+from .methods import label as method_label
 
-METHODS = (IDENTITY, *COMPRESSED)
-LABELS = {**METHOD_LABELS, "random": "random points", "harmful": "most harmful"}
+METHODS = (IDENTITY, *compared())
+
+
+def label(name: str) -> str:
+    """The method's label (the random baseline removes random points here)."""
+    return "random points" if name == "random" else method_label(name)
+
 BASELINES = ("random", "harmful")
 DATASETS = ("digits", "cifar10")
 KINDS = ("full", "helpful", "harmful", "random")
@@ -108,7 +112,7 @@ class Config:
     main_fraction: float = 0.05
     n_seeds: int = 4
     methods: tuple[str, ...] = METHODS
-    reference: str = "identity"
+    reference: str = IDENTITY
     p: float = 0.7
     damping: float = 0.1
     sjlt_c: int = 1
@@ -133,9 +137,10 @@ class Config:
             raise ValueError(f"main_fraction={self.main_fraction!r} must be one of fractions="
                              f"{list(fractions)}")
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
-        bad = [m for m in methods if m not in METHODS]
+        known = (IDENTITY, *compressors())
+        bad = [m for m in methods if m not in known]
         if bad or not methods or len(set(methods)) != len(methods):
-            raise ValueError(f"methods={list(methods)!r}: choose distinct names from {METHODS}")
+            raise ValueError(f"methods={list(methods)!r}: choose distinct names from {known}")
         set_(self, "methods", methods)
         if self.reference not in methods:
             raise ValueError(f"reference={self.reference!r} must be one of methods="
@@ -347,7 +352,7 @@ def score_all(cfg: Config, task: Task, train: tuple[Tensor, Tensor],
     n, d = len(train[1]), task.dim
     m = match(task, p=cfg.p)
     G_exact, times = None, []
-    if "identity" in cfg.methods or "pca" in cfg.methods:
+    if any(x == IDENTITY or spec(x).needs_fit for x in cfg.methods):
         t0 = time.perf_counter()
         G_exact = gradients(task, train_loader, Identity(), progress=False)
         times.append({"method": "exact gradients", "k": d, "seconds": time.perf_counter() - t0})
@@ -356,22 +361,23 @@ def score_all(cfg: Config, task: Task, train: tuple[Tensor, Tensor],
     bar = tqdm(total=len(cfg.methods) * cfg.n_seeds, desc="scores", disable=not progress)
     with bar:
         for method in cfg.methods:
-            once = method == "identity" or (method == "pca" and n <= cfg.pca_fit)
+            # deterministic: no compression, and a fit on every training gradient
+            once = method == IDENTITY or (spec(method).needs_fit and n <= cfg.pca_fit)
             for r in range(cfg.n_seeds):
                 if once and r > 0:
                     out[method].append(out[method][0])
                     bar.update()
                     continue
                 t0 = time.perf_counter()
-                comp = build(method, m, seed_for(cfg.seed, "compressor", r), cfg.sjlt_c,
-                             cfg.pca_fit)
+                comp = spec(method).compressor(m, seed_for(cfg.seed, "compressor", r),
+                                               sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_fit)
                 comp = ready(comp, task, d if method == IDENTITY else m.k,
                              None if G_exact is None else G_exact.data)
                 if comp is None:
-                    raise ValueError(f"PCA at k={m.k} needs at least k of the {n} training "
-                                     f"gradients it is fitted on (pca_fit={cfg.pca_fit}); "
+                    raise ValueError(f"{label(method)} at k={m.k} needs at least k of the {n} "
+                                     f"training gradients it is fitted on (pca_fit={cfg.pca_fit}); "
                                      "raise pca_fit or p")
-                G_train = (G_exact if method == "identity" else
+                G_train = (G_exact if method == IDENTITY else
                            gradients(task, train_loader, comp, progress=False))
                 G_targets = gradients(task, target_loader, comp, progress=False)
                 out[method].append(aggregate_scores(G_targets.data, G_train.data, cfg.damping))
@@ -568,16 +574,16 @@ def conclude(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame, n_train: int,
         f"Removing {f:.0%} of the training set ({n_removed(f, n_train)} of {n_train} points) "
         f"and retraining changed the mean loss of the {cfg.n_targets} target test points by "
         f"(mean ± std over {R} draws, each with its own retraining seed): "
-        + "; ".join(f"{LABELS[x]} {pm(x)}" for x in ranked)
+        + "; ".join(f"{label(x)} {pm(x)}" for x in ranked)
         + f"; random points {pm('random')}; the most harmful points (by "
-        f"{LABELS[cfg.reference]}) {pm('harmful')}."
+        f"{label(cfg.reference)}) {pm('harmful')}."
     ]
     test_words = f"paired t-test over {R} draws, Holm-adjusted over the {len(t)} removals"
     if sig:
         lines.append(
             f"{len(sig)} of {M} methods raise the targets' loss more than random removal at "
             f"the {alpha:.0%} level ({test_words}): "
-            + ", ".join(f"{LABELS[x]} (adjusted p = {t.at[x, 'p_holm']:.2g})" for x in sig)
+            + ", ".join(f"{label(x)} (adjusted p = {t.at[x, 'p_holm']:.2g})" for x in sig)
             + ".")
     else:
         lines.append(f"No method raises the targets' loss more than random removal at the "
@@ -585,7 +591,7 @@ def conclude(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame, n_train: int,
     rest = [x for x in ranked if x not in sig]
     if sig and rest:
         lines.append("Not distinguishable from random removal: "
-                     + ", ".join(f"{LABELS[x]} (adjusted p = {t.at[x, 'p_holm']:.2g})"
+                     + ", ".join(f"{label(x)} (adjusted p = {t.at[x, 'p_holm']:.2g})"
                                  for x in rest) + ".")
     h = t.loc["harmful"]
     lines.append(
@@ -600,26 +606,26 @@ def conclude(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame, n_train: int,
         diff, p = against(top, bottom, M * (M - 1) // 2)
         lines.append(
             f"Between methods the mean effects run from {main.at[top, 'loss_mean']:+.4f} "
-            f"({LABELS[top]}) to {main.at[bottom, 'loss_mean']:+.4f} ({LABELS[bottom]}); that "
+            f"({label(top)}) to {main.at[bottom, 'loss_mean']:+.4f} ({label(bottom)}); that "
             f"gap of {diff:+.4f} has p = {p:.2g} after a Bonferroni correction for the "
             f"{M * (M - 1) // 2} pairs, so "
             + ("the extremes of the ordering are separated beyond the retraining noise."
                if p < alpha else
                "the ordering of the methods is within the retraining noise of these draws."))
-    for drop in ("dropout_factored", "dropout"):
+    for drop in sorted(in_family(ranked, "mask"), key=lambda x: not spec(x).factored):
         if drop not in ranked or M < 2:
             continue
         rank = ranked.index(drop) + 1
         best = next(x for x in ranked if x != drop)
         diff, p = against(drop, best, M - 1)
-        where = (f"ahead of the next, {LABELS[best]}, by {diff:+.4f}" if rank == 1 else
-                 f"behind the best, {LABELS[best]}, by {-diff:.4f}")
+        where = (f"ahead of the next, {label(best)}, by {diff:+.4f}" if rank == 1 else
+                 f"behind the best, {label(best)}, by {-diff:.4f}")
         verdict = ("significant" if p < alpha else "not significant") + f", p = {p:.2g}"
         lines.append(
-            f"{LABELS[drop].capitalize()} ranks {rank} of {M} ({pm(drop)}), {where} "
+            f"{label(drop).capitalize()} ranks {rank} of {M} ({pm(drop)}), {where} "
             f"({verdict} after a Bonferroni correction for {M - 1} pairs); its removed set "
             f"shares {main.at[drop, 'overlap_reference']:.0%} of its points with that of "
-            f"{LABELS[cfg.reference]}.")
+            f"{label(cfg.reference)}.")
     return " ".join(lines)
 
 
@@ -694,8 +700,8 @@ def plot(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame):
             e = eff[eff.method == name].sort_values("fraction")
             x = e.fraction * 100 + (i - (len(names) - 1) / 2) * step
             ax.errorbar(x, e[f"{col}_mean"], yerr=e[f"{col}_std"], marker="o", ms=4,
-                        capsize=2, color=COLORS[name], ls=style.get(name, "-"),
-                        label=LABELS[name])
+                        capsize=2, color=color(name), ls=style.get(name, "-"),
+                        label=label(name))
         ax.axhline(0, color="0.7", lw=0.8)
         ax.set_xlabel("training points removed (% of the training set)")
         ax.set_ylabel(f"{ylabel}\n(retrained without them − retrained on all)")
@@ -708,13 +714,13 @@ def plot(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame):
     main = eff[np.isclose(eff.fraction, cfg.main_fraction)].set_index("method").loc[names]
     pos = np.arange(len(names))
     ax.bar(pos, main.loss_mean, yerr=main.loss_std, capsize=3,
-           color=[COLORS[m] for m in names], alpha=0.75)
+           color=[color(m) for m in names], alpha=0.75)
     at = df[np.isclose(df.fraction, cfg.main_fraction) & (df.kind != "full")]
     for i, name in enumerate(names):
         v = at[at.method == name].delta_loss.to_numpy()
         ax.plot(np.full(len(v), pos[i]), v, "o", color="white", mec="black", ms=4)
     ax.axhline(0, color="0.7", lw=0.8)
-    ax.set_xticks(pos, [LABELS[m] for m in names], rotation=40, ha="right", fontsize=8)
+    ax.set_xticks(pos, [label(m) for m in names], rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("change in the targets' mean loss")
     ax.set_title(f"{cfg.main_fraction:.0%} removed: bars mean ± std, dots one draw each",
                  fontsize=9)

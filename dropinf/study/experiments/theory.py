@@ -50,7 +50,7 @@ from ...task import Task
 from .. import data
 from ..models import fit_full_batch, mlp
 from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
-from .methods import COLORS as METHOD_COLORS
+from .methods import color
 
 LAWS = th.LAWS
 Ratios = dict[tuple[int, str], np.ndarray]  # per-pair arrays by (block size, unit order)
@@ -1102,8 +1102,8 @@ def _fisher_sentences(fisher: pd.DataFrame, nums: dict) -> str:
 # --------------------------------------------------------------------------- figures
 
 # a law's colour is its method's (the fixed mask is flat dropout); Bernoulli masks appear only here
-COLORS = {"fixed": METHOD_COLORS["dropout"], "bernoulli": "C7",
-          "gaussian": METHOD_COLORS["gaussian"], "sjlt": METHOD_COLORS["sjlt"]}
+COLORS = {"fixed": color("dropout"), "bernoulli": "C7",  # laws drawn in their methods' colours
+          "gaussian": color("gaussian"), "sjlt": color("sjlt")}
 STYLES = {"fixed": "-", "bernoulli": "--", "gaussian": "-", "sjlt": ":"}
 MARKERS = {"fixed": "o", "bernoulli": "s", "gaussian": "^", "sjlt": "v"}
 
