@@ -43,17 +43,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ....compressors import SJLT, Compressor, Dropout, Gaussian, Identity
+from ....compressors import Compressor, Identity
 from ....curvature import Preconditioner
 from ....gradients import gradients
 from ....losses import cross_entropy
 from ....scores import scores
 from ....task import Task
 from ... import data, metrics, models
+from .. import methods
 from ..common import check_int, float_list, from_profile, seed_for, threads
 from ..measure import OtherLoad, peak_bytes, time_calls
-from ..methods import COLORS as METHOD_COLORS
-from ..methods import MARKERS as METHOD_MARKERS
 from . import adapters
 from .adapters import PEERS, Problem
 
@@ -83,10 +82,11 @@ class Config:
     (``lm_epochs``), ``lm_n_test`` test documents. ``damping``: dropinf's relative damping
     (``lambda = damping * trace(C) / dim``) of every Fisher point, and of the GPT-2 reference.
 
-    dropinf points: flat and factored dropout at each rate of ``rates``, a Gaussian projection
-    and an SJLT at factored dropout's dimension at each rate (the Gaussian only where its map
-    is at most ``dense_max_mb``), with Fisher curvature; both dropouts also with identity
-    curvature (the gradient dot product); exact CG (mlp) at each of ``cg_iters``.
+    dropinf points: each of ``methods`` (names of the study's method table,
+    :mod:`~dropinf.study.experiments.methods`) at factored dropout's dimension at each rate of
+    ``rates`` (a method that would hold more than ``dense_max_mb`` is left out), with Fisher
+    curvature; the masks also with identity curvature (the gradient dot product); exact CG
+    (mlp) at each of ``cg_iters``.
 
     Peers (those of ``peers`` that import), each setting tuple read as (cheaper, recommended,
     costlier): dattri's CG ``cg_iters``, LiSSA ``lissa_depths``, Arnoldi ``arnoldi_dims``
@@ -119,6 +119,7 @@ class Config:
     lm_epochs: int = 2
     damping: float = 0.1
     rates: tuple[float, ...] = (0.3, 0.5, 0.75)
+    methods: tuple[str, ...] = ("dropout_factored", "dropout", "sjlt", "gaussian")
     dense_max_mb: float = 256.0
     peers: tuple[str, ...] = PEERS
     cg_iters: tuple[int, ...] = (5, 10, 50)
@@ -138,7 +139,8 @@ class Config:
         return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("tasks", TASKS), ("peers", PEERS)):
+        for name, allowed in (("tasks", TASKS), ("peers", PEERS),
+                              ("methods", methods.compressors())):
             value = getattr(self, name)
             value = (value,) if isinstance(value, str) else tuple(value)
             bad = [v for v in value if v not in allowed]
@@ -313,15 +315,15 @@ def build_task(cfg: Config, name: str, progress: bool = False) -> Setup:
 class Point:
     """One configuration to time and score: ``library`` ("dropinf" or a peer), ``method``,
     ``setting`` (a short text), ``level`` (cheaper/recommended/costlier for peers, "" for
-    dropinf), ``family`` (colour and marker key), ``fn() -> (n_test, n_train)`` scores, or
-    ``skip``: why it is not run."""
+    dropinf), ``spec`` (dropinf's: its name in the method table, for colour and marker),
+    ``fn() -> (n_test, n_train)`` scores, or ``skip``: why it is not run."""
 
     library: str
     method: str
     setting: str
     fn: Callable[[], np.ndarray] | None
     level: str = ""
-    family: str = ""
+    spec: str = ""
     skip: str | None = None
 
     @property
@@ -374,33 +376,28 @@ def _exact_fn(setup: Setup, solver: str, maxiter: int = 500) -> Callable[[], np.
 def dropinf_points(cfg: Config, setup: Setup) -> list[Point]:
     """dropinf's configurations on ``setup`` (see :class:`Config`)."""
     pts: list[Point] = []
-    d = setup.task.dim
     if setup.name == "mlp":
         pts.append(Point("dropinf", "exact", "dense", _exact_fn(setup, "dense"),
-                         family="exact"))
+                         spec="exact"))
         for it in cfg.cg_iters:
             pts.append(Point("dropinf", "exact CG", f"{it} it", _exact_fn(setup, "cg", it),
-                             family="exact"))
+                             spec="exact"))
     pts.append(Point("dropinf", "Fisher", "uncompressed",
                      _compressed_fn(setup, Identity(), "fisher", cfg.damping),
-                     family="identity"))
+                     spec="identity"))
     for p in cfg.rates:
         seed = seed_for(cfg.seed, "dropinf", p)
-        fac = Dropout(p, factored=True, seed=seed)
-        k = fac.bind(setup.task).dim
-        flat = Dropout(1 - k / d, seed=seed)
-        choices = [("dropout (factored)", fac, "dropout_factored"),
-                   ("dropout (flat)", flat, "dropout"),
-                   ("SJLT", SJLT(k, 1, seed=seed), "sjlt")]
-        if 4 * k * d <= cfg.dense_max_mb * 2**20:
-            choices.append(("Gaussian", Gaussian(k, seed=seed), "gaussian"))
-        for method, comp, family in choices:
-            pts.append(Point("dropinf", method, f"k={k:,}",
-                             _compressed_fn(setup, comp, "fisher", cfg.damping), family=family))
-        for method, comp, family in choices[:2]:
-            pts.append(Point("dropinf", method + ", dot", f"k={k:,}",
-                             _compressed_fn(setup, comp, "identity", cfg.damping),
-                             family=family))
+        m = methods.match(setup.task, p=p)
+        ok = [n for n in cfg.methods
+              if methods.spec(n).need_bytes(m) <= cfg.dense_max_mb * 2**20]
+        for name in ok:
+            comp = methods.build(name, m, seed)
+            pts.append(Point("dropinf", methods.label(name), f"k={m.k:,}",
+                             _compressed_fn(setup, comp, "fisher", cfg.damping), spec=name))
+        for name in methods.in_family(ok, "mask"):
+            pts.append(Point("dropinf", methods.label(name) + ", dot", f"k={m.k:,}",
+                             _compressed_fn(setup, methods.build(name, m, seed), "identity",
+                                            cfg.damping), spec=name))
     return pts
 
 
@@ -456,7 +453,7 @@ def measure(point: Point, reference: np.ndarray, cfg: Config) -> dict:
     """One row: status, seconds (median of the timed runs), runs, peak MB, agreement with the
     reference, the other processes' CPU share meanwhile, or the reason it failed."""
     row = {"library": point.library, "method": point.method, "setting": point.setting,
-           "level": point.level, "family": point.family, "label": point.label,
+           "level": point.level, "spec": point.spec, "label": point.label,
            "status": "ok", "reason": "", "seconds": math.nan, "runs": 0, "peak_mb": math.nan,
            "spearman": math.nan, "pearson": math.nan, "topk": math.nan,
            "other_load": math.nan}
@@ -671,8 +668,8 @@ def plot_pareto(result: Result):
         for _, r in df.iterrows():
             if r.library == "dropinf":
                 ax.scatter(r.seconds, r.spearman, s=46, zorder=3,
-                           color=METHOD_COLORS.get(r.family, "black"),
-                           marker=METHOD_MARKERS.get(r.family, "*"), label=f"dropinf {r.method}")
+                           color=methods.color(r.spec), marker=methods.marker(r.spec),
+                           label=f"dropinf {r.method}")
             else:
                 ax.scatter(r.seconds, r.spearman, s=64, zorder=4, facecolors="none", lw=1.5,
                            edgecolors=PEER_COLORS[r.library],
