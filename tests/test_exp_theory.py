@@ -460,6 +460,28 @@ def test_block_table_against_a_per_pair_loop(tiny):
     assert set(table.order) == {"model", "shuffled"}
 
 
+def test_importance_probs_are_the_library_fit_and_the_checks_use_its_formulas(tiny):
+    """The notebook's probabilities (numpy, from the gradient matrix) are those
+    Dropout(importance=True).fit sets from the same samples; each check's formula is
+    dropinf.theory's, its draws have the formula's mean, and its ratio is to the fixed mask."""
+    _, data = tiny
+    X, y = data.train
+    comp = di.Dropout(0.6, importance=True).fit(data.task, [(X, y)])
+    lib = np.concatenate([comp.probs[q.name].numpy() for q in data.task.params])
+    np.testing.assert_allclose(T.importance_probs(data.G_train, 0.6), lib, rtol=1e-6, atol=1e-12)
+    pairs, _ = T.real_pairs(data, 2)
+    df = T.importance_checks(pairs, data.G_train, (0.5, 0.9), 400, seed=1)
+    assert len(df) == 2 * 2 * len(T.IMPORTANCE_LAWS)
+    for r in df.itertuples():
+        pr = next(p for p in pairs if p.label == r.pair)
+        pi = T.importance_probs(data.G_train, r.p)
+        law = r.law.removeprefix("importance_")
+        assert r.var_formula == pytest.approx(th.importance_variance(pr.a, pr.b, pi, law))
+        assert r.var_uniform == pytest.approx(float(th.fixed_variance(pr.a, pr.b, r.k)))
+        assert r.k == round((1 - r.p) * len(pr.a)) and r.exact_formula == (law == "poisson")
+        assert abs(r.z_mean) < 5  # unbiased: 400 draws, the mean within 5 standard errors
+
+
 def test_library_check_with_blocks_uses_the_block_formula(tiny):
     _, data = tiny
     a, b = data.G_test[0], data.G_train[1]

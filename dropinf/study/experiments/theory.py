@@ -260,16 +260,19 @@ def summarize_draws(x: np.ndarray, mean: float, var: float) -> dict[str, float]:
     se_var = math.sqrt(max(float(th.var_of_sample_variance(s2, m4, n)), 0.0))
     return {
         "mean_mc": m, "se_mean": se_mean, "z_mean": _z(m - mean, se_mean, abs(mean)),
-        "var_mc": s2, "se_var": se_var, "z_var": _z(s2 - var, se_var, var),
+        "var_mc": s2, "se_var": se_var,
+        "z_var": _z(s2 - var, se_var, var + (1e-6 * mean) ** 2),  # rounding of each draw
         "var_lo": s2 - Z95 * se_var, "var_hi": s2 + Z95 * se_var,
     }
 
 
 def _z(diff: float, se: float, scale: float) -> float:
-    if se > 0:
-        return diff / se
-    # no spread at all (e.g. k = d): only an exact match is consistent
-    return 0.0 if abs(diff) <= 1e-12 * max(scale, 1e-300) else math.inf
+    # A match to rounding is a match, whatever the spread: a mask that keeps every coordinate
+    # that matters (k = d, or an importance mask with those at probability 1) has none beyond
+    # float64 rounding, so se is rounding too and diff / se would be noise over noise.
+    if abs(diff) <= 1e-12 * max(scale, 1e-300):
+        return 0.0
+    return diff / se if se > 0 else math.inf
 
 
 def check_pairs(pairs: list[Pair], rates: tuple[float, ...], n_trials: int, seed: int,
@@ -296,6 +299,98 @@ def check_pairs(pairs: list[Pair], rates: tuple[float, ...], n_trials: int, seed
             **summarize_draws(x, float(st.ab), var),
         })
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- importance masks
+
+IMPORTANCE_LAWS = ("poisson", "systematic")  # dropinf.Dropout(importance=True): bernoulli, fixed
+IMPORTANCE_FLOOR = 0.1  # Dropout(importance=True)'s default floor, a fraction of 1 - p
+
+
+def importance_probs(G_pilot: np.ndarray, p: float, floor: float = IMPORTANCE_FLOOR
+                     ) -> np.ndarray:
+    """Keep probabilities of the flat importance mask at rate p, as ``Dropout(p,
+    importance=True).fit`` sets them from a pilot set whose (n, d) gradients are ``G_pilot``:
+    :func:`dropinf.theory.allocate` of the second moments with the fixed mask's count
+    ``round((1-p) d)`` and the floor ``floor (1-p)``."""
+    d = G_pilot.shape[1]
+    budget = float(round((1.0 - p) * d))
+    w = np.mean(np.asarray(G_pilot, dtype=np.float64) ** 2, axis=0)
+    return th.allocate(w, budget, floor * budget / d)
+
+
+def importance_checks(pairs: list[Pair], G_pilot: np.ndarray, rates: tuple[float, ...],
+                      n_trials: int, seed: int) -> pd.DataFrame:
+    """Monte Carlo of the importance masks against :func:`dropinf.theory.importance_variance`.
+
+    For each pair, rate and law of :data:`IMPORTANCE_LAWS` (Poisson: exact formula; systematic:
+    Hartley-Rao's approximation), with the probabilities of :func:`importance_probs` from the
+    pilot gradients ``G_pilot``. One row each with the columns of :func:`check_pairs` (law
+    ``importance_<law>``), ``exact_formula``, and ``var_uniform``: the uniform fixed mask's
+    variance at the same k, so ``var_formula / var_uniform`` is the gain (< 1) or loss.
+    """
+    rows = []
+    cells = [(pr, law, p) for pr in pairs for p in rates for law in IMPORTANCE_LAWS]
+    probs = {p: importance_probs(G_pilot, p) for p in rates}
+    for pr, law, p in tqdm(cells, desc="Monte Carlo (importance)", unit="cell"):
+        pi, st = probs[p], pr.stats
+        k = int(round(pi.sum()))
+        var = float(th.importance_variance(pr.a, pr.b, pi, law))
+        sampler = th.sample_poisson if law == "poisson" else th.sample_systematic
+        rng = rng_for(seed, "mc-importance", pr.label, law, p)
+        chunk = max(1, 2**22 // (2 * len(pr.a)))
+        sizes = np.diff(np.r_[np.arange(0, n_trials, chunk), n_trials])
+        x = np.concatenate([sampler(pr.a, pr.b, pi, int(n), seed=rng) for n in sizes])
+        rows.append({
+            "source": pr.source, "pair": pr.label, "d": len(pr.a),
+            "coherence": float(st.coherence), "law": f"importance_{law}", "p": p, "k": k,
+            "n_trials": n_trials, "mean_formula": float(st.ab), "var_formula": var,
+            "exact_formula": law == "poisson",
+            "var_uniform": float(th.variance(st, "fixed", size_at_rate(len(pr.a), p, "fixed"))),
+            **summarize_draws(x, float(st.ab), var),
+        })
+    out = pd.DataFrame(rows)
+    out["ratio_to_uniform"] = out.var_formula / out.var_uniform
+    return out
+
+
+def _importance_sentences(imp: pd.DataFrame, nums: dict) -> str:
+    """What the importance check found: the exact (Poisson) formula's agreement, the systematic
+    approximation's worst deviation, and the variance against the uniform mask."""
+    n = 2 * len(imp)
+    z_crit = float(sps.norm.isf(0.025 / n))
+    exact = imp[imp.exact_formula]
+    # cells whose mask keeps every coordinate that carries a_i b_i have no variance at all
+    # (beyond rounding): no relative error to speak of
+    random = imp.var_formula > (1e-6 * imp.mean_formula) ** 2
+    approx = imp[~imp.exact_formula & random]
+    z_exact = float(np.abs(exact[["z_mean", "z_var"]].to_numpy()).max())
+    rel = (approx.var_mc / approx.var_formula - 1).abs()
+    ratio = imp[imp.law == "importance_systematic"].groupby("p").ratio_to_uniform.median()
+    nums["importance"] = {
+        "max_abs_z_poisson": z_exact, "z_crit_5pct": z_crit,
+        "systematic_max_rel_var_error": float(rel.max()) if len(rel) else None,
+        "cells_without_variance": int((~random).sum()),
+        "median_ratio_to_uniform": {f"{p:g}": float(r) for p, r in ratio.items()},
+    }
+    lo, hi = ratio.index.min(), ratio.index.max()
+    better = int((imp[imp.law == "importance_systematic"].ratio_to_uniform < 1).sum())
+    total = int((imp.law == "importance_systematic").sum())
+    return (
+        "Importance masks (keep probabilities from the MLP's training gradients, the fit of "
+        "Dropout(importance=True)): Monte Carlo "
+        + ("agrees with" if z_exact <= z_crit else "DISAGREES with")
+        + f" the exact Poisson variance (largest |z| = {z_exact:.2f} against {z_crit:.2f}); "
+        + (f"the fixed-size (systematic) design's Hartley-Rao approximation is off by at most "
+           f"{100 * float(rel.max()):.1f}% of the Monte Carlo variance" if len(rel) else
+           "no systematic cell has variance to compare")
+        + (f" ({int((~random).sum())} of {len(imp)} cells keep every coordinate where "
+           "a_i b_i is not 0, so have no variance at all)" if (~random).any() else "")
+        + ". At equal k, the importance "
+        f"mask has less variance than the uniform fixed mask for {better} of {total} "
+        f"(pair, rate) cells; median ratio {ratio[lo]:.3g} at p = {lo:g} and {ratio[hi]:.3g} "
+        f"at p = {hi:g}."
+    )
 
 
 # --------------------------------------------------------------------------- MLP on digits
@@ -826,7 +921,8 @@ class Result:
 
     ``checks``: one row per (source, pair, law, block, p) Monte Carlo check (synthetic pairs,
     MLP pairs, then the end-to-end ``dropinf.Dropout`` rows, which are also ``checks_lib``);
-    ``z_scores``: :func:`z_table`; ``ratios``, ``real``, ``real_coherence``, ``crossovers``: the
+    ``importance``: :func:`importance_checks` on the MLP pairs; ``z_scores``: :func:`z_table`
+    (of ``checks``); ``ratios``, ``real``, ``real_coherence``, ``crossovers``: the
     variance ratios and crossovers; ``fisher``: :func:`fisher_bias`; ``blocks_flat`` /
     ``flat_ratios`` and ``blocks_factored`` / ``factored_ratios``: block masks on the MLP and
     on MiniLM's factors (``minilm_label`` names the latter).
@@ -837,6 +933,7 @@ class Result:
     pairs: list[Pair]
     checks: pd.DataFrame
     checks_lib: pd.DataFrame
+    importance: pd.DataFrame
     z_scores: pd.DataFrame
     ratios: pd.DataFrame
     real: pd.DataFrame
@@ -851,9 +948,10 @@ class Result:
 
 
 # Result field -> the table's file name under tables/
-TABLES = {"checks": "checks", "z_scores": "z_scores", "ratios": "variance_ratio",
-          "real": "mlp_pairs", "crossovers": "crossover", "fisher": "fisher_bias",
-          "blocks_flat": "blocks_flat", "blocks_factored": "blocks_factored"}
+TABLES = {"checks": "checks", "importance": "importance", "z_scores": "z_scores",
+          "ratios": "variance_ratio", "real": "mlp_pairs", "crossovers": "crossover",
+          "fisher": "fisher_bias", "blocks_flat": "blocks_flat",
+          "blocks_factored": "blocks_factored"}
 
 
 def run(cfg: Config) -> Result:
@@ -868,6 +966,7 @@ def run(cfg: Config) -> Result:
     checks_lib = library_check(mlp_, i_lib, j_lib, cfg.library_rate, cfg.library_trials,
                                cfg.seed, blocks=(1, *cfg.blocks))
     checks = pd.concat([checks_syn, checks_mlp, checks_lib], ignore_index=True)
+    importance = importance_checks(pairs_mlp, mlp_.G_train, cfg.rates, cfg.n_trials, cfg.seed)
     ratios = ratio_table(checks)
     real = real_pair_table(mlp_, cfg.rates)
     real_coherence = pair_coherences(mlp_)
@@ -877,7 +976,8 @@ def run(cfg: Config) -> Result:
     minilm = minilm_factors(cfg)
     blocks_factored, factored_ratios = factored_block_mc(minilm, cfg.block_p, cfg.blocks,
                                                          cfg.block_seeds, cfg.seed)
-    return Result(cfg, mlp_, pairs_syn + pairs_mlp, checks, checks_lib, z_table(checks), ratios,
+    return Result(cfg, mlp_, pairs_syn + pairs_mlp, checks, checks_lib, importance,
+                  z_table(checks), ratios,
                   real, real_coherence, crossovers, fisher, blocks_flat, flat_ratios,
                   blocks_factored, factored_ratios, minilm.label)
 
@@ -888,9 +988,12 @@ def summary(res: Result) -> dict:
     conclusion, numbers = conclude(res.cfg, res.checks, res.crossovers, res.real,
                                    res.real_coherence, res.mlp.d, res.fisher, res.blocks_flat,
                                    res.blocks_factored)
+    extra: dict = {}
+    conclusion += " " + _importance_sentences(res.importance, extra)
     return {
         "conclusion": conclusion,
         **numbers,
+        **extra,
         "mlp": {"d": res.mlp.d, "test_accuracy": res.mlp.test_accuracy,
                 "grad_norm": res.mlp.grad_norm},
         "library_check": res.checks_lib[["law", "block", "p", "k", "n_trials", "z_mean", "z_var"]]
@@ -1293,6 +1396,31 @@ def plot_fisher(fisher: pd.DataFrame):
     axes[0].legend(fontsize=6.5, ncol=2)
     fig.suptitle("Influence scores from compressed gradients against the uncompressed ones "
                  "(S: positive = helpful; same relative damping on both)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_importance(imp: pd.DataFrame):
+    """The importance masks' variance relative to the uniform fixed mask at the same k against
+    p, per MLP pair: the formula (lines; Hartley-Rao for systematic) and Monte Carlo (markers,
+    95% interval)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, law in zip(axes, IMPORTANCE_LAWS):
+        sub = imp[imp.law == f"importance_{law}"]
+        for i, (pair, g) in enumerate(sub.groupby("pair", sort=False)):
+            g = g.sort_values("p")
+            ax.plot(g.p, g.ratio_to_uniform, "-", color=f"C{i}", lw=1.2,
+                    label=f"{pair} (coherence {g.coherence.iloc[0]:.3g})")
+            y = g.var_mc / g.var_uniform
+            ax.errorbar(g.p, y, yerr=[y - g.var_lo / g.var_uniform, g.var_hi / g.var_uniform - y],
+                        fmt="o", ms=3.5, color=f"C{i}", capsize=2, lw=0.8)
+        ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+        ax.set(xlabel="dropout rate p", yscale="log",
+               title=f"{law} ({'exact' if law == 'poisson' else 'Hartley-Rao'} formula)")
+    axes[0].set_ylabel("variance / uniform fixed mask's")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
