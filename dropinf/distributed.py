@@ -11,6 +11,7 @@ nodes) and give what the single-process functions give:
   and cut into the chunks a single process would write (``chunk_size`` rows rounded up to whole
   batches); rank r of W takes chunks ``C r / W`` up to ``C (r + 1) / W`` (C chunks), a contiguous
   run of the loader's batches: for an unshuffled loader, a contiguous range of dataset indices.
+- :func:`load` maps a complete store, each rank checking its share of the chunks.
 - :func:`fit` fits a Fisher preconditioner with one all-reduce of the k x k sums (the n x n
   kernel in the kernel form) and one broadcast of rank 0's factorisation, so every rank applies
   the same bits.
@@ -393,6 +394,22 @@ def gradients(
     finally:
         if writer is not None:
             writer.close()  # releases the lock (no-op after finish)
+    return Gradients.load(path, verify=False)
+
+
+def load(path: str | os.PathLike, *, timeout: float = TIMEOUT) -> Gradients:
+    """:meth:`dropinf.Gradients.load` of a complete store, each rank verifying the checksums of
+    its share of the chunks (rather than every rank all of them); every rank returns the whole
+    store's gradients, memory-mapped."""
+    comm = _Comm(timeout)
+    error = None
+    try:
+        store = Store(path)
+        lo, hi = comm.share(len(store._gradients(complete=True)["chunks"]))
+        store.verify(list(range(lo, hi)))
+    except Exception as e:
+        error = e
+    comm.agree(error, f"the check of store {path}")
     return Gradients.load(path, verify=False)
 
 

@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -20,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import dropinf as di
-from dropinf import distributed, losses
+from dropinf import cli, distributed, losses
 
 N, BS, CHUNK = 37, 4, 6  # a chunk = 2 batches (8 rows): 5 chunks, the last of 5 rows
 HANG_AT = 26  # first item of chunk 3, on rank 1 of 2 (chunks 2..4): chunk 2 is complete
@@ -318,3 +320,83 @@ def test_plan_is_the_single_process_chunking():
     ]
     assert distributed._plan([3, 3, 3], 3) == [(0, 1, 0, 3), (1, 2, 3, 6), (2, 3, 6, 9)]
     assert distributed._plan([2, 2], 100) == [(0, 2, 0, 4)]
+
+
+# ----------------------------------------------------------------------------- the command line
+
+CLI_TASK = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import dropinf as di
+from dropinf import losses
+
+
+def make(split="train", n=30):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    x, y = torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return di.Task(model, losses.cross_entropy), TensorDataset(x, y)
+"""
+
+
+def torchrun(n: int, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={n}", "-m", "dropinf", *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_command_line_under_torchrun(tmp_path, capsys):
+    """featurise (2 processes, and 1) and score (2 processes; 1) from the command line equal the
+    library in one process."""
+    (tmp_path / "cli_task.py").write_text(CLI_TASK)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from cli_task import make
+    finally:
+        sys.path.remove(str(tmp_path))
+    G = {}
+    for split in ("train", "test"):
+        task, data = make(split)
+        G[split] = di.gradients(
+            task,
+            DataLoader(data, batch_size=4),
+            di.Dropout(p=0.5, seed=0),
+            path=tmp_path / f"one-{split}",
+            chunk_size=8,
+            progress=False,
+        )
+
+    feat = ["--task", f"{tmp_path / 'cli_task.py'}:make", "--compressor", "dropout"]
+    feat += ["--compressor-arg", "p=0.5", "--compressor-arg", "seed=0", "--batch-size", "4"]
+    feat += ["--chunk-size", "8", "--no-progress"]
+    torchrun(2, "featurise", *feat, "--arg", "split=train", "--out", str(tmp_path / "train"))
+    test = ["featurise", *feat, "--arg", "split=test", "--out", str(tmp_path / "test")]
+    assert cli.main(test) == 0
+    for split in ("train", "test"):
+        assert files(tmp_path / split) == files(tmp_path / f"one-{split}"), split
+
+    stores = ["--train", str(tmp_path / "train"), "--test", str(tmp_path / "test")]
+    torchrun(2, "score", *stores, "--top-k", "4", "--self-influence", "--damping", "1e-2")
+    assert cli.main(["score", *stores, "--name", "all", "--damping", "1e-2"]) == 0
+    pre = di.Preconditioner.fit(G["train"], "fisher", damping=1e-2)
+    store = di.Store(tmp_path / "train")
+    S = di.scores(G["test"], G["train"], pre)
+    scale = float(S.abs().max())
+    torch.testing.assert_close(store.load_scores("all"), S, rtol=2.4e-7, atol=1e-12 * scale)
+    idx, val = di.top_k(G["test"], G["train"], pre, 4)
+    assert torch.equal(store.load_scores("scores.top4.indices"), idx)
+    torch.testing.assert_close(store.load_scores("scores.top4.values"), val, rtol=2.4e-7, atol=0)
+    s = di.self_influence(G["train"], pre)
+    torch.testing.assert_close(store.load_scores("scores.self"), s, rtol=2.4e-7, atol=0)
+    meta = store.manifest["scores"]["scores.top4.indices"]["meta"]
+    assert meta["test"] == str(tmp_path / "test") and meta["top_k"] == 4
+
+    capsys.readouterr()
+    assert cli.main(["featurise", *feat, "--device", "cuda", "--out", str(tmp_path / "c")]) == 1
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in capsys.readouterr().err
