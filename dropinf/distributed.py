@@ -96,7 +96,7 @@ def world() -> tuple[int, int]:
         ) from e
 
 
-_GROUPS: dict[tuple[int, float], object] = {}
+_GROUPS: dict[float, tuple[object, object]] = {}  # timeout -> (default group, gloo group)
 
 
 class _Comm:
@@ -119,10 +119,11 @@ class _Comm:
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=timedelta(seconds=self.timeout))
             self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        key = (id(dist.group.WORLD), self.timeout)
-        if key not in _GROUPS:  # every rank makes the same calls, so the same groups
-            _GROUPS[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
-        self.group = _GROUPS[key]
+        made_in, group = _GROUPS.get(self.timeout, (None, None))
+        if made_in is not dist.group.WORLD:  # every rank makes the same calls: the same groups
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+            _GROUPS[self.timeout] = (dist.group.WORLD, group)
+        self.group = group
 
     def _failed(self, stage: str, e: Exception) -> DistributedError:
         return DistributedError(
