@@ -27,7 +27,9 @@ alike); reported: the median time, samples per second, and the throughput of N p
 ratio to one process's, measured in this run. The stores of both are compared byte for byte.
 The CPUs' busy share over each launch (``/proc/stat``) hints at other load: with 2 cores and
 nothing else running, it stays near 100% only while the run itself computes.
-Times vary with the machine's load: run it on an idle machine, and say when it was not.
+Times vary with the machine's load: run it on an idle machine, and say when it was not. On a
+loaded machine, set ``OMP_WAIT_POLICY=PASSIVE``: otherwise the threads of the 2-thread process
+spin while waiting for each other and the baseline slows by several times.
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ def _device(name: str) -> torch.device:
             f"--device {name}: no CUDA device is available here (torch.cuda.is_available() is "
             "False); use --device cpu"
         )
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    # LOCAL_RANK's GPU; more processes than GPUs on a node share them (coordination is gloo)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def featurise(args: argparse.Namespace) -> Gradients:
@@ -219,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
         "--device",
         choices=["cpu", "cuda"],
         default="cpu",
-        help="cuda: cuda:LOCAL_RANK under torchrun",
+        help="cuda: cuda:LOCAL_RANK under torchrun (modulo the GPUs on the node)",
     )
     f.add_argument("--overwrite", action="store_true", help="discard what the store holds")
     f.add_argument("--no-check", action="store_true", help="skip the per-sample self-check")

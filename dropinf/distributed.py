@@ -49,6 +49,7 @@ straight to their places in the store's files.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -97,6 +98,10 @@ def world() -> tuple[int, int]:
 
 
 _GROUPS: dict[float, tuple[object, object]] = {}  # timeout -> (default group, gloo group)
+# Dropped before the interpreter's teardown: a gloo group object destroyed during it (after
+# destroy_process_group, say) can abort the process ("terminate called without an active
+# exception"), which torchrun reports as a failed rank.
+atexit.register(_GROUPS.clear)
 
 
 class _Comm:

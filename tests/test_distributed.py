@@ -185,6 +185,7 @@ def launch(world: int, job: str, out: Path, wait_for: int | None = None, **args)
         for p in waiting:
             p.join(max(1.0, deadline - time.monotonic()))
             assert p.exitcode is not None, "a rank did not finish: the test hangs"
+            assert p.exitcode == 0, f"a rank exited with {p.exitcode} (aborted at exit?)"
     finally:
         for p in procs:
             if p.is_alive():
