@@ -4,7 +4,7 @@ Sign convention everywhere: a positive influence score means the training point 
 the test point (removing it would raise the test loss).
 """
 
-from . import losses
+from . import distributed, losses
 from ._version import __version__
 from .blocks import BatchGrads
 from .compressors import (
@@ -43,6 +43,7 @@ __all__ = [
     "Store",
     "StoreLockedError",
     "Task",
+    "distributed",
     "gradients",
     "losses",
     "__version__",

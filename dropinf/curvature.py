@@ -230,23 +230,30 @@ class Preconditioner:
 
     @classmethod
     def _fit_kernel(
-        cls, G: Tensor, damping: float, source: Source | None, l2: float = 0.0
+        cls,
+        G: Tensor,
+        damping: float,
+        source: Source | None,
+        l2: float = 0.0,
+        K: Tensor | None = None,
     ) -> Preconditioner:
         """The Fisher through ``K = G G^T = U diag(sigma) U^T``: F's nonzero eigenvalues are
         ``sigma / n``, kept in ``eigvals`` (with U in ``eigvecs``), the rest are 0; ``l2 I`` and
         the damping join ``lam``, the isotropic part that Woodbury inverts. A NaN or inf
         entry of row i makes ``K[i, i]`` non-finite: K's diagonal detects it at no extra cost,
-        and only then are the rows scanned to name it."""
+        and only then are the rows scanned to name it. ``K``: ``G G^T`` in float64 when already
+        summed (by :func:`dropinf.distributed.fit`, over processes)."""
         n, k = G.shape
         if not damping > 0:
             raise ValueError(
                 f"damping={damping!r} with k={k} > n={n}: the Fisher of fewer gradients than "
                 "dimensions is singular; give damping > 0 (or solver='dense' to see it fail)"
             )
-        K = torch.zeros(n, n, dtype=torch.float64)
-        for j in range(0, k, _COLUMNS):  # float64 products without a float64 copy of G
-            g = G[:, j : j + _COLUMNS].double()
-            K += g @ g.T
+        if K is None:
+            K = torch.zeros(n, n, dtype=torch.float64)
+            for j in range(0, k, _COLUMNS):  # float64 products without a float64 copy of G
+                g = G[:, j : j + _COLUMNS].double()
+                K += g @ g.T
         if not torch.isfinite(torch.diagonal(K)).all():
             for i in range(0, n, _FIT_ROWS):  # name the first bad row
                 check_finite(G[i : i + _FIT_ROWS], "G_train", i)

@@ -16,7 +16,15 @@ from tqdm.auto import tqdm
 
 from .compressors import Compressor
 from .persample import PerSampleGrads
-from .store import GradientWriter, Store, hash_batch, loss_name, model_hash, sorted_positions
+from .store import (
+    RANKS,
+    GradientWriter,
+    Store,
+    hash_batch,
+    loss_name,
+    model_hash,
+    sorted_positions,
+)
 from .task import Task, as_tree, batch_size, to_device
 
 
@@ -123,6 +131,12 @@ def _with_indices(loader: Iterable) -> tuple[Iterable, Tensor | None]:
         return loader, None
     index_batches = [[int(i) for i in b] for b in loader.batch_sampler]
     order = torch.tensor([i for b in index_batches for i in b], dtype=torch.long)
+    return _indexed_loader(loader, index_batches), order
+
+
+def _indexed_loader(loader: DataLoader, index_batches: list[list[int]]) -> DataLoader:
+    """A DataLoader like ``loader`` (same dataset, collate and workers) that yields the batches
+    of dataset indices ``index_batches`` as ``(indices, batch)``."""
     collate = loader.collate_fn
 
     def collate_indexed(items):
@@ -142,7 +156,7 @@ def _with_indices(loader: Iterable) -> tuple[Iterable, Tensor | None]:
         multiprocessing_context=loader.multiprocessing_context,
         prefetch_factor=loader.prefetch_factor,
         persistent_workers=loader.persistent_workers,
-    ), order
+    )
 
 
 def gradients(
@@ -196,18 +210,17 @@ def gradients(
 
     Raises:
         ValueError: empty loader, or a non-finite loss or gradient (naming the sample).
+
+    Several processes (``torchrun``): :func:`dropinf.distributed.gradients` gives each its share
+    of the data set and writes one store, the same bytes as this function's.
     """
-    if not isinstance(compressor, Compressor):
-        raise TypeError(
-            f"compressor must be a dropinf compressor such as dropinf.Identity(), got "
-            f"{type(compressor).__name__}"
-        )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of samples")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    _check_args(compressor, chunk_size, dtype)
+    if path is not None and not overwrite and any((Path(path) / RANKS).glob("*.json")):
         raise ValueError(
-            f"dtype={dtype!r}: gradients are stored as floats; use torch.float32 (default), "
-            "torch.float64, torch.float16 or torch.bfloat16"
+            f"store {path} holds an unfinished run of several processes "
+            f"(dropinf.distributed.gradients; its chunks are listed in {Path(path) / RANKS}). "
+            "Resume it with dropinf.distributed.gradients and the same arguments (any number of "
+            "processes, one included), or pass overwrite=True to recompute"
         )
     compressor.bind(task)
     batches, order = _with_indices(loader)
@@ -262,6 +275,21 @@ def gradients(
         None if path is None else Path(path),
         model=model,
     )
+
+
+def _check_args(compressor: Compressor, chunk_size: int, dtype: torch.dtype) -> None:
+    if not isinstance(compressor, Compressor):
+        raise TypeError(
+            f"compressor must be a dropinf compressor such as dropinf.Identity(), got "
+            f"{type(compressor).__name__}"
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of samples")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype!r}: gradients are stored as floats; use torch.float32 (default), "
+            "torch.float64, torch.float16 or torch.bfloat16"
+        )
 
 
 class _Memory:

@@ -177,8 +177,27 @@ def top_k(
 ) -> tuple[Tensor, Tensor]:
     """Per test point, the k training points with the largest (most helpful) scores, or the
     smallest (most harmful) with ``largest=False``: ``(indices, values)``, each (n_test, k),
-    sorted. Never holds the full score matrix. Dtypes, precision and checks as :func:`scores`
-    (the ranking uses the product dtype; values are then rounded to the output dtype)."""
+    sorted. Equal scores rank by training index, the lower first (so a tie at the k-th place
+    keeps the lower index). Never holds the full score matrix. Dtypes, precision and checks as
+    :func:`scores` (the ranking uses the product dtype; values are then rounded to the output
+    dtype)."""
+    idx, val, dtype = _top_k(
+        G_test, G_train, pre, k, largest, block_test, block_train, product_dtype
+    )
+    return idx, val.to(dtype)
+
+
+def _top_k(
+    G_test,
+    G_train,
+    pre: Preconditioner,
+    k: int,
+    largest: bool,
+    block_test: int,
+    block_train: int,
+    product_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, torch.dtype]:
+    """:func:`top_k` with the values in the product dtype, and the output dtype."""
     _check_pre(pre, ("G_test", G_test), ("G_train", G_train))
     G_test, G_train = _rows(G_test, "G_test"), _rows(G_train, "G_train")
     _check_pair(G_test, G_train, pre)
@@ -197,8 +216,23 @@ def top_k(
             s = q @ g.T
             v = torch.cat([best_v, s], 1)
             ix = torch.cat([best_i, torch.arange(j, j + s.shape[1]).expand(len(q), -1)], 1)
-            best_v, pos = v.topk(min(k, v.shape[1]), dim=1, largest=largest, sorted=True)
-            best_i = ix.gather(1, pos)
+            best_v, best_i = best(v, ix, k, largest)
         idx_out.append(best_i)
-        val_out.append(best_v.to(dtype))
-    return torch.cat(idx_out), torch.cat(val_out)
+        val_out.append(best_v)
+    return torch.cat(idx_out), torch.cat(val_out), dtype
+
+
+def best(v: Tensor, ix: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
+    """The ``min(k, m)`` best entries of each row of ``v`` (r, m) and their ``ix`` (r, m),
+    sorted: by value, then equal values by position in the row, the earlier first. With ``ix``
+    increasing along the row among equal values, that is the lower index first. O(m) per row
+    (a ``topk`` for the k-th value, then the ties at it taken in order)."""
+    k = min(k, v.shape[1])
+    kth = v.topk(k, dim=1, largest=largest, sorted=True).values[:, -1:]
+    better = v > kth if largest else v < kth
+    tie = v == kth
+    room = k - better.sum(1, keepdim=True)
+    keep = better | (tie & (tie.cumsum(1) <= room))
+    pos = keep.nonzero()[:, 1].view(len(v), k)  # row by row, positions increasing
+    pos = pos.gather(1, v.gather(1, pos).sort(dim=1, descending=largest, stable=True).indices)
+    return v.gather(1, pos), ix.gather(1, pos)

@@ -12,6 +12,9 @@ Layout (``manifest.json`` is the only source of truth: bytes it does not list ar
     losses.bin          (n,) float32 per-sample loss of each row
     order.npy           (n,) int64 dataset indices in the loader's iteration order, when known
     preconditioners/NAME.npz, scores/NAME.npy
+    ranks/RUN-rankR.json  only while a run of several processes (dropinf.distributed) is
+                        unfinished: the chunks that rank R completed, gathered into the
+                        manifest when the run finishes (then deleted)
 
 Row order: when the iteration order is known before the pass (``order``; a ``DataLoader`` over a
 map-style dataset), row i is the sample with the i-th smallest dataset index (ties in iteration
@@ -68,6 +71,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 ORDER = "order.npy"
 LOCK = "writer.lock"
+RANKS = "ranks"  # per-rank chunk records of an unfinished multi-process run (dropinf.distributed)
 _WAIT_S = 10.0  # how long a lock request waits for a brief holder (a save), not for a writer
 # file -> (per-row shape suffix is (k,) for grads, () otherwise; fixed numpy dtype or None)
 FILES = {"grads.bin": None, "indices.bin": np.dtype(np.int64), "losses.bin": np.dtype(np.float32)}
@@ -411,7 +415,7 @@ class Store:
         return {"format": FORMAT, "gradients": None, "preconditioners": {}, "scores": {}}
 
     def _ours(self, p: Path) -> bool:
-        known = {MANIFEST, ORDER, LOCK, *FILES, "preconditioners", "scores"}
+        known = {MANIFEST, ORDER, LOCK, RANKS, *FILES, "preconditioners", "scores"}
         return p.name in known or (p.name.startswith(".") and p.name.endswith(".tmp"))
 
     def _reload(self) -> None:
@@ -448,7 +452,9 @@ class Store:
             (self.path / rec["file"]).unlink(missing_ok=True)
         for name in (MANIFEST, ORDER, *FILES):
             (self.path / name).unlink(missing_ok=True)
-        for sub in ("preconditioners", "scores"):
+        for f in (self.path / RANKS).glob("*.json"):
+            f.unlink()
+        for sub in ("preconditioners", "scores", RANKS):
             if (self.path / sub).is_dir() and not any((self.path / sub).iterdir()):
                 (self.path / sub).rmdir()
         self.manifest, self._pos = self._empty(), None
@@ -592,6 +598,54 @@ class Store:
             self._pos = sorted_positions(torch.from_numpy(self._order()))[1].numpy()
         return self._pos
 
+    def _put_chunk(
+        self,
+        chunk: int,
+        start: int,
+        indices: Tensor,
+        rows: Tensor,
+        losses: Tensor,
+        data_hash: str,
+        batches: int,
+        order: Tensor | None,
+    ) -> dict:
+        """Write rows ``start .. start + m`` of the pass (in iteration order) to their places
+        and fsync them; return the chunk's record (numbered ``chunk``) without listing it in the
+        manifest. Shapes are the caller's to check; ``order`` (the store's, when it has one)
+        must hold ``indices`` at ``start``."""
+        g, m = self.manifest["gradients"], len(indices)
+        stop = start + m
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu()
+        pos = self._positions()
+        if pos is None:
+            p = np.arange(start, stop)
+        else:
+            if stop > g["n"] or not torch.equal(indices, order[start:stop]):
+                raise ValueError(
+                    f"indices of rows {start}..{stop - 1} do not follow the order the store was "
+                    "created with; write rows in exactly that order"
+                )
+            p = pos[start:stop]
+        tdt, ndt = DTYPES[g["dtype"]]
+        data = rows.detach().cpu().to(tdt).contiguous()
+        if g["dtype"] == "bfloat16":
+            data = data.view(torch.uint16)
+        arrays = {
+            "grads.bin": data.numpy().view(ndt),
+            "indices.bin": indices.numpy(),
+            "losses.bin": losses.detach().cpu().to(torch.float32).numpy(),
+        }
+        for name, a in arrays.items():
+            _write_rows(self.path / name, p, a)
+        return {
+            "chunk": chunk,
+            "start": start,
+            "stop": stop,
+            "batches": batches,
+            "data_hash": data_hash,
+            "checksum": {name: _sha(a) for name, a in arrays.items()},
+        }
+
     def _order(self) -> np.ndarray:
         """``order.npy``, checked against its sha256 in the manifest and its contents against
         the request's ``order`` hash (all that a store written before the sha256 was has)."""
@@ -623,10 +677,14 @@ class Store:
         with the manifest. Raises :class:`CorruptStoreError` naming the first bad chunk and file.
         """
         g = self._gradients()
-        recs = g["chunks"] if chunks is None else [g["chunks"][c] for c in chunks]
+        self._verify_records(g["chunks"] if chunks is None else [g["chunks"][c] for c in chunks])
+
+    def _verify_records(self, recs: list[dict]) -> None:
+        """:meth:`verify` for chunk records ``recs`` (the manifest's, or a rank's)."""
+        g = self._gradients()
         if not recs:
             return
-        rows = g["n"] if g["order"] is not None else g["chunks"][-1]["stop"]
+        rows = g["n"] if g["order"] is not None else recs[-1]["stop"]
         for name in FILES:
             need = rows * self._row_bytes(name, g)
             have = (self.path / name).stat().st_size if (self.path / name).exists() else -1
@@ -874,37 +932,9 @@ class GradientWriter:
                 f"chunk shapes indices {tuple(indices.shape)}, rows {tuple(rows.shape)}, losses "
                 f"{tuple(losses.shape)} do not agree with (m,), (m, k={g['k']}), (m,)"
             )
-        stop = start + m
-        indices = torch.as_tensor(indices, dtype=torch.long).cpu()
-        pos = self.store._positions()
-        if pos is None:
-            p = np.arange(start, stop)
-        else:
-            if stop > g["n"] or not torch.equal(indices, self.order[start:stop]):
-                raise ValueError(
-                    f"indices of rows {start}..{stop - 1} do not follow the order the store was "
-                    "created with; write rows in exactly that order"
-                )
-            p = pos[start:stop]
-        tdt, ndt = DTYPES[g["dtype"]]
-        data = rows.detach().cpu().to(tdt).contiguous()
-        if g["dtype"] == "bfloat16":
-            data = data.view(torch.uint16)
-        arrays = {
-            "grads.bin": data.numpy().view(ndt),
-            "indices.bin": indices.numpy(),
-            "losses.bin": losses.detach().cpu().to(torch.float32).numpy(),
-        }
-        for name, a in arrays.items():
-            _write_rows(self.store.path / name, p, a)
-        rec = {
-            "chunk": len(self.chunks),
-            "start": start,
-            "stop": stop,
-            "batches": batches,
-            "data_hash": data_hash,
-            "checksum": {name: _sha(a) for name, a in arrays.items()},
-        }
+        rec = self.store._put_chunk(
+            len(self.chunks), start, indices, rows, losses, data_hash, batches, self.order
+        )
         self.chunks.append(rec)
         self.store._commit()
         return rec
