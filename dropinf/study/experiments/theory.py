@@ -374,6 +374,9 @@ def _importance_sentences(imp: pd.DataFrame, nums: dict) -> str:
         "median_ratio_to_uniform": {f"{p:g}": float(r) for p, r in ratio.items()},
     }
     lo, hi = ratio.index.min(), ratio.index.max()
+    nums["importance"].update(lowest_rate=float(lo), highest_rate=float(hi),
+                              median_ratio_at_lowest_rate=float(ratio[lo]),
+                              median_ratio_at_highest_rate=float(ratio[hi]))
     better = int((imp[imp.law == "importance_systematic"].ratio_to_uniform < 1).sum())
     total = int((imp.law == "importance_systematic").sum())
     return (
