@@ -61,7 +61,7 @@ from ...persample import PerSampleGrads
 from ...scores import scores
 from ...task import Task
 from .. import models
-from .common import check_int, from_profile, threads
+from .common import Profiled, check_int, threads
 from .measure import OtherLoad, compression_step, frozen_gc, peak_bytes, sync, time_calls
 from .methods import ANCHOR, Match, color, compared, label, marker, match, spec
 
@@ -81,7 +81,7 @@ GB = 2**30
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiled):
     """Every knob of notebook 03; the defaults are the ``cpu-quick`` profile.
 
     Ladder: MLPs ``mlp_widths`` (layer widths, input first) on random inputs with random labels,
@@ -127,11 +127,6 @@ class Config:
     pipeline_repeats: int = 1
     device: str = "cpu"
     threads: int = 1
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> Config:
-        """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise lists (papermill passes JSON) to tuples

@@ -55,7 +55,7 @@ from ...task import Task
 from .. import data as dd
 from .. import metrics
 from ..models import GPT2_LADDER, gpt2_ladder, train
-from .common import check_int, float_list, from_profile, rng_for, seed_for
+from .common import Profiled, check_int, float_list, rng_for, seed_for
 from .measure import compression_step, time_calls
 from .methods import IDENTITY, Match, color, compressors, in_family, label, match, spec
 from .theory import crossover_coherence
@@ -72,7 +72,7 @@ COLUMNS = 1 << 20  # pair statistics accumulate over slices of this many gradien
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiled):
     """Every knob of notebook 06; the defaults are the ``cpu-quick`` profile.
 
     Data: documents of ``seq_len`` tokens from each corpus of ``corpora`` (``"stdlib"``: the
@@ -136,11 +136,6 @@ class Config:
     timing_repeats: int = 5
     threads: int = 1
     device: str = "cpu"
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> Config:
-        """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         for name in ("corpora", "methods", "removal_methods", "packages", "layers"):
