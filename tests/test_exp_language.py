@@ -16,7 +16,7 @@ from dropinf.study import models
 from dropinf.study.data import DatasetUnavailable
 from dropinf.study.experiments import language as L
 from dropinf.study.experiments.common import threads
-from dropinf.study.experiments.methods import Match, match
+from dropinf.study.experiments.methods import Match, match, ready, spec
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_language.ipynb"
 
@@ -30,7 +30,7 @@ def _one_thread():
 def tiny_cfg(**kw) -> L.Config:
     base = dict(n_pretrain=0, n_train=24, n_test=6, seq_len=8, ratios=(1.0, 16.0),
                 removal_ratio=16.0, n_mask_seeds=2, top_k=4, n_targets=2, grad_batch=16,
-                epochs=1, batch_size=8, n_retrain_seeds=2)
+                epochs=1, batch_size=8, n_retrain_seeds=2, n_pilot=8)
     return L.Config.for_profile("cpu-quick", **{**base, **kw})
 
 
@@ -79,12 +79,15 @@ def test_fisher_scores_reject_bad_input():
 
 def test_every_method_matches_k_or_says_why_not():
     cfg = tiny_cfg(dense_max_mb=0.01)
-    model = models.gpt2(n_layer=1, n_embd=8, n_head=2, vocab_size=24, n_positions=8, seed=0)
+    model = models.gpt2(n_layer=1, n_embd=8, n_head=2, vocab_size=24, n_positions=8,
+                        seed=0).eval()
     task = di.Task(model, di.losses.causal_lm, params=L.gradient_params(model, None))
     d = task.dim
     assert d == 12 * 8 * 8 + 9 * 8  # one block's Conv1D weights and biases
     m = match(task, ratio=16.0)
     k = m.k
+    ids = torch.randint(0, 24, (4, 8), generator=torch.Generator().manual_seed(0))
+    pilot = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     for method in L.METHODS:
         comp, why = L.method_compressor(method, m, seed=0, cfg=cfg)
         if method == "gaussian":
@@ -93,6 +96,10 @@ def test_every_method_matches_k_or_says_why_not():
         if method == "pca":
             assert comp is None and str(cfg.n_train) in why  # k > 24 training gradients
             continue
+        if spec(method).pilot:  # importance dropout: unusable before its fit on a pilot set
+            with pytest.raises(RuntimeError, match="not fitted"):
+                comp.bind(task)
+            ready(comp, task, k, pilot=pilot)
         comp.bind(task)
         assert comp.dim == k, method
         if isinstance(comp, di.Chain):  # the composed method: a mask to oversample * k first
@@ -236,7 +243,7 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
                         n_train=32, n_test=6, pretrain_epochs=1, epochs=1, ratios=[16, 64],
                         methods=["dropout", "dropout_factored", "sjlt", "dropout_sjlt"],
                         removal_methods=["identity", "dropout"], n_mask_seeds=2,
-                        n_retrain_seeds=2, n_targets=2, top_k=4, timing_repeats=1)))
+                        n_retrain_seeds=2, n_targets=2, top_k=4, timing_repeats=1, n_pilot=8)))
     summ = json.loads((out / "summary.json").read_text())
     for key in ("agreement_16x", "agreement_64x", "removal_effect", "coherence", "conclusion"):
         assert summ[key], key

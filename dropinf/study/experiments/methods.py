@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ...blocks import BatchGrads
 from ...compressors import PCA, SJLT, Chain, Compressor, Dropout, Gaussian, Identity, Layout
 from ...task import Task
 
@@ -287,16 +288,34 @@ def _unfitted_importance(comp: Compressor) -> Dropout | None:
     return c if isinstance(c, Dropout) and c.importance and c.probs is None else None
 
 
-def ready(comp: Compressor, task: Task, k: int, G_train: Tensor | None = None,
+def fit_pilot(comp: Compressor, task: Task | Layout, pilot: Iterable | None) -> Compressor:
+    """``comp`` with its unfitted importance mask (itself or a chain's first stage) fitted on
+    ``pilot`` (see :func:`ready`); unchanged where it has none. ValueError without a pilot."""
+    if (imp := _unfitted_importance(comp)) is None:
+        return comp
+    if pilot is None:
+        raise ValueError(f"{comp!r} is fitted on a pilot set of training samples: pass pilot")
+    if isinstance(pilot, (list, tuple)) and pilot and all(isinstance(b, BatchGrads)
+                                                           for b in pilot):
+        imp.fit_grads(task, pilot)
+    elif isinstance(task, Task):
+        imp.fit(task, pilot)
+    else:
+        raise TypeError(f"pilot={type(pilot).__name__}: with a Layout (no model) instead of a "
+                        "Task, pass the pilot's per-sample gradients as a list of BatchGrads")
+    return comp
+
+
+def ready(comp: Compressor, task: Task | Layout, k: int, G_train: Tensor | None = None,
           pca_cache: dict | None = None, pilot: Iterable | None = None) -> Compressor | None:
     """``comp`` bound to ``task`` with output dimension k checked. An unfitted PCA is first
     fitted on ``G_train`` (:func:`fit_pca`), and None returned if it cannot span k; an unfitted
-    importance mask (alone or a chain's first stage) is fitted on ``pilot``, batches of
-    training samples (``Dropout.fit``)."""
-    if (imp := _unfitted_importance(comp)) is not None:
-        if pilot is None:
-            raise ValueError(f"{comp!r} is fitted on a pilot set of training samples: pass pilot")
-        imp.fit(task, pilot)
+    importance mask (alone or a chain's first stage) is fitted on ``pilot``: batches of
+    training samples (``Dropout.fit``), or a list of their full per-sample gradients
+    (:class:`~dropinf.BatchGrads` as ``PerSampleGrads(task)`` gives them; ``Dropout.fit_grads``),
+    which lets many masks share one backward pass over the pilot set. ``task`` may be a
+    :class:`~dropinf.compressors.Layout` where nothing needs a model (``pilot`` as gradients)."""
+    fit_pilot(comp, task, pilot)
     if isinstance(comp, PCA) and comp.components is None:
         if G_train is None:
             raise ValueError("PCA is fitted on the uncompressed training gradients: pass G_train")
