@@ -51,14 +51,16 @@ about (1-p)^2 d):
   fraction 1 - p^16 of each factor's lines (81% at p = 0.9, 15% at p = 0.99).
   A different estimator with a larger variance (see ``dropinf.theory``); its dimension is not
   exactly k (it keeps ``round((1-p) n / B)`` blocks per side), and the bench reports it.
-- ``dropout_factored_imp`` (unless ``--no-importance``): ``Dropout(p, factored=True,
-  importance=True)``, fitted (``fit_grads``) on the timed batch's factors, then the same
-  gathers with per-entry scales ``1/sqrt(pi_out pi_in)``; dimension k. Its fit (per-sample
-  layer gradients of the pilot batch, squared and summed per unit; allocation) is timed once
-  and reported apart from ms/batch. The random factors make its probabilities nearly uniform:
-  the row times the method, not its accuracy. The issue's targets for it: compression step
-  at most 1.2x factored dropout's, stored probabilities at least 100x smaller than factored
-  Gaussian's map.
+- ``dropout_imp`` and ``dropout_factored_imp`` (importance dropout, flat and factored; unless
+  ``--no-importance``): the method table's entries (``pilot=True``), fitted by
+  ``methods.fit_pilot`` on the full per-sample gradients of a pilot batch (the timed batch's
+  factors; ``Dropout.fit_grads``), then the same gathers with per-entry scales
+  ``1/sqrt(pi_out pi_in)`` (factored) or per coordinate (flat); dimension k. The fit (per-sample
+  layer gradients of the pilot batch, squared and summed per unit or coordinate; allocation) is
+  timed once and reported apart from ms/batch. The random factors make the probabilities nearly
+  uniform: the rows time the methods, not their accuracy. The issue's targets for the factored
+  one: compression step at most 1.2x factored dropout's, stored probabilities at least 100x
+  smaller than factored Gaussian's map.
 
 The flat methods (dense Gaussian, SJLT, PCA, flat dropout) ask for each parameter's full (B, numel)
 per-sample gradient (``BatchGrads.param_grad``, a ``bmm`` over tokens): that is part of their cost
@@ -108,7 +110,7 @@ from dropinf.study.experiments.measure import (
 METHODS = methods.compared()
 LAYERS = (("attn.proj", 768, 768), ("mlp.fc", 768, 3072))  # (module, n_in, n_out)
 SPEED_TARGET = 10.0  # factored Gaussian time / factored dropout time, from the issue
-IMPORTANCE = "dropout_factored_imp"
+IMPORTANCE = "dropout_factored_imp"  # the row issue 15's targets are checked on
 IMP_SPEED_TARGET = 1.2  # importance dropout time / factored dropout time, at most (issue 15)
 MAP_TARGET = 100.0  # factored Gaussian stored map / factored dropout stored map
 BUSY = 0.10  # warn when other processes used more than this share of the CPUs during a row
@@ -198,11 +200,6 @@ def block_row(args: argparse.Namespace) -> list[str]:
     return [f"dropout_factored_b{args.block}"] if args.block > 1 else []
 
 
-def importance_row(args: argparse.Namespace) -> list[str]:
-    """The importance dropout row's name, if it is timed."""
-    return [] if args.no_importance else [IMPORTANCE]
-
-
 def pca_rows(k: int, args: argparse.Namespace) -> int:
     """Rows of random data PCA is fitted on: at least k, so that k directions exist."""
     return max(k, args.pca_n_fit)
@@ -224,8 +221,8 @@ def needs(method: str, k: int, d: int, args: argparse.Namespace) -> tuple[int, s
 
 
 def build(method: str, lay, args: argparse.Namespace):
-    """The compressor (unbound) at factored dropout's k, and the seconds spent fitting it (PCA
-    only)."""
+    """The compressor (unbound) at factored dropout's k, and the seconds spent fitting it (PCA;
+    importance dropout on a pilot batch)."""
     import torch
 
     from dropinf.compressors import Dropout
@@ -233,13 +230,12 @@ def build(method: str, lay, args: argparse.Namespace):
     m = methods.match(lay, p=args.p)
     if method in block_row(args):
         return Dropout(m.p, factored=True, seed=args.seed, block=args.block), 0.0
-    if method == IMPORTANCE:
-        comp = Dropout(m.p, factored=True, seed=args.seed, importance=True)
-        pilot = batch(lay, args)
-        t0 = time.perf_counter()
-        comp.fit_grads(lay, [pilot])
-        return comp, time.perf_counter() - t0
     comp = methods.build(method, m, args.seed, sjlt_c=args.sjlt_c, pca_n_fit=pca_rows(m.k, args))
+    if methods.spec(method).pilot:
+        pilot = [batch(lay, args)]  # full per-sample gradients, as PerSampleGrads(task) gives
+        t0 = time.perf_counter()
+        methods.fit_pilot(comp, lay, pilot)
+        return comp, time.perf_counter() - t0
     if method != "pca":
         return comp, 0.0
     G = torch.randn(comp.n_fit, lay.dim, generator=torch.Generator().manual_seed(args.seed + 2))
@@ -483,7 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     lay = layout()
     d, k = lay.dim, methods.match(lay, p=args.p).k
     budget = int(args.budget_gb * 2**30)
-    rows = [*args.methods, *block_row(args), *importance_row(args)]
+    rows = [*(m for m in args.methods if not (args.no_importance and methods.spec(m).pilot)),
+            *block_row(args)]
     results: dict[str, dict] = {}
     for m in rows:
         need, what = needs(m, k, d, args)
@@ -521,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         "other%: share of the machine's CPU used by other processes while the row was timed"
     )
     head = (
-        f"{'method':<20} {'dim':>8} {'ms/batch':>9} {'min ms':>8} {'x drop-f':>8} {'bind s':>7} "
+        f"{'method':<20} {'dim':>8} {'ms/batch':>9} {'min ms':>8} {'x drop-f':>8} {'fit s':>7} "
+        f"{'bind s':>7} "
         f"{'map B':>11} {'held B':>11} {'peak MB':>8} {'other%':>6}"
     )
     print()
@@ -541,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         busy = busy or (r["others"] or 0.0) > BUSY
         print(
             f"{m:<20} {r['dim']:>8,} {r['ms']:>9.2f} {r['ms_min']:>8.2f} {ratio} "
-            f"{r['bind_s']:>7.2f} "
+            f"{r['fit_s']:>7.2f} {r['bind_s']:>7.2f} "
             f"{fmt_bytes(r['map_bytes']):>11} {fmt_bytes(r['held_bytes']):>11} "
             f"{r['peak_mb']:>7.1f}{mark} {other}"
         )
@@ -558,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         if m == "pca":
             notes.append(f"pca: fit (SVD) took {r['fit_s']:.2f} s, not included in ms/batch")
-        if m == IMPORTANCE:
+        if m in methods.METHODS and methods.spec(m).pilot:
             notes.append(
                 f"{m}: fit on one pilot batch of {args.batch} samples took {r['fit_s']:.2f} s, "
                 "not included in ms/batch"
@@ -604,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
             f"factored Gaussian {fmt_bytes(gf['map_bytes'])}: {q:.0f}x less "
             f"(target >= {MAP_TARGET:g}x) -> {ok}"
         )
-    elif importance_row(args):
+    elif IMPORTANCE in rows:
         print(f"targets for {IMPORTANCE}: not evaluated (need its, dropout_factored's and "
               "gaussian_factored's rows)")
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")

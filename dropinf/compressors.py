@@ -666,11 +666,19 @@ class Dropout(Compressor):
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return out.reshape(bg.size, -1).mul_(scale)
 
-    def held_bytes(self, d: int) -> int:
-        """The kept coordinates' int64 indices (about ``(1-p) d``; flat, unit blocks)."""
+    def stored_bytes(self, d: int) -> int:
+        """0 for the uniform mask; importance: its float64 keep probabilities, one per
+        coordinate (flat, unit blocks)."""
         if self.factored or self.block != 1:
-            raise ValueError(f"held_bytes is for flat unit masks; {self!r} depends on the layers")
-        return 8 * _side(d, self.p)
+            raise ValueError(f"stored_bytes and held_bytes are for flat unit masks; {self!r} "
+                             "depends on the layers")
+        return 8 * d if self.importance else 0
+
+    def held_bytes(self, d: int) -> int:
+        """The kept coordinates' int64 indices (about ``(1-p) d``; flat, unit blocks), and for
+        importance also the probabilities and the kept coordinates' float64 scales."""
+        k = _side(d, self.p)
+        return self.stored_bytes(d) + 8 * k + (8 * k if self.importance else 0)
 
     def kept_indices(self) -> tuple[Tensor, Tensor]:
         """Coordinates of the flat (d,) gradient that the output keeps, in output order, and

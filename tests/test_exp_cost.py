@@ -16,7 +16,7 @@ import dropinf
 from dropinf.persample import PerSampleGrads
 from dropinf.study.experiments import cost
 from dropinf.study.experiments.measure import compression_step
-from dropinf.study.experiments.methods import compared, match, spec
+from dropinf.study.experiments.methods import compared, fit_pilot, match, spec
 
 TINY = dict(
     mlp_widths=[[8, 16, 4], [16, 32, 4]],
@@ -121,10 +121,12 @@ def test_matched_k_is_equal_across_methods():
                    for i, o, bias in layers(b.task.model, b.task))
         assert k == want
         fit = b.batches(cost.pca_fit_rows(k, cfg), 5)
+        pilot = b.batches(cfg.n_pilot, 6)
         for method in compared():
             comp = cost.make_compressor(method, m, cfg)
             if method == "pca":
                 cost.fit(comp, b.task, fit)
+            fit_pilot(comp, b.task, pilot if spec(method).pilot else None)
             assert comp.bind(b.task).dim == k, method
 
 
@@ -137,15 +139,20 @@ def test_map_and_need_bytes_against_an_independent_count():
         shapes = layers(b.task.model, b.task)
         factored = 4 * sum(side(o, cfg.p) * o + side(i + bias, cfg.p) * (i + bias)
                            for i, o, bias in shapes)
+        # importance dropout stores its float64 keep probabilities: one per coordinate (flat),
+        # one per input (bias unit included) and output unit of each layer (factored)
+        units = 8 * sum(o + i + bias for i, o, bias in shapes)
         want = {"dropout_factored": 0, "dropout": 0, "sjlt": 0, "gaussian": 4 * k * d,
-                "pca": 4 * k * d, "gaussian_factored": factored}
+                "pca": 4 * k * d, "gaussian_factored": factored, "dropout_imp": 8 * d,
+                "dropout_factored_imp": units}
         fit = b.batches(cost.pca_fit_rows(k, cfg), 5)
         for method, nbytes in want.items():
             comp = cost.make_compressor(method, m, cfg)
             if method == "pca":
                 cost.fit(comp, b.task, fit)
+            fit_pilot(comp, b.task, b.batches(cfg.n_pilot, 6) if spec(method).pilot else None)
             assert comp.bind(b.task).map_bytes == nbytes, method
-            if method not in ("dropout_factored", "gaussian_factored"):
+            if method not in ("dropout_factored", "gaussian_factored", "dropout_factored_imp"):
                 assert spec(method).stored_bytes(m, **cost.options(m, cfg)) == nbytes, method
         n = cost.pca_fit_rows(k, cfg)
 
@@ -198,7 +205,9 @@ def test_measure_size_rows():
     assert rows["k"].nunique() == 1 and rows["d"].iloc[0] == size.dim
     assert (rows["compress_ms"] > 0).all() and (rows["calls"] >= 1).all()
     assert (rows["pipeline_status"] == "ok").all() and (rows["pipeline_s"] > 0).all()
-    assert rows.loc[rows["method"] == "pca", "fit_s"].iloc[0] > 0
+    fitted = rows["method"].map(lambda m: spec(m).needs_fit or spec(m).pilot)
+    assert fitted.sum() == 3 and (rows.loc[fitted, "fit_s"] > 0).all()  # PCA, 2 importance
+    assert (rows.loc[~fitted, "fit_s"] == 0).all()
     other = rows["other_pct"].dropna()
     assert ((other >= 0) & (other <= 100)).all()
 
@@ -295,7 +304,7 @@ def test_ratios_at_the_largest_common_size():
 def test_summary_holds_no_measurement():
     cfg = tiny()
     a, b = synthetic(0), synthetic(1)  # same shapes and statuses, other times and memory
-    sa, sb = cost.summary(cfg, a), cost.summary(cfg, b)
+    sa, sb = cost.numbers(cfg, a), cost.numbers(cfg, b)
     assert sa == sb
     json.dumps(sa)  # serialisable as is
     assert sa["map_bytes"]["b"]["gaussian"] is None

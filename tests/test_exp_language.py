@@ -16,7 +16,7 @@ from dropinf.study import models
 from dropinf.study.data import DatasetUnavailable
 from dropinf.study.experiments import language as L
 from dropinf.study.experiments.common import threads
-from dropinf.study.experiments.methods import Match, match
+from dropinf.study.experiments.methods import Match, match, ready, spec
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_language.ipynb"
 
@@ -30,7 +30,7 @@ def _one_thread():
 def tiny_cfg(**kw) -> L.Config:
     base = dict(n_pretrain=0, n_train=24, n_test=6, seq_len=8, ratios=(1.0, 16.0),
                 removal_ratio=16.0, n_mask_seeds=2, top_k=4, n_targets=2, grad_batch=16,
-                epochs=1, batch_size=8, n_retrain_seeds=2)
+                epochs=1, batch_size=8, n_retrain_seeds=2, n_pilot=8)
     return L.Config.for_profile("cpu-quick", **{**base, **kw})
 
 
@@ -79,12 +79,15 @@ def test_fisher_scores_reject_bad_input():
 
 def test_every_method_matches_k_or_says_why_not():
     cfg = tiny_cfg(dense_max_mb=0.01)
-    model = models.gpt2(n_layer=1, n_embd=8, n_head=2, vocab_size=24, n_positions=8, seed=0)
+    model = models.gpt2(n_layer=1, n_embd=8, n_head=2, vocab_size=24, n_positions=8,
+                        seed=0).eval()
     task = di.Task(model, di.losses.causal_lm, params=L.gradient_params(model, None))
     d = task.dim
     assert d == 12 * 8 * 8 + 9 * 8  # one block's Conv1D weights and biases
     m = match(task, ratio=16.0)
     k = m.k
+    ids = torch.randint(0, 24, (4, 8), generator=torch.Generator().manual_seed(0))
+    pilot = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     for method in L.METHODS:
         comp, why = L.method_compressor(method, m, seed=0, cfg=cfg)
         if method == "gaussian":
@@ -93,6 +96,10 @@ def test_every_method_matches_k_or_says_why_not():
         if method == "pca":
             assert comp is None and str(cfg.n_train) in why  # k > 24 training gradients
             continue
+        if spec(method).pilot:  # importance dropout: unusable before its fit on a pilot set
+            with pytest.raises(RuntimeError, match="not fitted"):
+                comp.bind(task)
+            ready(comp, task, k, pilot=pilot)
         comp.bind(task)
         assert comp.dim == k, method
         if isinstance(comp, di.Chain):  # the composed method: a mask to oversample * k first
@@ -106,18 +113,21 @@ def test_ratio_one_reproduces_the_reference_and_draws_differ():
     """At ratio 1, dropout at rate 0 keeps every coordinate: flat and factored masks give the
     uncompressed scores exactly (Spearman and top-k overlap 1, both curvatures). At 16x the
     draws differ, and every method's first-draw scores are kept for removal."""
-    cfg = tiny_cfg(methods=("dropout", "dropout_factored", "sjlt"),
+    cfg = tiny_cfg(methods=("dropout", "dropout_factored", "sjlt", "dropout_imp",
+                            "dropout_factored_imp"),
                    removal_methods=("identity", "dropout"))
     lm = tiny_lm(cfg)
     ag = L.agreement(cfg, lm, progress=False)
     t = ag.table
-    one = t[(t.ratio == 1.0) & t.method.isin(["dropout", "dropout_factored"])]
-    assert len(one) == 2 * 2 * cfg.n_mask_seeds
+    # importance masks at rate 0 keep every unit with probability 1: exact too
+    exact = ["dropout", "dropout_factored", "dropout_imp", "dropout_factored_imp"]
+    one = t[(t.ratio == 1.0) & t.method.isin(exact)]
+    assert len(one) == len(exact) * 2 * cfg.n_mask_seeds
     np.testing.assert_allclose(one.spearman, 1.0, atol=1e-12)
     np.testing.assert_allclose(one.topk_overlap, 1.0)
     sixteen = t[(t.ratio == 16.0) & (t.curvature == "fisher") & (t.method == "sjlt")]
     assert sixteen.spearman.nunique() == cfg.n_mask_seeds
-    assert set(ag.scores) == {"identity", "dropout", "dropout_factored", "sjlt"}
+    assert set(ag.scores) == {"identity", *cfg.methods}
     agg = L.aggregate(t)
     row = agg[(agg.method == "sjlt") & (agg.ratio == 16.0) & (agg.curvature == "fisher")].iloc[0]
     assert row.spearman_mean == pytest.approx(sixteen.spearman.mean())
@@ -145,6 +155,65 @@ def test_coherence_against_numpy_per_pair_and_per_layer():
     assert row.layer.endswith("c_attn") and row.d_layer == cols.stop - cols.start
     assert row["median"] == pytest.approx(np.median(layer), rel=1e-3)
     assert stats["layer_median_range"] == [by_layer["median"].min(), by_layer["median"].max()]
+
+
+def test_pilot_is_a_seeded_subset_of_the_training_documents():
+    cfg = tiny_cfg()
+    idx = L.pilot_docs(cfg)
+    assert len(np.unique(idx)) == cfg.n_pilot and list(idx) == sorted(idx)
+    assert 0 <= idx.min() and idx.max() < cfg.n_train  # training documents only
+    np.testing.assert_array_equal(idx, L.pilot_docs(tiny_cfg()))
+    assert not np.array_equal(idx, L.pilot_docs(tiny_cfg(seed=1)))
+    with pytest.raises(ValueError, match="n_pilot"):
+        tiny_cfg(n_pilot=25)
+
+
+def test_importance_masks_are_fitted_on_the_pilot_gradients():
+    """The masks fitted from the pilot gradients computed once equal a direct Dropout.fit on
+    the pilot documents (an independent path through the model), and the gradients are
+    computed once for every mask."""
+    cfg = tiny_cfg()
+    lm = tiny_lm(cfg)
+    m = match(lm.task, ratio=16.0)
+    idx = torch.as_tensor(L.pilot_docs(cfg))
+    docs = [{k: v[idx] for k, v in lm.train.items()}]
+    for method in ("dropout_imp", "dropout_factored_imp", "dropout_imp_sjlt"):
+        comp, _ = L.method_compressor(method, m, 3, cfg)
+        comp = L.fitted(cfg, lm, method, comp, m.k)
+        imp = comp.first if isinstance(comp, di.Chain) else comp
+        want, _ = L.method_compressor(method, m, 3, cfg)
+        want = want.first if isinstance(want, di.Chain) else want
+        want.fit(lm.task, docs)
+        assert imp.probs.keys() == want.probs.keys(), method
+        for key, pi in imp.probs.items():
+            torch.testing.assert_close(pi, want.probs[key], rtol=1e-10, atol=1e-15)
+        assert comp.dim == m.k
+    first = lm.pilot
+    assert sum(bg.size for bg in first) == cfg.n_pilot
+    L.fitted(cfg, lm, "dropout_imp", L.method_compressor("dropout_imp", m, 4, cfg)[0], m.k)
+    assert lm.pilot is first  # not recomputed
+
+
+def test_importance_targets_from_the_numbers():
+    def a(**means):
+        return {k: {"mean": v, "std": 0.01, "n_draws": 3} for k, v in means.items()}
+
+    s = {"agreement_16x": a(gaussian=0.90, dropout_imp=0.885, dropout_imp_sjlt=0.87, sjlt=0.95),
+         "agreement_64x": a(gaussian=0.70, dropout_factored_imp=0.64, dropout=0.69),
+         "agreement_dot_16x": a(dropout_imp=0.99),  # no Gaussian: not evaluated
+         "agreement_dot_64x": a(gaussian=0.5, dropout_imp_sjlt=0.6), "n_pilot": 8}
+    t = L.importance_targets(s)
+    c = t["fisher"]["16x"]
+    assert (c["best"], c["gap"], c["met"]) == ("dropout_imp", 0.015, True)
+    c = t["fisher"]["64x"]  # the uniform mask does not count, only importance variants
+    assert (c["best"], c["gap"], c["met"]) == ("dropout_factored_imp", 0.06, False)
+    assert t["dot"]["16x"]["met"] is None and t["dot"]["64x"]["gap"] == -0.1
+    assert t["met"] is None
+    s["agreement_dot_16x"] = a(gaussian=0.99, dropout_imp=0.975)
+    t = L.importance_targets(s)
+    assert t["dot"]["16x"]["met"] is True and t["met"] is False
+    text = "\n".join(L.report._importance_text({**s, "importance_targets": t}))
+    assert "missed for damped Fisher at 64x" in text and "gap +0.06" in text
 
 
 # --------------------------------------------------------------------------- removal
@@ -236,7 +305,7 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
                         n_train=32, n_test=6, pretrain_epochs=1, epochs=1, ratios=[16, 64],
                         methods=["dropout", "dropout_factored", "sjlt", "dropout_sjlt"],
                         removal_methods=["identity", "dropout"], n_mask_seeds=2,
-                        n_retrain_seeds=2, n_targets=2, top_k=4, timing_repeats=1)))
+                        n_retrain_seeds=2, n_targets=2, top_k=4, timing_repeats=1, n_pilot=8)))
     summ = json.loads((out / "summary.json").read_text())
     for key in ("agreement_16x", "agreement_64x", "removal_effect", "coherence", "conclusion"):
         assert summ[key], key

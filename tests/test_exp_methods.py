@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.colors import to_rgb
 
-from dropinf import PCA, Dropout, Identity, Task
+from dropinf import PCA, Chain, Dropout, Identity, Task
 from dropinf.compressors import Layout
 from dropinf.losses import cross_entropy
 from dropinf.study.experiments import methods as M
@@ -57,10 +57,12 @@ def test_every_method_is_built_at_k(task):
     for ratio in (2.0, 16.0):  # k = 312 and 38 of d = 610
         m = M.match(task, ratio=ratio)
         for method in M.compared("mask", "projection", "fitted", "composed"):
-            comp = M.ready(M.build(method, m, seed=1, sjlt_c=4, pca_n_fit=400), task, m.k, G)
+            comp = M.ready(M.build(method, m, seed=1, sjlt_c=4, pca_n_fit=400), task, m.k, G,
+                           pilot=_pilot(task))
             assert comp.dim == m.k, method
             assert comp.fingerprint == M.ready(M.build(method, m, 1, sjlt_c=4, pca_n_fit=400),
-                                               task, m.k, G).fingerprint, method  # the seed
+                                               task, m.k, G, pilot=_pilot(task)
+                                               ).fingerprint, method  # the seed
         sj = M.build("sjlt", m, seed=1, sjlt_c=4)
         assert sj.c == M.sjlt_nonzeros(m.k, 4) and m.k % sj.c == 0
         chain = M.build("dropout_sjlt", m, seed=1, oversample=3).bind(task)
@@ -84,7 +86,8 @@ def test_memory_needs_come_from_the_library(task):
     for name in M.compared("mask", "projection", "fitted", "composed"):
         s = M.spec(name)
         comp = M.ready(s.compressor(m, 0, pca_n_fit=64), task, m.k,
-                       torch.randn(64, task.dim, generator=torch.Generator().manual_seed(0)))
+                       torch.randn(64, task.dim, generator=torch.Generator().manual_seed(0)),
+                       pilot=_pilot(task))
         if s.factored:
             assert s.stored_bytes(m) == s.need_bytes(m) == 0
             continue
@@ -96,9 +99,14 @@ def test_memory_needs_come_from_the_library(task):
 
 def test_families_group_the_table():
     assert M.compared() == ("dropout", "dropout_factored", "gaussian", "gaussian_factored",
-                            "sjlt", "pca")
+                            "sjlt", "pca", "dropout_imp", "dropout_factored_imp")
+    assert M.compared("composed") == ("dropout_sjlt", "dropout_imp_sjlt")
+    assert M.compressors() == (*M.compared(), *M.compared("composed"))
     assert M.in_family(["sjlt", "dropout", "pca"], "mask", "fitted") == ("dropout", "pca")
     assert M.family("dropout_sjlt") == "composed" and M.family("identity") == "reference"
+    assert [n for n, s in M.METHODS.items() if s.pilot] == ["dropout_imp",
+                                                            "dropout_factored_imp",
+                                                            "dropout_imp_sjlt"]
     assert all(s.compresses == (s.family not in ("reference", "baseline"))
                for s in M.METHODS.values() if s.name != M.IDENTITY)
     with pytest.raises(ValueError, match="family='nope'"):
@@ -124,3 +132,53 @@ def test_one_label_colour_and_marker_per_method():
     assert len(set(rgb)) == len(rgb)  # no two methods, references or baselines share a colour
     assert len({s.label for s in M.METHODS.values()}) == len(M.METHODS)
     assert len({s.marker for s in specs}) == len(specs)
+
+
+def _pilot(task, n: int = 32, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 64, generator=g), torch.randint(10, (n,), generator=g)
+    return [(x[:20], y[:20]), (x[20:], y[20:])]
+
+
+def test_ready_fits_importance_on_a_pilot(task):
+    """The three importance entries: fitted on the pilot by ``ready`` (from batches, or from
+    their per-sample gradients computed once: the same probabilities), bound, at the matched
+    k; the chain's first stage is the fitted mask, at ``oversample * k``."""
+    from dropinf.persample import PerSampleGrads
+
+    pilot = _pilot(task)
+    with task.evaluating(), PerSampleGrads(task) as psg:
+        grads = [psg(b)[0] for b in pilot]
+    for ratio in (2.0, 16.0):
+        m = M.match(task, ratio=ratio)
+        for name in ("dropout_imp", "dropout_factored_imp", "dropout_imp_sjlt"):
+            comp = M.ready(M.build(name, m, seed=1), task, m.k, pilot=pilot)
+            imp = comp.first if isinstance(comp, Chain) else comp
+            assert isinstance(imp, Dropout) and imp.importance and imp.probs is not None, name
+            assert comp.layout is not None and comp.dim == m.k, name
+            if isinstance(comp, Chain):
+                assert imp.dim == min(m.d, 4 * m.k) and imp.layout is not None
+            # independent fit: Dropout.fit on the same batches, and fit_grads on the gradients
+            want = M.build(name, m, seed=1)
+            want_imp = want.first if isinstance(want, Chain) else want
+            want_imp.fit(task, pilot)
+            again = M.ready(M.build(name, m, seed=1), task, m.k, pilot=grads)
+            again_imp = again.first if isinstance(again, Chain) else again
+            assert imp.probs.keys() == want_imp.probs.keys() == again_imp.probs.keys()
+            for key, pi in imp.probs.items():
+                torch.testing.assert_close(pi, want_imp.probs[key], rtol=1e-12, atol=0)
+                torch.testing.assert_close(pi, again_imp.probs[key], rtol=1e-10, atol=1e-15)
+            assert comp.fingerprint == again.fingerprint, name  # same draw, same fit
+
+
+def test_ready_refuses_importance_without_a_pilot(task):
+    m = M.match(task, ratio=16.0)
+    for name in ("dropout_imp", "dropout_factored_imp", "dropout_imp_sjlt"):
+        comp = M.build(name, m, seed=0)
+        with pytest.raises(ValueError, match="pass pilot"):
+            M.ready(comp, task, m.k)
+        assert comp.layout is None  # nothing bound by the refused call
+        with pytest.raises(TypeError, match="BatchGrads"):  # a Layout cannot run batches
+            M.ready(comp, Layout.of(task), m.k, pilot=_pilot(task))
+    # a method that needs no pilot ignores one
+    assert M.ready(M.build("dropout", m, 0), task, m.k, pilot=_pilot(task)).dim == m.k

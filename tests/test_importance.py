@@ -493,6 +493,21 @@ def test_fingerprint_covers_the_fit_and_a_store_of_another_fit_is_refused(tmp_pa
         di.scores(H, G, pre)
 
 
+def test_flat_importance_bytes_from_the_arguments_match_the_bound_mask():
+    """stored_bytes(d) (what the study's memory checks use before anything is drawn) is the
+    fitted flat mask's map_bytes; held_bytes adds its int64 indices and float64 scales."""
+    task, pilot, _ = model_case("mlp", torch.float32)
+    d = task.dim
+    comp = di.Dropout(0.7, importance=True, seed=2)
+    assert comp.stored_bytes(d) == 8 * d
+    comp.fit(task, pilot).bind(task)
+    assert comp.stored_bytes(d) == comp.map_bytes
+    kept = sum(len(i) for i in comp.flat.index.values())
+    assert comp.held_bytes(d) == comp.map_bytes + 16 * kept
+    with pytest.raises(ValueError, match="flat unit masks"):
+        di.Dropout(0.5, factored=True, importance=True).stored_bytes(d)
+
+
 def test_unfitted_use_is_refused_with_the_fix():
     task, pilot, test = model_case("mlp", torch.float32)
     comp = di.Dropout(0.5, importance=True)

@@ -4,6 +4,7 @@ profile and validation helpers of their ``Config`` dataclasses."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,18 @@ def threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class Profiled:
+    """Base of the experiments' frozen ``Config`` dataclasses: :meth:`for_profile` builds one
+    from the ``PROFILES`` of the module that defines it (profile name -> field values that
+    differ from the defaults), so each field is defined once, in the dataclass."""
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides):
+        """The profile's configuration with ``overrides`` (field values) applied."""
+        return from_profile(cls, vars(sys.modules[cls.__module__])["PROFILES"], profile,
+                            overrides)
 
 
 def from_profile(cls: type[C], profiles: dict[str, dict], profile: str, overrides: dict) -> C:

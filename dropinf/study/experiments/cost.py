@@ -27,8 +27,10 @@ rate ``p`` per side, :func:`~.methods.match`):
   compressor (PCA fitted), :func:`dropinf.gradients` of both sets, ``Preconditioner.fit(kind=
   "fisher")`` and :func:`dropinf.scores` (:func:`run_pipeline`), where the k x k Fisher is small
   enough (``k <= pipeline_max_k``); ``pipeline_peak_mb`` its peak memory.
-- ``fit_s`` (PCA: exact gradients of the fit sample and the SVD) and ``bind_s`` (drawing masks,
-  hashes or projections), once, outside the compression step; ``other_pct``: the share of the
+- ``fit_s`` (PCA: exact gradients of the fit sample and the SVD; importance dropout: exact
+  gradients of ``n_pilot`` pilot samples, their second moments and the allocation,
+  :func:`~.methods.fit_pilot`) and ``bind_s`` (drawing masks, hashes or projections), once,
+  outside the compression step; ``other_pct``: the share of the
   machine's CPU time other processes used while the row was measured (:class:`OtherLoad`).
 
 Then fitted log-log slopes of each cost against the gradient's dimension d (:func:`fit_slope`),
@@ -61,9 +63,9 @@ from ...persample import PerSampleGrads
 from ...scores import scores
 from ...task import Task
 from .. import models
-from .common import check_int, from_profile, threads
+from .common import Profiled, check_int, threads
 from .measure import OtherLoad, compression_step, frozen_gc, peak_bytes, sync, time_calls
-from .methods import ANCHOR, Match, color, compared, label, marker, match, spec
+from .methods import ANCHOR, Match, color, compared, fit_pilot, label, marker, match, spec
 
 REFERENCE = ANCHOR  # it fixes k: every ratio is to it
 FAMILIES = ("mlp", "gpt2")
@@ -81,22 +83,24 @@ GB = 2**30
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiled):
     """Every knob of notebook 03; the defaults are the ``cpu-quick`` profile.
 
     Ladder: MLPs ``mlp_widths`` (layer widths, input first) on random inputs with random labels,
     and GPT-2 LMs ``gpt2_shapes`` on random sequences of ``tokens`` tokens: each a rung of
     :data:`dropinf.study.models.GPT2_LADDER` by name, or ``(n_layer, n_embd, n_head)`` with
-    vocabulary ``vocab_size`` and context ``n_positions``. Compression: factored
-    dropout at rate ``p`` per side fixes k; SJLT has ``sjlt_c`` nonzeros per column; PCA is fitted
-    on ``max(k, pca_min_fit)`` exact training gradients. ``memory_budget_gb``: a method whose map
-    (and fit) needs more is recorded as not fitting. Timing: batches of ``batch_size``, ``warmup``
-    untimed calls, then at least ``repeats`` calls and ``min_time`` seconds, median. Pipeline:
-    ``n_train`` and ``n_test`` points, relative Fisher ``damping``, ``pipeline_repeats`` runs
-    (median), only where ``k <= pipeline_max_k``. ``device``: ``"cpu"`` or ``"cuda"``;
-    ``threads``: torch's CPU threads while measuring (0: torch's default). One thread by default
-    on CPU: on a machine shared with other processes, a multi-threaded operation waits for its
-    slowest thread, and times of small operations jump by 10x and more.
+    vocabulary ``vocab_size`` and context ``n_positions``. Compression: factored dropout at rate
+    ``p`` per side fixes k; SJLT has ``sjlt_c`` nonzeros per column; PCA is fitted on ``max(k,
+    pca_min_fit)`` exact training gradients, importance dropout on ``n_pilot`` pilot samples
+    (random data like the rest, from their own seed). ``memory_budget_gb``: a method whose map
+    (and fit) needs more is recorded as not fitting. Timing: batches of ``batch_size``,
+    ``warmup`` untimed calls, then at least ``repeats`` calls and ``min_time`` seconds, median.
+    Pipeline: ``n_train`` and ``n_test`` points, relative Fisher ``damping``,
+    ``pipeline_repeats`` runs (median), only where ``k <= pipeline_max_k``. ``device``:
+    ``"cpu"`` or ``"cuda"``; ``threads``: torch's CPU threads while measuring (0: torch's
+    default). One thread by default on CPU: on a machine shared with other processes, a
+    multi-threaded operation waits for its slowest thread, and times of small operations jump by
+    10x and more.
     """
 
     seed: int = 0
@@ -120,6 +124,7 @@ class Config:
     memory_budget_gb: float = 1.0
     sjlt_c: int = 1
     pca_min_fit: int = 128
+    n_pilot: int = 8
     n_train: int = 64
     n_test: int = 16
     damping: float = 1e-3
@@ -127,11 +132,6 @@ class Config:
     pipeline_repeats: int = 1
     device: str = "cpu"
     threads: int = 1
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> Config:
-        """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise lists (papermill passes JSON) to tuples
@@ -157,7 +157,7 @@ class Config:
             raise ValueError(f"p={self.p!r} must be a dropout rate in (0, 1)")
         for name, low in (("seed", 0), ("vocab_size", 2), ("n_positions", 2), ("tokens", 2),
                           ("batch_size", 1), ("warmup", 0), ("repeats", 1), ("sjlt_c", 1),
-                          ("pca_min_fit", 1), ("n_train", 1), ("n_test", 1),
+                          ("pca_min_fit", 1), ("n_pilot", 1), ("n_train", 1), ("n_test", 1),
                           ("pipeline_max_k", 1), ("pipeline_repeats", 1), ("threads", 0)):
             check_int(self, name, low)
         for shape in map(self.gpt2_shape, self.gpt2_shapes):
@@ -364,29 +364,34 @@ def fit(comp: Compressor, task: Task, fit_batches: list) -> Compressor:
 
 
 def run_pipeline(bench: Bench, method: str, m: Match, cfg: Config, train: list, test: list,
-                 fit_batches: list) -> Tensor:
-    """The whole influence pipeline with a fresh compressor: draw (and for PCA fit) it, featurise
-    the training and test sets, fit the damped Fisher, score. Returns the (n_test, n_train)
-    scores (positive = helpful)."""
+                 fit_batches: list, pilot: list) -> Tensor:
+    """The whole influence pipeline with a fresh compressor: draw (and for PCA or importance
+    dropout fit) it, featurise the training and test sets, fit the damped Fisher, score.
+    Returns the (n_test, n_train) scores (positive = helpful)."""
     comp = make_compressor(method, m, cfg)
     if spec(method).needs_fit:
         fit(comp, bench.task, fit_batches)
+    fit_pilot(comp, bench.task, pilot if spec(method).pilot else None)
     G_train = gradients(bench.task, train, comp, progress=False)
     G_test = gradients(bench.task, test, comp, progress=False)
     pre = Preconditioner.fit(G_train, kind="fisher", damping=cfg.damping)
     return scores(G_test, G_train, pre)
 
 
-def _time_fit(method: str, m: Match, bench: Bench, cfg: Config, fit_batches: list
-              ) -> tuple[Compressor, float, float]:
-    """The ready compressor, seconds to fit it (PCA: exact gradients and SVD; else 0) and to
+def _time_fit(method: str, m: Match, bench: Bench, cfg: Config, fit_batches: list,
+              pilot: list) -> tuple[Compressor, float, float]:
+    """The ready compressor, seconds to fit it (PCA: exact gradients and SVD; importance
+    dropout: exact gradients of the pilot batches, second moments, allocation; else 0) and to
     bind it (draw masks, hashes or projections)."""
     dev = torch.device(cfg.device)
     comp = make_compressor(method, m, cfg)
     fit_s = 0.0
-    if spec(method).needs_fit:
+    if spec(method).needs_fit or spec(method).pilot:
         t0 = time.perf_counter()
-        fit(comp, bench.task, fit_batches)
+        if spec(method).needs_fit:
+            fit(comp, bench.task, fit_batches)
+        fit_pilot(comp, bench.task, pilot if spec(method).pilot else None)
+        sync(dev)
         fit_s = time.perf_counter() - t0
     sync(dev)
     t0 = time.perf_counter()
@@ -425,6 +430,8 @@ def _measure_bench(bench: Bench, cfg: Config, bar: tqdm | None) -> list[dict]:
             for method in cfg.methods}
     fits = any(spec(x).needs_fit and need[x] <= budget for x in cfg.methods)
     fit_batches = bench.batches(pca_fit_rows(k, cfg), data_seed + 1) if fits else []
+    pilots = any(spec(x).pilot for x in cfg.methods)
+    pilot = bench.batches(cfg.n_pilot, data_seed + 4) if pilots else []
     run_pipe = k <= cfg.pipeline_max_k
     train = bench.batches(cfg.n_train, data_seed + 2) if run_pipe else []
     test = bench.batches(cfg.n_test, data_seed + 3) if run_pipe else []
@@ -448,7 +455,7 @@ def _measure_bench(bench: Bench, cfg: Config, bar: tqdm | None) -> list[dict]:
             try:
                 with OtherLoad() as load:
                     row.update(_measure_method(method, setting, bench, cfg, batch, bg,
-                                               fit_batches, train, test, run_pipe))
+                                               fit_batches, pilot, train, test, run_pipe))
                 row["other_pct"] = 100 * load.share
             except (RuntimeError, MemoryError) as e:  # torch's out-of-memory is a RuntimeError
                 row.update(status=f"error: {str(e).splitlines()[0][:120]}",
@@ -461,15 +468,16 @@ def _measure_bench(bench: Bench, cfg: Config, bar: tqdm | None) -> list[dict]:
 
 
 def _measure_method(method: str, m: Match, bench: Bench, cfg: Config, batch, bg: BatchGrads,
-                    fit_batches: list, train: list, test: list, run_pipe: bool) -> dict:
+                    fit_batches: list, pilot: list, train: list, test: list,
+                    run_pipe: bool) -> dict:
     dev = torch.device(cfg.device)
-    row = {"status": "ok", **_step_costs(method, m, bench, cfg, batch, bg, fit_batches)}
+    row = {"status": "ok", **_step_costs(method, m, bench, cfg, batch, bg, fit_batches, pilot)}
     gc.collect()  # the compressor (a dense map, say) is gone before the pipeline draws its own
     if not run_pipe:
         return {**row, "pipeline_status": f"k > pipeline_max_k={cfg.pipeline_max_k}"}
 
     def pipe() -> Tensor:
-        return run_pipeline(bench, method, m, cfg, train, test, fit_batches)
+        return run_pipeline(bench, method, m, cfg, train, test, fit_batches, pilot)
 
     runs = [peak_bytes(pipe, dev, timed=True) for _ in range(cfg.pipeline_repeats)]
     return {**row, "pipeline_status": "ok",
@@ -478,11 +486,11 @@ def _measure_method(method: str, m: Match, bench: Bench, cfg: Config, batch, bg:
 
 
 def _step_costs(method: str, m: Match, bench: Bench, cfg: Config, batch, bg: BatchGrads,
-                fit_batches: list) -> dict:
+                fit_batches: list, pilot: list) -> dict:
     """Fit, bind, compression step (time and peak) and the library's per-batch path."""
     dev = torch.device(cfg.device)
     k = m.k
-    comp, fit_s, bind_s = _time_fit(method, m, bench, cfg, fit_batches)
+    comp, fit_s, bind_s = _time_fit(method, m, bench, cfg, fit_batches, pilot)
     step = compression_step(comp, bg)
     z = step()
     if z.shape != (bg.size, k) or not bool(torch.isfinite(z).all()):
@@ -581,7 +589,43 @@ def ratios(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def summary(cfg: Config, df: pd.DataFrame) -> dict:
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Result:
+    """Everything notebook 03 shows, computed by :func:`run`: ``measurements`` (one row per
+    size and method, :func:`measure`), their log-log ``slopes`` and their ``ratios`` to factored
+    dropout, and the ``hardware`` they were measured on (:func:`dropinf.study.results.hardware`).
+    """
+
+    cfg: Config
+    measurements: pd.DataFrame
+    slopes: pd.DataFrame
+    ratios: pd.DataFrame
+    hardware: dict
+
+
+# Result field -> file name under tables/ (the notebook saves each with ``run.table``).
+TABLES = {"measurements": "cost", "slopes": "slopes", "ratios": "cost_ratios"}
+
+
+def run(cfg: Config, progress: bool = True) -> Result:
+    """Notebook 03's computation: every measurement, then the slopes and ratios."""
+    from ..results import hardware
+
+    df = measure(cfg, progress)
+    return Result(cfg, df, slopes(df), ratios(df), hardware())
+
+
+def summary(res: Result) -> dict:
+    """summary.json: ``conclusion`` (:func:`conclude`, written from the measured times, so it
+    changes between runs) and the numbers a seed determines (:func:`numbers`)."""
+    return {"conclusion": conclude(res.measurements, res.ratios),
+            **numbers(res.cfg, res.measurements)}
+
+
+def numbers(cfg: Config, df: pd.DataFrame) -> dict:
     """What a seed determines (no time or memory measurement): the ladder with d and k, the
     stored map of each method at each size (None where it failed), what did not fit and what it
     would need, the log-log slope of the stored map, where the pipeline ran, and where the
@@ -619,6 +663,12 @@ def summary(cfg: Config, df: pd.DataFrame) -> dict:
 
 
 # --------------------------------------------------------------------------- figure and text
+
+
+def plot_cost(res: Result):
+    """:func:`plot` of a :class:`Result`, its hardware in the title."""
+    return plot(res.measurements, res.slopes, hardware_label(res.hardware, res.measurements),
+                p=res.cfg.p)
 
 
 def plot(df: pd.DataFrame, slope_df: pd.DataFrame, hardware: str = "", p: float | None = None):
@@ -731,6 +781,11 @@ def conclude(df: pd.DataFrame, ratio_df: pd.DataFrame) -> str:
                    ": there featurisation and the k x k Fisher, the same for all, dominate."
                    if len(same) else "")
             )
+        fits = maps[(maps["status"] == "ok") & (maps["fit_s"] > 0)]
+        if len(fits):
+            lines.append(f"  Fitted methods at {size}, fit once outside the compression step: "
+                         + ", ".join(f"{label(r.method)} {r.fit_s:.3g} s"
+                                     for r in fits.itertuples()) + ".")
     errors = df[df["status"].astype(str).str.startswith("error")]
     for r in errors.itertuples():
         lines.append(f"- **Failed**: {label(r.method)} at {r.size}: {r.status}")

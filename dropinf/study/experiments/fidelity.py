@@ -47,7 +47,7 @@ from ...losses import cross_entropy
 from ...scores import scores
 from ...task import Task
 from .. import data, metrics, models, retrain
-from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
+from .common import Profiled, check_int, float_list, rng_for, seed_for, threads
 from .methods import (
     FAMILIES,
     IDENTITY,
@@ -82,7 +82,7 @@ DATTRI = {"loo": 0.88, "lds": 0.80}  # dattri's exact influence on logistic regr
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiled):
     """Every knob of notebook 02; the defaults are the ``cpu-quick`` profile.
 
     Models: ``models`` among ``logreg``, ``mlp`` (``64-hidden-10``, tanh) and ``resnet9``
@@ -128,11 +128,6 @@ class Config:
     batch_size: int = 512
     lr: float = 0.2
     threads: int = 1
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> Config:
-        """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         for name in ("models", "methods", "references"):

@@ -3,10 +3,11 @@ at a matched dimension and what it needs in memory, for every notebook.
 
 :data:`METHODS` maps a name to its :class:`MethodSpec`. Families (:data:`FAMILIES`): the
 ``reference`` (``identity``, no compression, and notebook 02's exact and GGN influence), the
-random ``mask`` (flat and factored dropout), random ``projection`` (dense and factored
-Gaussian, SJLT), ``fitted`` (PCA, fitted on the uncompressed training gradients), ``composed``
-(notebook 06's flat dropout to ``oversample * k`` then an SJLT to k, a
-:class:`dropinf.Chain`), and the ``baseline`` rankings of notebooks 04 and 05 (no compressor).
+random ``mask`` (flat and factored dropout, uniform or by importance), random ``projection``
+(dense and factored Gaussian, SJLT), ``fitted`` (PCA, fitted on the uncompressed training
+gradients), ``composed`` (a flat mask, uniform or by importance, to ``oversample * k`` then
+an SJLT to k, a :class:`dropinf.Chain`), and the ``baseline`` rankings of notebooks 04 and 05
+(no compressor).
 Notebooks group, compare and write conclusions by family (:func:`in_family`), so a compressor
 added to the study is one :class:`MethodSpec` (plus its library class) and appears in every
 table, figure and conclusion.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ...blocks import BatchGrads
 from ...compressors import PCA, SJLT, Chain, Compressor, Dropout, Gaussian, Identity, Layout
 from ...task import Task
 
@@ -49,7 +51,8 @@ class Options:
 class MethodSpec:
     """One compared method. ``make(match, seed, options)`` builds its unbound compressor (None
     for the references and baselines that are not compressors); ``needs_fit``: fitted on the
-    uncompressed training gradients (so it needs them in memory); ``factored``: its maps are per
+    uncompressed training gradients (so it needs them in memory); ``pilot``: fitted on a pilot
+    set of training samples (importance dropout, by :func:`ready`); ``factored``: its maps are per
     layer (O(n_in + n_out) indices or ``k_in n_in + k_out n_out`` floats per layer), so its
     memory is not a function of d and is counted as 0 in :meth:`need_bytes`."""
 
@@ -61,6 +64,7 @@ class MethodSpec:
     make: Callable[[Match, int, Options], Compressor] | None = None
     needs_fit: bool = False
     factored: bool = False
+    pilot: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -99,6 +103,12 @@ def _chain(m: Match, seed: int, o: Options) -> Chain:
     return Chain(Dropout(1.0 - min(m.d, o.oversample * m.k) / m.d, seed=seed), SJLT(m.k, seed=seed))
 
 
+def _importance_chain(m: Match, seed: int, o: Options) -> Chain:
+    """:func:`_chain` with an importance mask as its first stage (fitted by :func:`ready`)."""
+    keep = 1.0 - min(m.d, o.oversample * m.k) / m.d
+    return Chain(Dropout(keep, importance=True, seed=seed), SJLT(m.k, seed=seed))
+
+
 def _spec(*args, **kwargs) -> tuple[str, MethodSpec]:
     return args[0], MethodSpec(*args, **kwargs)
 
@@ -119,7 +129,14 @@ METHODS: dict[str, MethodSpec] = dict([
           lambda m, s, o: SJLT(m.k, sjlt_nonzeros(m.k, o.sjlt_c), seed=s)),
     _spec("pca", "PCA", "C4", "x", "fitted",
           lambda m, s, o: PCA(m.k, n_fit=o.pca_n_fit, seed=s), needs_fit=True),
+    _spec("dropout_imp", "importance dropout (flat)", "darkred", "<", "mask",
+          lambda m, s, o: Dropout(m.p_flat, importance=True, seed=s), pilot=True),
+    _spec("dropout_factored_imp", "importance dropout (factored)", "goldenrod", ">", "mask",
+          lambda m, s, o: Dropout(m.p, factored=True, importance=True, seed=s),
+          factored=True, pilot=True),
     _spec("dropout_sjlt", "dropout then SJLT (beyond the paper)", "C6", "P", "composed", _chain),
+    _spec("dropout_imp_sjlt", "importance dropout then SJLT", "m", "p", "composed",
+          _importance_chain, pilot=True),
     _spec("random", "random", "0.6", ".", "baseline"),
     _spec("loss", "training loss (baseline)", "C5", ".", "baseline"),
     _spec("harmful", "most harmful", "C8", ".", "baseline"),
@@ -265,10 +282,40 @@ def fit_pca(pca: PCA, G_train: Tensor, cache: dict | None = None) -> PCA | None:
     return out
 
 
-def ready(comp: Compressor, task: Task, k: int, G_train: Tensor | None = None,
-          pca_cache: dict | None = None) -> Compressor | None:
-    """``comp`` bound to ``task`` with output dimension k checked; an unfitted PCA is first
-    fitted on ``G_train`` (:func:`fit_pca`), and None returned if it cannot span k."""
+def _unfitted_importance(comp: Compressor) -> Dropout | None:
+    """The importance mask of ``comp`` (itself or a chain's first stage) if not yet fitted."""
+    c = comp.first if isinstance(comp, Chain) else comp
+    return c if isinstance(c, Dropout) and c.importance and c.probs is None else None
+
+
+def fit_pilot(comp: Compressor, task: Task | Layout, pilot: Iterable | None) -> Compressor:
+    """``comp`` with its unfitted importance mask (itself or a chain's first stage) fitted on
+    ``pilot`` (see :func:`ready`); unchanged where it has none. ValueError without a pilot."""
+    if (imp := _unfitted_importance(comp)) is None:
+        return comp
+    if pilot is None:
+        raise ValueError(f"{comp!r} is fitted on a pilot set of training samples: pass pilot")
+    if isinstance(pilot, (list, tuple)) and pilot and all(isinstance(b, BatchGrads)
+                                                           for b in pilot):
+        imp.fit_grads(task, pilot)
+    elif isinstance(task, Task):
+        imp.fit(task, pilot)
+    else:
+        raise TypeError(f"pilot={type(pilot).__name__}: with a Layout (no model) instead of a "
+                        "Task, pass the pilot's per-sample gradients as a list of BatchGrads")
+    return comp
+
+
+def ready(comp: Compressor, task: Task | Layout, k: int, G_train: Tensor | None = None,
+          pca_cache: dict | None = None, pilot: Iterable | None = None) -> Compressor | None:
+    """``comp`` bound to ``task`` with output dimension k checked. An unfitted PCA is first
+    fitted on ``G_train`` (:func:`fit_pca`), and None returned if it cannot span k; an unfitted
+    importance mask (alone or a chain's first stage) is fitted on ``pilot``: batches of
+    training samples (``Dropout.fit``), or a list of their full per-sample gradients
+    (:class:`~dropinf.BatchGrads` as ``PerSampleGrads(task)`` gives them; ``Dropout.fit_grads``),
+    which lets many masks share one backward pass over the pilot set. ``task`` may be a
+    :class:`~dropinf.compressors.Layout` where nothing needs a model (``pilot`` as gradients)."""
+    fit_pilot(comp, task, pilot)
     if isinstance(comp, PCA) and comp.components is None:
         if G_train is None:
             raise ValueError("PCA is fitted on the uncompressed training gradients: pass G_train")

@@ -45,7 +45,7 @@ from ...losses import SplitLoss, cross_entropy, sequence_classification
 from ...scores import self_influence
 from ...task import Task
 from .. import data, models
-from .common import check_int, from_profile, seed_for, threads
+from .common import Profiled, check_int, seed_for, threads
 from .methods import IDENTITY, Match, color, compared, compressors, match, ready, spec
 from .methods import label as method_label
 
@@ -75,7 +75,7 @@ GB = 2**30
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiled):
     """Every knob of notebook 04; the defaults are the ``cpu-quick`` profile.
 
     Common: ``n_seeds`` replicates (seeds ``seed, seed+1, ...``: each draws its own flipped
@@ -129,11 +129,6 @@ class Config:
     text_lr: float = 1e-3
     text_batch_size: int = 16
     device: str | None = None
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> Config:
-        """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         for name in ("datasets", "methods", "hidden"):

@@ -51,7 +51,7 @@ from ...task import Task
 from .. import data as dd
 from .. import models
 from ..retrain import subset_outputs
-from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
+from .common import Profiled, check_int, float_list, rng_for, seed_for, threads
 from .methods import IDENTITY, color, compared, compressors, in_family, match, ready, spec
 from .methods import label as method_label
 
@@ -71,7 +71,7 @@ KINDS = ("full", "helpful", "harmful", "random")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiled):
     """Every knob of notebook 05; the defaults are the ``cpu-quick`` profile.
 
     Data and model: ``dataset`` ``"digits"`` (scikit-learn's 8x8 digits, split with ``seed``,
@@ -120,11 +120,6 @@ class Config:
     grad_batch: int = 256
     device: str = "cpu"
     threads: int = 1
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> Config:
-        """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise lists (papermill passes JSON) to tuples

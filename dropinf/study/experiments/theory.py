@@ -49,7 +49,7 @@ from ...scores import scores
 from ...task import Task
 from .. import data
 from ..models import fit_full_batch, mlp
-from .common import check_int, float_list, from_profile, rng_for, seed_for, threads
+from .common import Profiled, check_int, float_list, rng_for, seed_for, threads
 from .methods import color
 
 LAWS = th.LAWS
@@ -68,7 +68,7 @@ N_DIGITS = 1797  # samples in sklearn's load_digits
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiled):
     """Every knob of notebook 01; the defaults are the ``cpu-quick`` profile.
 
     Synthetic pairs: dimension ``d``, one pair per level in ``coherences`` (see
@@ -110,11 +110,6 @@ class Config:
     block_n_train: int = 64
     block_max_length: int = 64
     block_seeds: int = 100
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> Config:
-        """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         for name in ("coherences", "rates", "fisher_rates", "dampings"):

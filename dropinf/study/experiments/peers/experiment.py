@@ -51,7 +51,7 @@ from ....scores import scores
 from ....task import Task
 from ... import data, metrics, models
 from .. import methods
-from ..common import check_int, float_list, from_profile, seed_for, threads
+from ..common import Profiled, check_int, float_list, seed_for, threads
 from ..measure import OtherLoad, peak_bytes, time_calls
 from . import adapters
 from .adapters import PEERS, Problem
@@ -72,7 +72,7 @@ LEVELS = ("cheaper", "recommended", "costlier")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiled):
     """Every knob of notebook 07; the defaults are the ``cpu-quick`` profile.
 
     Task ``mlp``: digits split by ``seed``, ``n_train``/``n_test`` points, a ``64-hidden-10``
@@ -132,11 +132,6 @@ class Config:
     cheap_s: float = 1.0
     top_k: int = 10
     threads: int = 1
-
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> Config:
-        """The profile's configuration with ``overrides`` applied (None means the profile's)."""
-        return from_profile(cls, PROFILES, profile, overrides)
 
     def __post_init__(self) -> None:
         for name, allowed in (("tasks", TASKS), ("peers", PEERS),
