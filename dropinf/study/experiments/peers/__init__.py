@@ -22,10 +22,11 @@ from .experiment import (
     run,
     summary,
     table,
+    task_table,
     verdict_table,
 )
 
 __all__ = ["PROFILES", "TASKS", "Config", "Result", "adapters", "build_task", "conclusions",
            "conv1d_to_linear", "dominating", "dropinf_points", "measure", "pareto_front",
-           "peer_points", "plot_pareto", "run", "summary", "table",
+           "peer_points", "plot_pareto", "run", "summary", "table", "task_table",
            "verdict_table"]

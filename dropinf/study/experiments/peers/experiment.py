@@ -540,6 +540,11 @@ def _r(x, digits: int = 4):
     return float(f"{float(x):.{digits}g}")
 
 
+def task_table(result: Result) -> pd.DataFrame:
+    """One row per task: its information (sizes, accuracy, gradient norm, reference)."""
+    return pd.DataFrame([{"task": name, **info} for name, info in result.infos.items()])
+
+
 def summary(result: Result) -> dict:
     """The numbers the notebook reports: per task its information, every point (Spearman,
     Pearson, top-k to 4 digits; seconds and peak MB to 2, since they vary between runs), the
