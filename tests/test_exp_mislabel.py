@@ -228,7 +228,7 @@ def test_gpu_profile_offline_fails_at_once_naming_the_fetch_command(tmp_path, mo
 def test_text_path_end_to_end_on_a_tiny_bert(tmp_path):
     cfg = mis.Config(datasets=("docstrings",), text_model=str(_tiny_bert(tmp_path / "bert")),
                      text_n_train=40, text_max_length=16, text_epochs=1, text_p=0.5,
-                     text_layers=1, n_seeds=2, threads=1, n_pilot=16)
+                     text_layers=1, n_seeds=2, threads=1, text_n_pilot=16)
     source = mis.load_source("docstrings", cfg)
     assert source.train["hidden"].shape[:2] == (40, 16) and source.num_classes == 8
     problem = mis.make_problem(source, cfg, seed=0)

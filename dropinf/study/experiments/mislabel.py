@@ -96,7 +96,8 @@ class Config(Profiled):
     for every method), ``methods`` compared, SJLT nonzeros per column ``sjlt_c`` (the largest
     divisor of k up to it), PCA fitted on ``pca_n_fit`` uncompressed training gradients,
     importance dropout (methods with ``pilot``) fitted on the exact gradients of a pilot set of
-    ``n_pilot`` training points (a seeded subset per replicate; training data with its
+    ``n_pilot`` training points (``text_n_pilot`` for the text sets, whose per-sample gradients
+    are a thousand times longer; a seeded subset per replicate; training data with its
     corrupted labels, as the rest of the scoring sees them), ``threads`` torch CPU threads
     (0: torch's default; one avoids oversubscription on a shared machine).
     Memory limits: a dense Gaussian map (k x d) is skipped above ``max_map_gb``, and the
@@ -139,6 +140,7 @@ class Config(Profiled):
     text_p: float = 0.97
     text_layers: int = 1
     text_n_train: int = 320
+    text_n_pilot: int = 64
     text_max_length: int = 48
     text_epochs: int = 3
     text_lr: float = 1e-3
@@ -164,8 +166,8 @@ class Config(Profiled):
             )
         for name, low in (("seed", 0), ("threads", 0), ("n_seeds", 2), ("sjlt_c", 1),
                           ("pca_n_fit", 2), ("n_pilot", 1), ("epochs", 1), ("batch_size", 1),
-                          ("text_layers", 1), ("text_n_train", 8), ("text_max_length", 4),
-                          ("text_epochs", 1), ("text_batch_size", 1)):
+                          ("text_layers", 1), ("text_n_train", 8), ("text_n_pilot", 1),
+                          ("text_max_length", 4), ("text_epochs", 1), ("text_batch_size", 1)):
             check_int(self, name, low)
         if self.n_train is not None:
             check_int(self, "n_train", 20)
@@ -584,7 +586,8 @@ def rank_scores(problem: Problem, cfg: Config, p: float, progress: bool = False
             continue
         if spec(method).pilot and pilot is None:  # once per replicate, for every importance fit
             t0 = time.perf_counter()
-            pilot = pilot_grads(task, pilot_loader(problem, cfg.n_pilot))
+            size = cfg.text_n_pilot if problem.source in TEXT_SETS else cfg.n_pilot
+            pilot = pilot_grads(task, pilot_loader(problem, size))
             timings.append({"method": "pilot", "k": None, "seconds": time.perf_counter() - t0})
         t0 = time.perf_counter()
         # a fitted method is fitted on pca_n_fit rows of the uncompressed gradients
