@@ -25,7 +25,7 @@ from dropinf.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_train=40, n_test=6, hidden=4, ratios=[2, 16], n_seeds=2, n_subsets=4, n_loo=4,
-            retrain_seeds=1, retrain_iter=30, fit_iter=300, n_boot=0)
+            retrain_seeds=1, retrain_iter=30, fit_iter=300, n_boot=0, n_pilot=16)
 
 
 @pytest.fixture(autouse=True)
@@ -82,11 +82,13 @@ def test_matched_dims_build_every_method_at_k():
     dims = fid.matched_dims(task, (2.0, 16.0, 64.0))
     cfg = fid.Config(sjlt_c=4, pca_n_fit=200)
     G = torch.randn(300, d, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    pilot = [(torch.randn(8, 64, generator=g), torch.randint(10, (8,), generator=g))]
     for r in dims.itertuples():
         m = match(task, ratio=r.ratio)
         assert (r.p, r.k, r.actual_ratio, r.p_flat) == (m.p, m.k, d / m.k, 1 - m.k / d)
         for method in fid.METHODS:
-            comp = fid.build_compressor(method, m, 1, cfg, task, G)
+            comp = fid.build_compressor(method, m, 1, cfg, task, G, pilot=pilot)
             if method == "pca" and r.k > cfg.pca_n_fit:
                 assert comp is None
                 continue
@@ -211,15 +213,14 @@ def test_exact_influence_predicts_leave_one_out():
 
 @pytest.fixture(scope="module")
 def tiny_run():
-    """run_model for both cpu-quick models at the TINY configuration, with the summary."""
+    """run for both cpu-quick models at the TINY configuration, with the summary."""
     cfg = fid.Config(**TINY)
-    out = {m: fid.run_model(cfg, m, progress=False, log=None) for m in cfg.models}
-    rows = fid.pd.concat([r.rows for r in out.values()], ignore_index=True)
-    return cfg, out, rows, fid.make_summary(cfg, rows, {m: r.info for m, r in out.items()})
+    res = fid.run(cfg, progress=False, log=None)
+    return cfg, res, res.rows, fid.summary(res)
 
 
-def test_run_model_rows_and_summary(tiny_run):
-    cfg, out, rows, s = tiny_run
+def test_run_rows_tables_and_summary(tiny_run):
+    cfg, res, rows, s = tiny_run
     comp = rows[rows.kind == "compressed"]
     # one row per (model, method, ratio, seed) except PCA where k > n_fit (k <= n_train here)
     for _, g in comp.groupby(["model", "ratio"]):
@@ -235,16 +236,24 @@ def test_run_model_rows_and_summary(tiny_run):
     assert rows[rows.model == "logreg"].loo.notna().all()
     lr = rows[(rows.model == "logreg") & (rows.kind == "reference")].set_index("method")
     assert lr.loc["ggn", "spearman"] == pytest.approx(1.0, abs=1e-6)
-    summ = fid.summary_table(rows)
+    summ = res.summ
     one = summ[(summ.model == "mlp") & (summ.method == "sjlt") & (summ.ratio == 16.0)].iloc[0]
     sel = comp[(comp.model == "mlp") & (comp.method == "sjlt") & (comp.ratio == 16.0)]
     assert one.lds_mean == pytest.approx(sel.lds.mean())
     assert one.lds_std == pytest.approx(sel.lds.std(ddof=1))
     json.dumps(s)
     assert s["exact_lds_logreg"] == pytest.approx(
-        float(f"{out['logreg'].info['exact']['lds']['value']:.4g}"))
+        float(f"{res.infos['logreg']['exact']['lds']['value']:.4g}"))
     assert "Dropout (flat) matches" in s["conclusion"]
     assert s["table_64x"] == {}  # no 64x ratio in this configuration
+    # the Result's tables: one dims row per (model, ratio), timings per (model, stage)
+    assert len(res.dims) == len(cfg.models) * len(cfg.ratios)
+    assert set(res.models.model) == set(cfg.models) and set(res.timings.model) == set(cfg.models)
+    assert set(fid.timing_table(res).columns) == set(cfg.models)
+    ref = fid.reference_intervals(res)
+    lr = ref[(ref.model == "logreg") & (ref.reference == "exact")].set_index("metric")
+    assert lr.at["lds", "value"] == res.infos["logreg"]["exact"]["lds"]["value"]
+    assert (ref.low <= ref.value).all() and (ref.value <= ref.high).all()
     fid.plot_fidelity(summ)
 
 
@@ -303,10 +312,54 @@ def test_a_method_added_to_the_table_appears_in_summary_and_conclusion(monkeypat
     monkeypatch.setitem(M.METHODS, extra.name, extra)
     cfg = fid.Config(**{**TINY, "models": ("mlp",), "references": ("exact",),
                         "methods": ("dropout", "sjlt", "dropout_b")})
-    out = fid.run_model(cfg, "mlp", progress=False, log=None)
-    rows = out.rows
-    s = fid.make_summary(cfg, rows, {"mlp": out.info})
+    res = fid.run(cfg, progress=False, log=None)
+    rows = res.rows
+    s = fid.summary(res)
     assert set(s["table_16x"]["mlp"]) == {"dropout", "sjlt", "dropout_b"}
     assert "Dropout (flat, second draw) matches the best random projection" in s["conclusion"]
     assert "dropout (flat, second draw) " in s["conclusion"]  # its number at each ratio
     fid.plot_fidelity(fid.summary_table(rows))
+
+
+def test_importance_against_uniform_in_summary_and_conclusion(tiny_run):
+    """Each importance mask is compared with the uniform mask of its kind, ratio by ratio,
+    against a direct computation from the summary table; the conclusion names the comparison
+    and gives the plain count."""
+    cfg, res, rows, s = tiny_run
+    summ = res.summ
+    pairs = {"dropout_imp": "dropout", "dropout_factored_imp": "dropout_factored"}
+    counts = {"ahead": 0, "level": 0, "behind": 0}
+    for model in cfg.models:
+        for a, b in pairs.items():
+            v = s["importance_vs_uniform"][model][a]
+            assert v["against"] == b
+            for metric in ("spearman", "lds"):
+                for r in cfg.ratios:
+                    ga = summ[(summ.model == model) & (summ.method == a) & (summ.ratio == r)]
+                    gb = summ[(summ.model == model) & (summ.method == b) & (summ.ratio == r)]
+                    diff = ga[f"{metric}_mean"].item() - gb[f"{metric}_mean"].item()
+                    se = np.sqrt((ga[f"{metric}_std"].item() ** 2
+                                  + gb[f"{metric}_std"].item() ** 2) / cfg.n_seeds)
+                    tol = max(2 * se, 0.02)
+                    key = "ahead" if diff > tol else "behind" if diff < -tol else "level"
+                    assert r in v[metric][key]
+                    counts[key] += 1
+    assert "Importance dropout (flat) against dropout (flat) on LDS" in s["conclusion"]
+    n = sum(counts.values())
+    assert (f"ahead in {counts['ahead']}, level in {counts['level']} and behind in "
+            f"{counts['behind']} of {n} comparisons") in s["conclusion"]
+
+
+def test_pilot_set_is_a_seeded_subset_of_the_training_points():
+    cfg = fid.Config(**TINY)
+    fitted = tiny_fitted()
+    a, b, c = (fid.pilot_set(cfg, fitted, draw) for draw in (0, 0, 1))
+    xa = torch.cat([x for x, _ in a])
+    assert len(xa) == cfg.n_pilot and len(a) == -(-cfg.n_pilot // fitted.batch)
+    rows = {tuple(r.tolist()) for r in fitted.train[0]}
+    assert all(tuple(r.tolist()) in rows for r in xa)  # training points only
+    assert len({tuple(r.tolist()) for r in xa}) == cfg.n_pilot  # without replacement
+    assert torch.equal(xa, torch.cat([x for x, _ in b]))
+    assert not torch.equal(xa, torch.cat([x for x, _ in c]))
+    with pytest.raises(ValueError, match="n_pilot"):
+        fid.Config(**{**TINY, "n_pilot": 41})

@@ -21,7 +21,7 @@ from dropinf.study.experiments import mislabel as mis
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MLP = dict(datasets=("digits",), n_train=300, hidden=(16,), p=0.5, epochs=15, n_seeds=2,
                 methods=("identity", "dropout", "dropout_factored", "gaussian_factored", "sjlt",
-                         "pca"))
+                         "pca", "dropout_imp", "dropout_factored_imp"), n_pilot=64)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -96,8 +96,9 @@ def test_paired_comparisons_and_verdicts():
     rng = np.random.default_rng(2)
     rows = []
     values = {m: rng.random(3) for m in ("identity", "dropout", "dropout_factored", "sjlt",
-                                          "gaussian", "loss", "random")}
+                                          "gaussian", "loss", "random", "dropout_imp")}
     values["dropout"] = values["sjlt"] - np.array([0.05, 0.06, 0.04])  # behind in every seed
+    values["dropout_imp"] = values["dropout"] + np.array([0.03, 0.01, 0.02])
     for m, v in values.items():
         rows += [{"method": m, "seed": s, "recall_at_10": x, "auc": x / 2}
                  for s, x in enumerate(v)]
@@ -112,6 +113,12 @@ def test_paired_comparisons_and_verdicts():
     assert c["recall_at_10"]["std"] == pytest.approx(diff.std(ddof=1))
     assert c["auc"]["mean"] == pytest.approx(diff.mean() / 2)
     assert cmp["best_vs_loss"]["b"] == "loss" and cmp["dropout_vs_identity"]["b"] == "identity"
+    # importance against its uniform counterpart, paired; no pair without the counterpart
+    imp = cmp["dropout_imp_vs_dropout"]
+    assert (imp["a"], imp["b"]) == ("dropout_imp", "dropout")
+    assert imp["recall_at_10"]["mean"] == pytest.approx(0.02)
+    assert imp["recall_at_10"]["std"] == pytest.approx(0.01)
+    assert not any(k.startswith("dropout_factored_imp") for k in cmp)
     assert mis.verdict({"mean": -0.05, "std": 0.01}) == "behind"
     assert mis.verdict({"mean": 0.05, "std": 0.01}) == "ahead of"
     assert mis.verdict({"mean": -0.01, "std": 0.02}) == "level with"
@@ -221,7 +228,7 @@ def test_gpu_profile_offline_fails_at_once_naming_the_fetch_command(tmp_path, mo
 def test_text_path_end_to_end_on_a_tiny_bert(tmp_path):
     cfg = mis.Config(datasets=("docstrings",), text_model=str(_tiny_bert(tmp_path / "bert")),
                      text_n_train=40, text_max_length=16, text_epochs=1, text_p=0.5,
-                     text_layers=1, n_seeds=2, threads=1)
+                     text_layers=1, n_seeds=2, threads=1, text_n_pilot=16)
     source = mis.load_source("docstrings", cfg)
     assert source.train["hidden"].shape[:2] == (40, 16) and source.num_classes == 8
     problem = mis.make_problem(source, cfg, seed=0)
@@ -234,8 +241,9 @@ def test_text_path_end_to_end_on_a_tiny_bert(tmp_path):
     assert info["k"] > info["n_train"]  # the Gram-matrix path
     assert set(skipped) == {"pca"} and "PCA" in skipped["pca"]
     assert {t["method"]: t["k"] for t in times} == {
-        "identity": info["d"], **dict.fromkeys(
-            ("dropout", "dropout_factored", "gaussian", "gaussian_factored", "sjlt"), info["k"])}
+        "identity": info["d"], "pilot": None, **dict.fromkeys(
+            ("dropout", "dropout_factored", "gaussian", "gaussian_factored", "sjlt",
+             "dropout_imp", "dropout_factored_imp"), info["k"])}
     assert set(scores) == set(cfg.methods) - {"pca"} | {"loss", "random"}
     assert all(np.isfinite(s).all() and s.shape == (40,) for s in scores.values())
     assert (scores["identity"] > 0).all()  # self-influence never negative
@@ -268,6 +276,20 @@ def test_mlp_run_finds_flipped_labels_and_is_deterministic():
     assert f"is {mis.verdict(c['recall_at_10'])} the best projection" in text
     tab = mis.table(res.metrics)
     assert len(tab) == len(cfg.methods) + 2 and (tab.n_seeds == 2).all()
+    assert res.table.equals(tab) and res.cfg == cfg
+    # importance against uniform dropout: paired over seeds, and said plainly
+    c = summary["comparisons"]["digits"]["dropout_imp_vs_dropout"]
+    runs = res.metrics.set_index(["method", "seed"]).recall_at_10
+    diff = (runs["dropout_imp"] - runs["dropout"]).to_numpy()
+    assert c["recall_at_10"]["mean"] == pytest.approx(diff.mean())
+    assert f"importance dropout (flat) is {mis.verdict(c['recall_at_10'])} dropout (flat)" in text
+    assert "On the MLPs importance dropout" in text and "of 2 paired comparisons" in text
+    assert mis.summary(res) == {**summary, "conclusion": text}
+    models = mis.model_table(res)
+    assert models.loc["digits", "n_train"] == 300
+    assert models.loc["digits", "test_accuracy"] == pytest.approx(res.models.test_accuracy.mean())
+    timing = mis.timing_table(res)
+    assert {"train", "pilot", *cfg.methods} == set(timing.index)
 
 
 def test_notebook_runs_with_tiny_parameters(tmp_path):

@@ -19,7 +19,7 @@ from dropinf.study import data as dd
 from dropinf.study import models
 from dropinf.study.experiments import removal as rm
 from dropinf.study.experiments.common import seed_for, threads
-from dropinf.study.experiments.methods import build, match, ready
+from dropinf.study.experiments.methods import build, compressors, match, ready, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,9 +154,14 @@ def test_every_method_gets_the_matched_dimension():
     assert 1 < m.k < d
     G = gradients(task, [(x, y)], Identity(), progress=False).data
     G = torch.cat([G, torch.randn(m.k, d)])  # any k + 20 rows of dimension d, for PCA
-    for method in rm.METHODS:
+    # every compressor of the table, importance dropout (fitted on a pilot batch) included
+    for method in ("identity", *compressors()):
         comp = build(method, m, seed=1, sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_fit)
-        assert ready(comp, task, d if method == "identity" else m.k, G) is not None, method
+        comp = ready(comp, task, d if method == "identity" else m.k, G, pilot=[(x[:8], y[:8])])
+        assert comp is not None, method
+    # the defaults leave the pilot-fitted methods out (Config says why)
+    assert set(rm.METHODS) == {"identity", *(x for x in compressors()
+                                             if spec(x).family != "composed" and not spec(x).pilot)}
 
 
 def test_resnet9_task_takes_only_the_hook_path():
@@ -261,15 +266,16 @@ def test_notebook_runs_on_tiny_parameters(tmp_path):
         str(ROOT / "notebooks" / "05_removal.ipynb"), str(tmp_path / "nb.ipynb"),
         kernel_name="dropinf", progress_bar=False,
         parameters=dict(out_dir=str(out), config=dict(n_targets=10, fractions=[0.05, 0.1],
-                        main_fraction=0.1, n_seeds=2, epochs=2, channels=[4, 8],
-                        methods=["identity", "dropout_factored", "sjlt"])),
+                        main_fraction=0.1, n_seeds=2, epochs=2, channels=[4, 8], n_pilot=32,
+                        methods=["identity", "dropout_factored", "sjlt", "dropout_factored_imp"])),
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["main_fraction"] == 0.1 and summary["conclusion"]
     assert set(summary["removal_effect"]) == {"identity", "dropout_factored", "sjlt", "random",
-                                              "harmful"}
+                                              "harmful", "dropout_factored_imp"}
+    assert summary["k"] < summary["d"] and len(summary["targets"]) == 10
     df = pd.read_csv(out / "tables" / "retrains.csv")
-    assert len(df) == 2 * (1 + 2 * (3 + 2))
+    assert len(df) == 2 * (1 + 2 * (4 + 2))
     main = df[(df.fraction == 0.1) & (df.method == "sjlt")].delta_loss
     assert summary["removal_effect"]["sjlt"]["mean"] == pytest.approx(main.mean(), rel=1e-4)
     assert (out / "figures" / "removal.png").exists()

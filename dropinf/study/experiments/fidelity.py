@@ -57,8 +57,11 @@ from .methods import (
     compressors,
     in_family,
     match,
+    pilot_grads,
+    pilot_subset,
     ready,
     spec,
+    uniform_of,
 )
 from .methods import label as method_label
 
@@ -93,7 +96,9 @@ class Config(Profiled):
     Curvature: compressed-space empirical Fisher with relative ``damping`` (``lambda = damping
     * trace(F) / k``) for every compressed method and the ``identity`` reference. SJLT uses
     ``sjlt_c`` nonzeros per column (the largest divisor of k not above it); PCA is fitted on
-    ``pca_n_fit`` training gradients drawn per seed. Metrics: top-``top_k`` overlap,
+    ``pca_n_fit`` training gradients drawn per seed; importance dropout (the methods with
+    ``pilot``) on the gradients of ``n_pilot`` training points, a subset drawn per model and
+    seed (the pilot is training data: no test point is seen). Metrics: top-``top_k`` overlap,
     ``n_boot`` bootstrap resamples for intervals, LOO on ``n_loo`` removed points (convex model
     only), LDS on ``n_subsets`` subsets of ``fraction`` of the training set, non-convex models
     retrained ``retrain_seeds`` times per subset from seeded initialisations (the same seeds
@@ -116,6 +121,7 @@ class Config(Profiled):
     damping: float = 0.1
     sjlt_c: int = 1
     pca_n_fit: int = 1024
+    n_pilot: int = 256
     top_k: int = 10
     n_boot: int = 200
     n_loo: int = 50
@@ -146,11 +152,14 @@ class Config(Profiled):
         object.__setattr__(self, "ratios", tuple(sorted(ratios)))
         for name, low in (("seed", 0), ("n_train", 4), ("n_test", 2), ("hidden", 1),
                           ("fit_iter", 1), ("n_seeds", 1), ("sjlt_c", 1), ("pca_n_fit", 1),
-                          ("top_k", 1), ("n_boot", 0), ("n_loo", 0), ("n_subsets", 3),
-                          ("retrain_seeds", 1), ("retrain_iter", 1), ("width", 1),
+                          ("n_pilot", 1), ("top_k", 1), ("n_boot", 0), ("n_loo", 0),
+                          ("n_subsets", 3), ("retrain_seeds", 1), ("retrain_iter", 1), ("width", 1),
                           ("epochs", 1), ("batch_size", 1)):
             check_int(self, name, low)
         check_int(self, "threads", 0)
+        if self.n_pilot > self.n_train and any(spec(m).pilot for m in self.methods):
+            raise ValueError(f"n_pilot={self.n_pilot} exceeds n_train={self.n_train}; lower "
+                             "n_pilot (the pilot set is a subset of the training points)")
         if self.top_k > self.n_train:
             raise ValueError(f"top_k={self.top_k} exceeds n_train={self.n_train}")
         if self.n_loo > self.n_train:
@@ -372,14 +381,25 @@ def matched_dims(task: Task, ratios: tuple[float, ...]) -> pd.DataFrame:
 
 def build_compressor(method: str, m: Match, seed: int, cfg: Config, task: Task,
                      G_train: Tensor | None = None, pca_cache: dict | None = None,
-                     ) -> Compressor | None:
+                     pilot=None) -> Compressor | None:
     """``method`` at the matched setting ``m`` drawn from ``seed``, bound to ``task``
     (:func:`~.methods.build`, :func:`~.methods.ready`): SJLT with up to ``cfg.sjlt_c`` nonzeros
     per column, PCA fitted on ``cfg.pca_n_fit`` rows of the uncompressed training gradients
     ``G_train``, once per seed with a ``pca_cache``; None for PCA when k exceeds what those rows
-    span."""
+    span; importance dropout fitted on ``pilot`` (training batches or their
+    :func:`~.methods.pilot_grads`)."""
     comp = spec(method).compressor(m, seed, sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_n_fit)
-    return ready(comp, task, m.k, G_train, pca_cache)
+    return ready(comp, task, m.k, G_train, pca_cache, pilot)
+
+
+def pilot_set(cfg: Config, fitted: Fitted, draw: int) -> list[tuple[Tensor, Tensor]]:
+    """``cfg.n_pilot`` training points (a subset drawn from ``(cfg.seed, model, draw)``) as
+    batches: importance dropout is fitted on them, so the spread over draws holds the pilot's."""
+    idx = torch.from_numpy(pilot_subset(fitted.n_train, cfg.n_pilot,
+                                        seed_for(cfg.seed, "pilot", fitted.name, draw)))
+    x, y = fitted.train[0][idx], fitted.train[1][idx]
+    return [(x[i : i + fitted.batch], y[i : i + fitted.batch])
+            for i in range(0, len(y), fitted.batch)]
 
 
 def compressed_scores(fitted: Fitted, comp: Compressor, damping: float) -> np.ndarray:
@@ -544,6 +564,7 @@ def run_model(cfg: Config, name: str, progress: bool = True,
         with stage("matched dims"):
             dims = matched_dims(fitted.task, cfg.ratios)
         pca_cache: dict = {}
+        pilots: dict[int, list] = {}  # draw -> pilot gradients, shared by every rate and method
         cells = [(m, r, s) for r in dims.itertuples() for m in cfg.methods
                  for s in range(cfg.n_seeds)]
         for method, r, s in tqdm(cells, desc=f"compressors {name}", unit="row",
@@ -552,17 +573,74 @@ def run_model(cfg: Config, name: str, progress: bool = True,
             cseed = seed_for(cfg.seed, "compressor", method, s)
             with stage(f"compress {method}"):
                 m = Match(float(r.p), int(r.k), fitted.d)
-                comp = build_compressor(method, m, cseed, cfg, fitted.task, G_tr, pca_cache)
+                if spec(method).pilot and s not in pilots:
+                    pilots[s] = pilot_grads(fitted.task, pilot_set(cfg, fitted, s))
+                comp = build_compressor(method, m, cseed, cfg, fitted.task, G_tr, pca_cache,
+                                        pilots.get(s))
                 if comp is None:
                     continue
                 S = compressed_scores(fitted, comp, cfg.damping)
             with stage("metrics"):
                 rows.append({"model": name, "method": method, "kind": "compressed",
                              "ratio": r.ratio, "k": int(r.k), "actual_ratio": r.actual_ratio,
-                             "p": float(r.p) if "factored" in method else float(r.p_flat),
+                             "p": float(r.p) if spec(method).factored else float(r.p_flat),
                              "seed": s, "map_bytes": comp.map_bytes,
                              **fidelity_metrics(S, cfg, truth, S_exact, S_ident)})
     return ModelResult(pd.DataFrame(rows), dims, info, timings)
+
+
+@dataclass
+class Result:
+    """Everything notebook 02 shows, computed by :func:`run` for every model of ``cfg``.
+
+    ``rows``: one per reference and per (model, method, ratio, seed); ``summ``:
+    :func:`summary_table`; ``models``: :func:`model_table`; ``dims``: :func:`matched_dims` of
+    each model (column ``model``); ``pivot``: :func:`ratio_pivot` at 16x and 64x; ``infos``:
+    model -> fit diagnostics and reference intervals; ``timings``: (model, stage, seconds).
+    """
+
+    cfg: Config
+    rows: pd.DataFrame
+    summ: pd.DataFrame
+    models: pd.DataFrame
+    dims: pd.DataFrame
+    pivot: pd.DataFrame
+    infos: dict[str, dict]
+    timings: pd.DataFrame
+
+
+# Result field -> the table's file name under tables/
+TABLES = {"rows": "fidelity", "summ": "fidelity_summary", "models": "models",
+          "dims": "matched_dims", "pivot": "fidelity_16x_64x"}
+
+
+def run(cfg: Config, progress: bool = True, log: Callable[[str], None] | None = print
+        ) -> Result:
+    """Notebook 02's computation: :func:`run_model` for every model of ``cfg.models``."""
+    results = {name: run_model(cfg, name, progress, log) for name in cfg.models}
+    rows = pd.concat([r.rows for r in results.values()], ignore_index=True)
+    summ = summary_table(rows)
+    infos = {name: r.info for name, r in results.items()}
+    dims = pd.concat([r.dims.assign(model=name) for name, r in results.items()],
+                     ignore_index=True)
+    timings = pd.DataFrame([{"model": name, "stage": stage, "seconds": t}
+                            for name, r in results.items() for stage, t in r.timings.items()])
+    return Result(cfg, rows, summ, model_table(infos), dims, ratio_pivot(summ), infos, timings)
+
+
+def timing_table(res: Result) -> pd.DataFrame:
+    """Seconds per stage (rows) and model (columns), to 0.01 s."""
+    return res.timings.pivot(index="stage", columns="model", values="seconds").round(2)
+
+
+def reference_intervals(res: Result) -> pd.DataFrame:
+    """The references' LOO and LDS with their 95% bootstrap intervals over test points: one
+    row per (model, reference, metric)."""
+    return pd.DataFrame([
+        {"model": name, "reference": ref, "metric": metric, **{k: e[k] for k in
+                                                               ("value", "low", "high")}}
+        for name, info in res.infos.items() for ref in REFERENCES if ref in info
+        for metric, e in info[ref].items() if isinstance(e, dict) and "value" in e])
 
 
 # --------------------------------------------------------------------------- summary
@@ -658,6 +736,44 @@ def _compare(summ: pd.DataFrame, model: str, a: str, b: list[str], metric: str
     return match, lose
 
 
+def versus(summ: pd.DataFrame, model: str, a: str, b: str, metric: str) -> dict[str, list]:
+    """Ratios where method ``a`` is ``ahead`` of ``b`` on ``metric``, ``level`` with it or
+    ``behind``: ahead or behind when the means differ by more than two standard errors of the
+    difference over seeds, and by more than 0.02 (the tolerance of :func:`_compare`)."""
+    s = summ[(summ.model == model) & (summ.kind == "compressed")]
+    out: dict[str, list] = {"ahead": [], "level": [], "behind": []}
+    for ratio, grp in s.groupby("ratio"):
+        g = grp.set_index("method")
+        if a not in g.index or b not in g.index:
+            continue
+        diff = g.at[a, f"{metric}_mean"] - g.at[b, f"{metric}_mean"]
+        if not np.isfinite(diff):
+            continue
+        se = math.sqrt(sum(np.nan_to_num(g.at[m, f"{metric}_std"]) ** 2 / g.at[m, "n_seeds"]
+                           for m in (a, b)))
+        tol = max(2 * se, 0.02)
+        out["ahead" if diff > tol else "behind" if diff < -tol else "level"].append(float(ratio))
+    return out
+
+
+def importance_table(summ: pd.DataFrame) -> dict:
+    """``{model: {importance method: {"against": uniform method, metric: versus(...)}}}`` for
+    every importance method that ran beside its uniform counterpart (:func:`~.methods.uniform_of`),
+    on Spearman with exact influence and LDS."""
+    out: dict = {}
+    present = set(summ.method)
+    for model in dict.fromkeys(summ.model):
+        sub = summ[summ.model == model]
+        for a in (m for m in compared(*FAMILIES) if m in present):
+            b = uniform_of(a)
+            if b is None or b not in present:
+                continue
+            out.setdefault(model, {})[a] = {"against": b, **{
+                metric: versus(summ, model, a, b, metric) for metric in ("spearman", "lds")
+                if sub[f"{metric}_mean"].notna().any()}}
+    return out
+
+
 def _ratios(rs: list[float]) -> str:
     return ", ".join(f"{r:g}x" for r in rs) if rs else "no ratio"
 
@@ -718,12 +834,49 @@ def conclude(summ: pd.DataFrame, infos: dict[str, dict]) -> str:
                 wins = [float(r) for r in best[best.method == a].ratio]
                 s.append(f"{label(a)}, fitted on the training gradients, is best on {name} at "
                          f"{_ratios(wins)}.")
+            for a, v in importance_table(summ).get(model, {}).items():
+                if metric in v:
+                    w = v[metric]
+                    s.append(f"{label(a).capitalize()} against {label(v['against'])} on {name}: "
+                             f"ahead at {_ratios(w['ahead'])}, level at {_ratios(w['level'])}, "
+                             f"behind at {_ratios(w['behind'])}.")
+    s += _importance_verdict(importance_table(summ))
     return " ".join(s)
 
 
-def make_summary(cfg: Config, rows: pd.DataFrame, infos: dict[str, dict]) -> dict:
-    """The JSON summary (deterministic for a fixed seed: numbers to 4 significant digits)."""
-    summ = summary_table(rows)
+def _importance_verdict(table: dict) -> list[str]:
+    """The plain answer: does importance beat uniform dropout on these models, or lose?"""
+    count = {"ahead": 0, "level": 0, "behind": 0}
+    for per_model in table.values():
+        for v in per_model.values():
+            for metric in ("spearman", "lds"):
+                for key in count:
+                    count[key] += len(v.get(metric, {}).get(key, []))
+    n = sum(count.values())
+    if not n:
+        return []
+    a, lv, b = count["ahead"], count["level"], count["behind"]
+    what = ", ".join(MODEL_LABELS[m] for m in table)
+    if b == 0 and a > 0:
+        word = "beats uniform dropout"
+    elif a == 0 and b > 0:
+        word = "loses to uniform dropout"
+    elif a == b == 0:
+        word = "neither beats nor loses to uniform dropout"
+    else:
+        word = ("mostly beats uniform dropout" if a > b else "mostly loses to uniform dropout"
+                if b > a else "wins and loses against uniform dropout as often")
+    return [f"So importance dropout {word} on these models ({what}): over every model, metric "
+            f"and ratio it is ahead in {a}, level in {lv} and behind in {b} of {n} comparisons "
+            f"with its uniform counterpart (ahead or behind: beyond two standard errors over "
+            f"draws and 0.02)."]
+
+
+def summary(res: Result) -> dict:
+    """summary.json (deterministic for a fixed seed: numbers to 4 significant digits): the
+    references, the compressed methods at 16x and 64x, importance against uniform dropout
+    (:func:`importance_table`), the models and the conclusion (:func:`conclude`)."""
+    cfg, summ, infos = res.cfg, res.summ, res.infos
 
     def ref(model: str, name: str, metric: str) -> float | None:
         return _r(infos.get(model, {}).get(name, {}).get(metric, {}).get("value"))
@@ -753,6 +906,7 @@ def make_summary(cfg: Config, rows: pd.DataFrame, infos: dict[str, dict]) -> dic
         "models": clean(infos),
         "dattri_reference": DATTRI,
         "damping": cfg.damping,
+        "importance_vs_uniform": importance_table(summ),
         "conclusion": conclude(summ, infos),
     }
 

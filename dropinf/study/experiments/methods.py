@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from torch import Tensor
 
 from ...blocks import BatchGrads
@@ -176,6 +177,16 @@ def compared(*families: str) -> tuple[str, ...]:
     return in_family(METHODS, *(families or ("mask", "projection", "fitted")))
 
 
+def uniform_of(name: str) -> str | None:
+    """The uniform method an importance method (``pilot``) is compared with: the first of the
+    table in its family with the same ``factored`` and no pilot (None for other methods)."""
+    s = spec(name)
+    if not s.pilot:
+        return None
+    return next((m for m, t in METHODS.items() if t.family == s.family
+                 and t.factored == s.factored and not t.pilot and t.make is not None), None)
+
+
 def label(name: str) -> str:
     """The method's label (an unknown name is its own label: a notebook's own rows)."""
     return METHODS[name].label if name in METHODS else name
@@ -286,6 +297,24 @@ def _unfitted_importance(comp: Compressor) -> Dropout | None:
     """The importance mask of ``comp`` (itself or a chain's first stage) if not yet fitted."""
     c = comp.first if isinstance(comp, Chain) else comp
     return c if isinstance(c, Dropout) and c.importance and c.probs is None else None
+
+
+def pilot_subset(n: int, size: int, seed: int) -> np.ndarray:
+    """(size,) sorted training indices of a pilot set, drawn without replacement from ``seed``."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= n:
+        raise ValueError(f"n_pilot={size!r} must be an integer in [1, {n}] (the training points)")
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def pilot_grads(task: Task, loader: Iterable, check: bool = True) -> list[BatchGrads]:
+    """The full per-sample gradients of the pilot batches ``loader`` yields (in eval mode, on
+    the model's device): computed once, they serve every importance fit of :func:`ready`
+    (``Dropout.fit_grads``), at every rate and draw."""
+    from ...persample import PerSampleGrads
+    from ...task import as_tree, to_device
+
+    with task.evaluating(), PerSampleGrads(task, check=check) as psg:
+        return [psg(to_device(as_tree(batch), task.device))[0] for batch in loader]
 
 
 def fit_pilot(comp: Compressor, task: Task | Layout, pilot: Iterable | None) -> Compressor:

@@ -46,7 +46,19 @@ from ...scores import self_influence
 from ...task import Task
 from .. import data, models
 from .common import Profiled, check_int, seed_for, threads
-from .methods import IDENTITY, Match, color, compared, compressors, match, ready, spec
+from .methods import (
+    IDENTITY,
+    Match,
+    color,
+    compared,
+    compressors,
+    match,
+    pilot_grads,
+    pilot_subset,
+    ready,
+    spec,
+    uniform_of,
+)
 from .methods import label as method_label
 
 # Method names, labels and colours are notebook 02's (dropinf.study.experiments.fidelity).
@@ -83,8 +95,11 @@ class Config(Profiled):
     flipped, relative ``damping`` of the Fisher (``lambda = damping * trace(F) / k``, the same
     for every method), ``methods`` compared, SJLT nonzeros per column ``sjlt_c`` (the largest
     divisor of k up to it), PCA fitted on ``pca_n_fit`` uncompressed training gradients,
-    ``threads`` torch CPU threads (0: torch's default; one avoids oversubscription on a shared
-    machine).
+    importance dropout (methods with ``pilot``) fitted on the exact gradients of a pilot set of
+    ``n_pilot`` training points (``text_n_pilot`` for the text sets, whose per-sample gradients
+    are a thousand times longer; a seeded subset per replicate; training data with its
+    corrupted labels, as the rest of the scoring sees them), ``threads`` torch CPU threads
+    (0: torch's default; one avoids oversubscription on a shared machine).
     Memory limits: a dense Gaussian map (k x d) is skipped above ``max_map_gb``, and the
     uncompressed gradients (n x d, also what PCA is fitted on) above ``max_exact_gb``.
 
@@ -108,6 +123,7 @@ class Config(Profiled):
     damping: float = 0.1
     sjlt_c: int = 1
     pca_n_fit: int = 2048
+    n_pilot: int = 256
     threads: int = 1
     max_map_gb: float = 1.0
     max_exact_gb: float = 2.5
@@ -124,6 +140,7 @@ class Config(Profiled):
     text_p: float = 0.97
     text_layers: int = 1
     text_n_train: int = 320
+    text_n_pilot: int = 64
     text_max_length: int = 48
     text_epochs: int = 3
     text_lr: float = 1e-3
@@ -148,9 +165,9 @@ class Config(Profiled):
                 f"uncompressed gradients, add {IDENTITY!r}"
             )
         for name, low in (("seed", 0), ("threads", 0), ("n_seeds", 2), ("sjlt_c", 1),
-                          ("pca_n_fit", 2), ("epochs", 1), ("batch_size", 1), ("text_layers", 1),
-                          ("text_n_train", 8), ("text_max_length", 4), ("text_epochs", 1),
-                          ("text_batch_size", 1)):
+                          ("pca_n_fit", 2), ("n_pilot", 1), ("epochs", 1), ("batch_size", 1),
+                          ("text_layers", 1), ("text_n_train", 8), ("text_n_pilot", 1),
+                          ("text_max_length", 4), ("text_epochs", 1), ("text_batch_size", 1)):
             check_int(self, name, low)
         if self.n_train is not None:
             check_int(self, "n_train", 20)
@@ -531,6 +548,17 @@ def make_problem(source: Source, cfg: Config, seed: int, progress: bool = False)
     return Problem(source.name, seed, task, source.train, flips.labels, f, train_loss, info)
 
 
+def pilot_loader(problem: Problem, n_pilot: int, batch_size: int = 32):
+    """Batches of the pilot set: ``n_pilot`` training points with the labels the model was
+    trained on, drawn from ``seed_for(problem.seed, "pilot")``."""
+    idx = torch.from_numpy(pilot_subset(len(problem.labels), n_pilot,
+                                        seed_for(problem.seed, "pilot")))
+    rows = (lambda t: t[idx])  # noqa: E731
+    inputs = ({k: rows(v) for k, v in problem.inputs.items()} if isinstance(problem.inputs, dict)
+              else tuple(rows(v) for v in problem.inputs))
+    return data.tensor_loader(with_labels(inputs, rows(problem.labels)), batch_size=batch_size)
+
+
 def rank_scores(problem: Problem, cfg: Config, p: float, progress: bool = False
                 ) -> tuple[dict[str, np.ndarray], dict[str, str], list[dict]]:
     """Suspicion scores of every training point, per method and baseline.
@@ -548,7 +576,7 @@ def rank_scores(problem: Problem, cfg: Config, p: float, progress: bool = False
     scores: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     timings: list[dict] = []
-    exact = None
+    exact = pilot = None
     for method in method_order(cfg.methods):  # identity first: fitted methods are fitted on it
         reason = skip_reason(method, n, d, k, cfg)
         if spec(method).needs_fit and reason is None and exact is None:
@@ -556,10 +584,15 @@ def rank_scores(problem: Problem, cfg: Config, p: float, progress: bool = False
         if reason is not None:
             skipped[method] = reason
             continue
+        if spec(method).pilot and pilot is None:  # once per replicate, for every importance fit
+            t0 = time.perf_counter()
+            size = cfg.text_n_pilot if problem.source in TEXT_SETS else cfg.n_pilot
+            pilot = pilot_grads(task, pilot_loader(problem, size))
+            timings.append({"method": "pilot", "k": None, "seconds": time.perf_counter() - t0})
         t0 = time.perf_counter()
         # a fitted method is fitted on pca_n_fit rows of the uncompressed gradients
         comp = spec(method).compressor(m, comp_seed, sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_n_fit)
-        comp = ready(comp, task, d if method == IDENTITY else k, G_train=exact)
+        comp = ready(comp, task, d if method == IDENTITY else k, G_train=exact, pilot=pilot)
         G = gradients(task, loader, comp, progress=progress, desc=method)
         if method == IDENTITY:
             exact = G.data
@@ -577,17 +610,20 @@ def rank_scores(problem: Problem, cfg: Config, p: float, progress: bool = False
 
 
 @dataclass
-class Results:
-    """Everything the notebook shows.
+class Result:
+    """Everything notebook 04 shows, computed by :func:`run`.
 
     ``metrics``: one row per (dataset, seed, method) with ``recall_at_10``, ``recall_at_20``,
-    ``auc``; ``curves``: (dataset, seed, method, inspected, found) on :data:`GRID`; ``models``:
-    one row per (dataset, seed) with n, d, k and the trained model's accuracies; ``timings``:
-    seconds per (dataset, seed, method) and of training; ``skipped``: dataset -> method ->
+    ``auc``; ``table``: their means and spreads over seeds (:func:`table`); ``curves``:
+    (dataset, seed, method, inspected, found) on :data:`GRID`; ``models``: one row per (dataset,
+    seed) with n, d, k and the trained model's accuracies; ``timings``: seconds per (dataset,
+    seed, method), of the pilot gradients and of training; ``skipped``: dataset -> method ->
     reason; ``provenance``: dataset -> where the data and model come from.
     """
 
+    cfg: Config
     metrics: pd.DataFrame
+    table: pd.DataFrame
     curves: pd.DataFrame
     models: pd.DataFrame
     timings: pd.DataFrame
@@ -596,15 +632,18 @@ class Results:
 
 
 GRID = np.linspace(0.0, 1.0, 201)
+# Result field -> the table's file name under tables/
+TABLES = {"table": "mislabel", "metrics": "mislabel_runs", "models": "models",
+          "timings": "timings"}
 
 
-def run(cfg: Config, progress: bool = True) -> Results:
+def run(cfg: Config, progress: bool = True) -> Result:
     """The whole experiment: every dataset, seed and method of ``cfg``."""
     with threads(cfg.threads):
         return _run(cfg, progress)
 
 
-def _run(cfg: Config, progress: bool) -> Results:
+def _run(cfg: Config, progress: bool) -> Result:
     metrics, curves, model_rows, timing_rows = [], [], [], []
     skipped: dict[str, dict[str, str]] = {}
     provenance: dict[str, dict] = {}
@@ -641,8 +680,8 @@ def _run(cfg: Config, progress: bool) -> Results:
             del problem
     model_df = pd.DataFrame(model_rows).drop(columns="train_s")
     metric_df = pd.DataFrame(metrics).astype({"k": "Int64"})
-    return Results(metric_df, pd.concat(curves, ignore_index=True), model_df,
-                   pd.DataFrame(timing_rows), skipped, provenance)
+    return Result(cfg, metric_df, table(metric_df), pd.concat(curves, ignore_index=True),
+                  model_df, pd.DataFrame(timing_rows), skipped, provenance)
 
 
 def method_order(methods) -> list[str]:
@@ -664,7 +703,29 @@ def table(metrics: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def summarize(res: Results) -> dict:
+def model_table(res: Result) -> pd.DataFrame:
+    """One row per dataset: sizes, and the trained models' test accuracy (mean and std over
+    seeds) and the fractions of flipped labels memorized and corrected (means)."""
+    return res.models.groupby("dataset", sort=False).agg(
+        n_train=("n_train", "first"), n_flipped=("n_flipped", "first"), d=("d", "first"),
+        k=("k", "first"), test_accuracy=("test_accuracy", "mean"),
+        test_accuracy_std=("test_accuracy", "std"), memorized=("memorized", "mean"),
+        corrected=("corrected", "mean"))
+
+
+def timing_table(res: Result) -> pd.DataFrame:
+    """Mean seconds over seeds per method (rows, in run order) and dataset (columns)."""
+    return (res.timings.groupby(["dataset", "method"], sort=False)["seconds"].mean()
+            .unstack(0).round(2))
+
+
+def summary(res: Result) -> dict:
+    """summary.json: :func:`summarize`'s numbers and the conclusion written from them."""
+    out = summarize(res)
+    return {**out, "conclusion": conclude(out)}
+
+
+def summarize(res: Result) -> dict:
     """The JSON summary: ``recall_at_10``, ``recall_at_20`` and ``auc`` as dataset -> method ->
     {mean, std} (std over seeds, ddof 1); per dataset the sizes, the model's accuracies and the
     skipped methods (``datasets``); and paired comparisons per dataset (``comparisons``, see
@@ -693,9 +754,11 @@ def summarize(res: Results) -> dict:
 def compare(df: pd.DataFrame, r10: dict) -> dict:
     """Paired differences over seeds (same model and flips within a seed) of one dataset's
     per-run ``df``: the best dropout against the best projection (``dropout_vs_projection``),
-    against no compression (``dropout_vs_identity``), and the best method against the
-    training-loss baseline (``best_vs_loss``); "best" by mean recall at 10% (``r10``). Each entry
-    names ``a`` and ``b`` and gives ``recall_at_10`` and ``auc`` of ``a - b`` as {mean, std}."""
+    against no compression (``dropout_vs_identity``), the best method against the
+    training-loss baseline (``best_vs_loss``), and each importance mask against its uniform
+    counterpart (``<importance>_vs_<uniform>``, :func:`~.methods.uniform_of`); "best" by mean
+    recall at 10% (``r10``). Each entry names ``a`` and ``b`` and gives ``recall_at_10`` and
+    ``auc`` of ``a - b`` as {mean, std}."""
 
     def best(group) -> str | None:
         ran = [m for m in group if m in r10]
@@ -706,6 +769,9 @@ def compare(df: pd.DataFrame, r10: dict) -> dict:
     pairs = {"dropout_vs_projection": (masks, best(compared("projection", "fitted"))),
              "dropout_vs_identity": (masks, IDENTITY if IDENTITY in r10 else None),
              "best_vs_loss": (best((IDENTITY, *compressors())), "loss")}
+    for a in compressors():
+        if a in r10 and uniform_of(a) in r10:
+            pairs[f"{a}_vs_{uniform_of(a)}"] = (a, uniform_of(a))
     out = {}
     for key, (a, b) in pairs.items():
         if a is None or b is None:
@@ -777,6 +843,7 @@ def conclude(summary: dict) -> str:
             line += (f" Against no compression, dropout's best is {verdict(c['recall_at_10'])} "
                      f"it ({_gap(c['recall_at_10'])}).")
         lines.append(line)
+    lines += _importance_lines(summary)
     for name, (v, c) in text_verdicts.items():
         said = {"behind": "falls behind", "level with": "keeps up with",
                 "ahead of": "does better than"}[v]
@@ -788,16 +855,45 @@ def conclude(summary: dict) -> str:
     return "\n\n".join(lines)
 
 
+def _importance_lines(summary: dict) -> list[str]:
+    """Importance dropout against uniform dropout of the same kind, per dataset, and the plain
+    answer over the MLPs: does it win there, or lose?"""
+    lines, mlp = [], {"ahead of": 0, "level with": 0, "behind": 0}
+    for name, cmp in summary["comparisons"].items():
+        parts = []
+        for c in cmp.values():
+            if uniform_of(c["a"]) != c["b"]:
+                continue
+            v = verdict(c["recall_at_10"])
+            mlp[v] += name in MLP_SETS
+            parts.append(f"{label(c['a'])} is {v} {label(c['b'])} "
+                         f"({_gap(c['recall_at_10'])})")
+        if parts:
+            lines.append(f"Importance against uniform dropout on "
+                         f"{summary['datasets'][name]['label']}, recall at 10% paired over "
+                         f"seeds: " + "; ".join(parts) + ".")
+    n = sum(mlp.values())
+    if n:
+        a, b = mlp["ahead of"], mlp["behind"]
+        word = ("beats" if a and not b else "loses to" if b and not a else
+                "neither beats nor loses to" if not a and not b else "both beats and loses to")
+        lines.append(f"On the MLPs importance dropout {word} uniform dropout: ahead in {a}, "
+                     f"level in {mlp['level with']} and behind in {b} of {n} paired comparisons "
+                     "(beyond one standard deviation of the paired gap).")
+    return lines
+
+
 # --------------------------------------------------------------------------- figures
 
 
-def plot_curves(curves: pd.DataFrame, summary: dict):
+def plot_curves(res: Result):
     """One panel per dataset: fraction of flipped labels found against fraction of training
     points inspected (highest self-influence first), mean over seeds with a band of one standard
     deviation; the training-loss baseline, the expected random order (the diagonal) and a
     perfect order."""
     import matplotlib.pyplot as plt
 
+    curves, summary = res.curves, summarize(res)
     names = list(dict.fromkeys(curves.dataset))
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), squeeze=False,
                              sharey=True)
@@ -834,11 +930,12 @@ def plot_curves(curves: pd.DataFrame, summary: dict):
     return fig
 
 
-def plot_recall(summary: dict):
+def plot_recall(res: Result):
     """Bars of recall at 10% and 20% inspected per method and dataset, error bars one standard
     deviation over seeds; the expected recall of a random order as a dotted line."""
     import matplotlib.pyplot as plt
 
+    summary = summarize(res)
     names = list(summary["datasets"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), sharey=True)
     for ax, key, frac in zip(axes, ("recall_at_10", "recall_at_20"), INSPECTED):

@@ -52,10 +52,23 @@ from .. import data as dd
 from .. import models
 from ..retrain import subset_outputs
 from .common import Profiled, check_int, float_list, rng_for, seed_for, threads
-from .methods import IDENTITY, color, compared, compressors, in_family, match, ready, spec
+from .methods import (
+    IDENTITY,
+    color,
+    compared,
+    compressors,
+    in_family,
+    match,
+    pilot_grads,
+    pilot_subset,
+    ready,
+    spec,
+)
 from .methods import label as method_label
 
-METHODS = (IDENTITY, *compared())
+# The default methods: no compression and the table's compressors, without those fitted on a
+# pilot set (importance dropout; see Config for why, and ``methods`` to add them).
+METHODS = (IDENTITY, *(m for m in compared() if not spec(m).pilot))
 
 
 def label(name: str) -> str:
@@ -89,7 +102,13 @@ class Config(Profiled):
 
     Methods: ``methods`` (a subset of :data:`METHODS` holding ``reference``) at the dimension k
     of factored dropout at rate ``p``; SJLT with ``sjlt_c`` nonzeros per column; PCA fitted on
-    at most ``pca_fit`` exact training gradients; damped Fisher with relative ``damping``.
+    at most ``pca_fit`` exact training gradients; importance dropout (the methods with
+    ``pilot``, not among the defaults) on the exact gradients of ``n_pilot`` training points,
+    a subset drawn per draw; damped Fisher with relative ``damping``. The default ``methods``
+    leave importance dropout out: each method here costs ``len(fractions) * n_seeds`` retrains
+    (the three importance variants would add 36 to the 112 of cpu-quick) and joins the families
+    that the Holm and Bonferroni corrections adjust over, which would change every committed
+    p-value; notebooks 02 and 04 measure it on MLPs, 06 on the transformer.
     ``grad_batch``: batch size of featurisation. ``device``: ``"cpu"`` or ``"cuda"``;
     ``threads``: torch's CPU threads during the run (0: torch's default; one by default, as
     the small CNN gains nothing from more and a shared machine makes them wait on each other).
@@ -117,6 +136,7 @@ class Config(Profiled):
     damping: float = 0.1
     sjlt_c: int = 1
     pca_fit: int = 2048
+    n_pilot: int = 256
     grad_batch: int = 256
     device: str = "cpu"
     threads: int = 1
@@ -150,7 +170,7 @@ class Config(Profiled):
             raise ValueError(f"norm={self.norm!r} must be one of {models.RESNET9_NORMS}")
         for name, low in (("seed", 0), ("width", 1), ("epochs", 1), ("batch_size", 1),
                           ("n_targets", 1), ("n_seeds", 2), ("sjlt_c", 1), ("pca_fit", 1),
-                          ("grad_batch", 1), ("threads", 0)):
+                          ("n_pilot", 1), ("grad_batch", 1), ("threads", 0)):
             check_int(self, name, low)
         for name in ("lr", "damping"):
             v = getattr(self, name)
@@ -338,7 +358,9 @@ def score_all(cfg: Config, task: Task, train: tuple[Tensor, Tensor],
               targets: tuple[Tensor, Tensor], progress: bool = True) -> Scored:
     """Aggregate scores of every method in ``cfg.methods`` for ``cfg.n_seeds`` draws.
 
-    Draw r uses compressor seed ``seed_for(cfg.seed, "compressor", r)``. Deterministic methods
+    Draw r uses compressor seed ``seed_for(cfg.seed, "compressor", r)`` and, for importance
+    dropout, the pilot set ``seed_for(cfg.seed, "pilot", r)`` (its gradients computed once per
+    draw). Deterministic methods
     (no compression, and PCA fitted on every training gradient) are computed once and shared by
     all draws.
     """
@@ -351,6 +373,7 @@ def score_all(cfg: Config, task: Task, train: tuple[Tensor, Tensor],
         t0 = time.perf_counter()
         G_exact = gradients(task, train_loader, Identity(), progress=False)
         times.append({"method": "exact gradients", "k": d, "seconds": time.perf_counter() - t0})
+    pilots: dict[int, list] = {}
     out: dict[str, list[np.ndarray]] = {m: [] for m in cfg.methods}
     dims: dict[str, int] = {}
     bar = tqdm(total=len(cfg.methods) * cfg.n_seeds, desc="scores", disable=not progress)
@@ -366,8 +389,13 @@ def score_all(cfg: Config, task: Task, train: tuple[Tensor, Tensor],
                 t0 = time.perf_counter()
                 comp = spec(method).compressor(m, seed_for(cfg.seed, "compressor", r),
                                                sjlt_c=cfg.sjlt_c, pca_n_fit=cfg.pca_fit)
+                if spec(method).pilot and r not in pilots:
+                    idx = torch.from_numpy(pilot_subset(n, cfg.n_pilot,
+                                                        seed_for(cfg.seed, "pilot", r)))
+                    pilots[r] = pilot_grads(task, dd.tensor_loader(
+                        (train[0][idx], train[1][idx]), cfg.grad_batch))
                 comp = ready(comp, task, d if method == IDENTITY else m.k,
-                             None if G_exact is None else G_exact.data)
+                             None if G_exact is None else G_exact.data, pilot=pilots.get(r))
                 if comp is None:
                     raise ValueError(f"{label(method)} at k={m.k} needs at least k of the {n} "
                                      f"training gradients it is fitted on (pca_fit={cfg.pca_fit}); "
@@ -629,11 +657,12 @@ def conclude(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame, n_train: int,
 
 @dataclass
 class Result:
-    """Everything the notebook shows: the retrains (one row each), effects per (method,
-    fraction), paired tests against random removal at the main fraction, timings, the
-    compressed dimension k, the gradient dimension d, the targets and the base model's
-    accuracy on the test split and on the targets."""
+    """Everything notebook 05 shows, computed by :func:`run`: the retrains (one row each),
+    effects per (method, fraction), paired tests against random removal at the main fraction,
+    timings, the compressed dimension k, the gradient dimension d, the targets and the base
+    model's accuracy on the test split and on the targets."""
 
+    cfg: Config
     retrains: pd.DataFrame
     effects: pd.DataFrame
     tests: pd.DataFrame
@@ -673,18 +702,47 @@ def run(cfg: Config, progress: bool = True) -> Result:
         pd.DataFrame([{"step": "base model", "seconds": base_s},
                       {"step": f"retrain {len(df)} models", "seconds": retrain_s}]),
     ], ignore_index=True)
-    return Result(df, eff, tests, timings, scored.k, scored.d, n, targets, base_acc, base_loss)
+    return Result(cfg, df, eff, tests, timings, scored.k, scored.d, n, targets, base_acc,
+                  base_loss)
+
+
+# Result field -> the table's file name under tables/
+TABLES = {"retrains": "retrains", "effects": "effects", "tests": "vs_random",
+          "timings": "timings"}
+
+
+def timing_table(res: Result) -> pd.Series:
+    """Seconds per step (scores, base model, retrains), to 0.1 s."""
+    return res.timings.groupby("step", sort=False).seconds.sum().round(1)
+
+
+def summary(res: Result) -> dict:
+    """summary.json: :func:`summarize`'s numbers, the conclusion (:func:`conclude`), the sizes,
+    the targets and the base model."""
+    cfg = res.cfg
+    return {
+        **summarize(cfg, res.effects, res.tests),
+        "conclusion": conclude(cfg, res.effects, res.retrains, res.n_train),
+        "n_train": res.n_train,
+        "n_targets": cfg.n_targets,
+        "targets": res.targets.tolist(),
+        "d": res.d,
+        "k": res.k,
+        "base_test_accuracy": res.base_test_acc,
+        "base_target_loss": res.base_target_loss,
+    }
 
 
 # --------------------------------------------------------------------------- figure
 
 
-def plot(cfg: Config, eff: pd.DataFrame, df: pd.DataFrame):
+def plot(res: Result):
     """Three panels: the targets' loss change and accuracy change against the fraction
     removed (mean ± std over draws), and the loss change at the main fraction per removal
     (bars: mean ± std, dots: each draw)."""
     import matplotlib.pyplot as plt
 
+    cfg, eff, df = res.cfg, res.effects, res.retrains
     names = [*cfg.methods, *BASELINES]
     style = {"random": "--", "harmful": ":"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))

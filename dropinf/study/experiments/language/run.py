@@ -32,6 +32,7 @@ from ...models import gpt2_ladder, train
 from ..common import rng_for, seed_for, threads
 from ..measure import compression_step, time_calls
 from ..methods import Match, match, ready, spec
+from ..methods import pilot_grads as methods_pilot_grads
 from ..theory import crossover_coherence
 from .config import CURVATURES, MB, REFERENCE, Config
 from .report import quantiles, ratio_key, rounded
@@ -193,9 +194,7 @@ def pilot_grads(cfg: Config, lm: LM) -> list[BatchGrads]:
         idx = torch.as_tensor(pilot_docs(cfg), dtype=torch.long)
         docs = {k: v[idx] for k, v in lm.train.items()}
         t0 = time.perf_counter()
-        with lm.task.evaluating(), PerSampleGrads(lm.task) as psg:
-            lm.pilot = [psg({k: v.to(lm.task.device) for k, v in b.items()})[0]
-                        for b in dd.tensor_loader(docs, batch_size=cfg.grad_batch)]
+        lm.pilot = methods_pilot_grads(lm.task, dd.tensor_loader(docs, batch_size=cfg.grad_batch))
         lm.pilot_s = time.perf_counter() - t0
     return lm.pilot
 
