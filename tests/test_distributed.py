@@ -123,6 +123,11 @@ def _worker(rank: int, world: int, port: int, out: str, job: str, args: dict) ->
         result["traceback"] = traceback.format_exc()
     result["calls"] = _CALLS[0]
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    if "error" in result:
+        # A rank that failed (on purpose: a peer that hangs, a refused argument) skips the
+        # interpreter's teardown, which can abort while a hung peer still holds the gloo
+        # connection; ranks that succeed exit normally, so a teardown crash is still caught.
+        os._exit(0)
 
 
 def _job_all(rank: int, out: Path, store: str, shuffle: bool) -> dict:
