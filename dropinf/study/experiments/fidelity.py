@@ -204,6 +204,12 @@ PROFILES: dict[str, dict] = {
         "threads": 0,
     },
 }
+# The gpu profile's code paths (ResNet-9 on CIFAR-10) at toy size on the CPU, for the test
+# suite (no results).
+PROFILES["gpu-smoke"] = {
+    **PROFILES["gpu"], "n_train": 24, "n_test": 4, "width": 4, "epochs": 1, "batch_size": 8,
+    "ratios": (1024.0, 4096.0), "n_seeds": 2, "n_subsets": 4, "n_boot": 0, "threads": 1,
+}
 
 
 # --------------------------------------------------------------------------- models
