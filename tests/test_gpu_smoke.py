@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -30,6 +31,7 @@ from dropinf.study.experiments import (
     theory,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the a cat dog sat ran on under mat log and but big small red blue it was is not "
          "good bad film movie very story said news").split()
 
@@ -137,29 +139,24 @@ def smoke(tmp_path_factory):
             yield dirs
 
 
-def _notebook(module, cfg) -> dict:
-    """What the module's notebook computes: ``run`` then ``summary`` (the experiment shape), or,
-    for modules not yet in that shape, the notebook's own calls."""
-    if hasattr(module, "run") and hasattr(module, "summary"):
-        return module.summary(module.run(cfg))
-    if module is fidelity:
-        results = {name: fidelity.run_model(cfg, name) for name in cfg.models}
-        rows = pd.concat([r.rows for r in results.values()], ignore_index=True)
-        return fidelity.make_summary(cfg, rows, {n: r.info for n, r in results.items()})
-    res = module.run(cfg)
-    if module is mislabel:
-        s = mislabel.summarize(res)
-        return {**s, "conclusion": mislabel.conclude(s)}
-    if module is removal:
-        return {**removal.summarize(cfg, res.effects, res.tests),
-                "conclusion": removal.conclude(cfg, res.effects, res.retrains, res.n_train)}
-    raise AssertionError(f"{module.__name__} has no run/summary")
-
-
-def _check(module, cfg) -> dict:
-    s = _notebook(module, cfg)
+def run_notebook(stem: str, out_dir: Path, **config) -> dict:
+    """Execute the code cells of ``notebooks/<stem>.ipynb`` in this process (no kernel to start)
+    with ``profile = "gpu-smoke"`` and ``config`` set after its parameters cell, as papermill
+    would; returns the summary.json it wrote."""
+    nb = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text(encoding="utf-8"))
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    ns: dict = {}
+    exec(cells[0], ns)  # the parameters cell
+    ns.update(profile="gpu-smoke", out_dir=str(out_dir), config=config)
+    try:
+        for i, src in enumerate(cells[1:], start=1):
+            exec(compile(src, f"{stem}.ipynb cell {i}", "exec"), ns)
+    finally:
+        plt.close("all")
+    s = json.loads((out_dir / "summary.json").read_text())
     assert isinstance(s["conclusion"], str) and s["conclusion"]
-    json.dumps(s)  # summary.json must be JSON-able
+    assert json.loads((out_dir / "manifest.json").read_text())["profile"] == "gpu-smoke"
+    assert list((out_dir / "figures").glob("*.png")), "the notebook drew no figure"
     return s
 
 
@@ -169,41 +166,40 @@ MISLABEL_METHODS = ("identity", "dropout", "dropout_factored", "gaussian", "gaus
                     "sjlt", "pca")
 
 
-@pytest.mark.parametrize("module", [theory, fidelity, cost, removal, peers],
-                         ids=lambda m: m.__name__.rsplit(".", 1)[-1])
-def test_gpu_branch_runs_at_toy_size(smoke, module):
-    """Each notebook's gpu profile (CIFAR-10 ResNet-9 for fidelity and removal) on the CPU."""
+@pytest.mark.parametrize("stem, module", [("01_theory", theory), ("02_fidelity", fidelity),
+                                          ("03_cost", cost), ("05_removal", removal),
+                                          ("07_peers", peers)])
+def test_gpu_branch_runs_at_toy_size(smoke, tmp_path, stem, module):
+    """Each notebook at gpu-smoke (ResNet-9 on the CIFAR-10 files for 02 and 05) on the CPU."""
     cfg = module.Config.for_profile("gpu-smoke")
     gpu = module.PROFILES["gpu"]
     for name in ("models", "dataset", "methods", "lm_model"):
         if name in gpu:
             assert getattr(cfg, name) == gpu[name], name  # the gpu paths, not cpu-quick's
-    _check(module, cfg)
+    run_notebook(stem, tmp_path)
 
 
-def test_gpu_branch_bert_on_glue(smoke):
+def test_gpu_branch_bert_on_glue(smoke, tmp_path):
     """Notebook 04's gpu branch: a two-layer BERT tail on GLUE MRPC and SST-2."""
-    cfg = mislabel.Config.for_profile("gpu-smoke", text_model=smoke["bert-base-uncased"],
-                                      methods=MISLABEL_METHODS)
-    assert cfg.datasets == mislabel.PROFILES["gpu"]["datasets"] == ("mrpc", "sst2")
-    s = _check(mislabel, cfg)
+    assert mislabel.PROFILES["gpu-smoke"]["datasets"] == ("mrpc", "sst2")
+    s = run_notebook("04_mislabel", tmp_path, text_model=smoke["bert-base-uncased"],
+                     methods=MISLABEL_METHODS)
     assert "GLUE MRPC" in s["conclusion"] and "GLUE SST-2" in s["conclusion"]
 
 
-def test_gpu_branch_pretrained_gpt2_on_web_text(smoke):
+def test_gpu_branch_pretrained_gpt2_on_web_text(smoke, tmp_path):
     """Notebook 06's gpu branch: a pretrained two-block GPT-2 fine-tuned on both web-text sets,
     influence over its last block."""
-    cfg = language.Config.for_profile("gpu-smoke", pretrained=smoke["gpt2"])
-    assert cfg.corpora == language.PROFILES["gpu"]["corpora"]
-    s = _check(language, cfg)
+    assert language.PROFILES["gpu-smoke"]["corpora"] == ("openwebtext", "cnn_dailymail")
+    s = run_notebook("06_language", tmp_path, pretrained=smoke["gpt2"])
     assert "openwebtext" in s["conclusion"] and "cnn_dailymail" in s["conclusion"]
 
 
 @pytest.mark.parametrize("module", [cost, removal, language, mislabel],
                          ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_cuda_without_a_device_fails_fast_naming_the_fix(module, tmp_path, monkeypatch):
-    """Without CUDA, the gpu profile's device="cuda" raises before any data is read (an empty data root) or
-    model built, naming ``-p device cpu`` and the gpu-smoke profile."""
+    """Without CUDA, the gpu profile's device="cuda" raises before any data is read (the data
+    root is empty) or model built, naming ``-p device cpu`` and the gpu-smoke profile."""
     monkeypatch.setenv("DROPINF_DATA", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as here, also on a GPU
     cfg = module.Config.for_profile("gpu", device="cuda")

@@ -935,6 +935,12 @@ def plot_fidelity(summ: pd.DataFrame, metrics_: tuple[str, ...] = ("spearman", "
 
     model_names = list(dict.fromkeys(summ.model))
     metrics_ = [m for m in metrics_ if summ[f"{m}_mean"].notna().any()]
+    if not metrics_:  # e.g. the gpu profile's details: no exact, GGN or identity reference
+        fig, ax = plt.subplots(figsize=(4.6, 0.8))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "none of these metrics has a value at this configuration",
+                ha="center", va="center")
+        return fig
     fig, axes = plt.subplots(len(metrics_), len(model_names), squeeze=False, sharex="col",
                              sharey="row", figsize=(4.6 * len(model_names), 3.3 * len(metrics_)))
     ratios = sorted(summ.loc[summ.kind == "compressed", "ratio"].unique())
