@@ -212,8 +212,9 @@ PROFILES: dict[str, dict] = {
 # The gpu profile's code paths (a BERT tail on GLUE) at toy size on the CPU, for the test
 # suite (no results); text_model must name a local model directory (the test writes one).
 PROFILES["gpu-smoke"] = {
-    **PROFILES["gpu"], "text_n_train": 24, "text_max_length": 16, "text_epochs": 1,
-    "text_batch_size": 8, "n_seeds": 2, "pca_n_fit": 16, "device": "cpu", "threads": 1,
+    **PROFILES["gpu"], "text_n_train": 24, "text_n_pilot": 8, "text_max_length": 16,
+    "text_epochs": 1, "text_batch_size": 8, "n_seeds": 2, "pca_n_fit": 16, "device": "cpu",
+    "threads": 1,
 }
 
 
