@@ -27,7 +27,7 @@ from typing import Any
 
 from .._io import atomic_write, write_json
 
-PROFILES = ("cpu-quick", "gpu")
+PROFILES = ("cpu-quick", "gpu", "gpu-smoke")
 PACKAGES = ("dropinf", "torch", "numpy", "scipy", "scikit-learn", "pandas", "matplotlib",
             "transformers", "papermill", "mnist1d")
 

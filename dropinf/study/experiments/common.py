@@ -88,3 +88,14 @@ def check_int(cfg: object, name: str, low: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def check_device(device: str | None) -> None:
+    """Raise ValueError, before any work, when ``device`` asks for CUDA and torch sees none
+    (``None``: the caller picks the device itself)."""
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} but no CUDA device is available (torch.cuda.is_available() is "
+            "False); run on the CPU with `-p device cpu` (config={'device': 'cpu'}), or run the "
+            "gpu-smoke profile to exercise the gpu profile's code at toy size"
+        )

@@ -63,7 +63,7 @@ from ...persample import PerSampleGrads
 from ...scores import scores
 from ...task import Task
 from .. import models
-from .common import Profiled, check_int, threads
+from .common import Profiled, check_device, check_int, threads
 from .measure import OtherLoad, compression_step, frozen_gc, peak_bytes, sync, time_calls
 from .methods import ANCHOR, Match, color, compared, fit_pilot, label, marker, match, spec
 
@@ -208,6 +208,13 @@ PROFILES: dict[str, dict] = {
         "device": "cuda",
         "threads": 0,
     },
+}
+# The gpu profile's code paths at toy size on the CPU, for the test suite (no results).
+PROFILES["gpu-smoke"] = {
+    **PROFILES["gpu"], "mlp_widths": ((8, 16, 4), (16, 32, 4)), "gpt2_shapes": ("nano",),
+    "tokens": 8, "batch_size": 4, "pca_min_fit": 8, "warmup": 0, "repeats": 1, "min_time": 0.0,
+    "memory_budget_gb": 1.0, "n_train": 8, "n_test": 4, "pipeline_max_k": 64,
+    "pipeline_repeats": 1, "device": "cpu", "threads": 1,
 }
 
 
@@ -517,8 +524,7 @@ COLUMNS = (
 
 def measure(cfg: Config, progress: bool = True) -> pd.DataFrame:
     """Every (size, method) measurement of ``cfg``: one row each, columns :data:`COLUMNS`."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but CUDA is not available; pass device='cpu'")
+    check_device(cfg.device)
     sizes = ladder(cfg)
     rows: list[dict] = []
     with tqdm(total=len(sizes) * len(cfg.methods), desc="cost", disable=not progress) as bar:

@@ -204,6 +204,12 @@ PROFILES: dict[str, dict] = {
         "threads": 0,
     },
 }
+# The gpu profile's code paths (ResNet-9 on CIFAR-10) at toy size on the CPU, for the test
+# suite (no results).
+PROFILES["gpu-smoke"] = {
+    **PROFILES["gpu"], "n_train": 24, "n_test": 4, "width": 4, "epochs": 1, "batch_size": 8,
+    "ratios": (1024.0, 4096.0), "n_seeds": 2, "n_subsets": 4, "n_boot": 0, "threads": 1,
+}
 
 
 # --------------------------------------------------------------------------- models
@@ -929,6 +935,12 @@ def plot_fidelity(summ: pd.DataFrame, metrics_: tuple[str, ...] = ("spearman", "
 
     model_names = list(dict.fromkeys(summ.model))
     metrics_ = [m for m in metrics_ if summ[f"{m}_mean"].notna().any()]
+    if not metrics_:  # e.g. the gpu profile's details: no exact, GGN or identity reference
+        fig, ax = plt.subplots(figsize=(4.6, 0.8))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "none of these metrics has a value at this configuration",
+                ha="center", va="center")
+        return fig
     fig, axes = plt.subplots(len(metrics_), len(model_names), squeeze=False, sharex="col",
                              sharey="row", figsize=(4.6 * len(model_names), 3.3 * len(metrics_)))
     ratios = sorted(summ.loc[summ.kind == "compressed", "ratio"].unique())

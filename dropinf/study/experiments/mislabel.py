@@ -45,7 +45,7 @@ from ...losses import SplitLoss, cross_entropy, sequence_classification
 from ...scores import self_influence
 from ...task import Task
 from .. import data, models
-from .common import Profiled, check_int, seed_for, threads
+from .common import Profiled, check_device, check_int, seed_for, threads
 from .methods import (
     IDENTITY,
     Match,
@@ -208,6 +208,13 @@ PROFILES: dict[str, dict] = {
         "max_exact_gb": 16.0,
         "threads": 0,
     },
+}
+# The gpu profile's code paths (a BERT tail on GLUE) at toy size on the CPU, for the test
+# suite (no results); text_model must name a local model directory (the test writes one).
+PROFILES["gpu-smoke"] = {
+    **PROFILES["gpu"], "text_n_train": 24, "text_n_pilot": 8, "text_max_length": 16,
+    "text_epochs": 1, "text_batch_size": 8, "n_seeds": 2, "pca_n_fit": 16, "device": "cpu",
+    "threads": 1,
 }
 
 
@@ -639,6 +646,7 @@ TABLES = {"table": "mislabel", "metrics": "mislabel_runs", "models": "models",
 
 def run(cfg: Config, progress: bool = True) -> Result:
     """The whole experiment: every dataset, seed and method of ``cfg``."""
+    check_device(cfg.device)
     with threads(cfg.threads):
         return _run(cfg, progress)
 

@@ -51,7 +51,7 @@ from ...task import Task
 from .. import data as dd
 from .. import models
 from ..retrain import subset_outputs
-from .common import Profiled, check_int, float_list, rng_for, seed_for, threads
+from .common import Profiled, check_device, check_int, float_list, rng_for, seed_for, threads
 from .methods import (
     IDENTITY,
     color,
@@ -215,6 +215,13 @@ PROFILES: dict[str, dict] = {
         "device": "cuda",
         "threads": 0,
     },
+}
+# The gpu profile's code paths (ResNet-9 on CIFAR-10) at toy size on the CPU, for the test
+# suite (no results).
+PROFILES["gpu-smoke"] = {
+    **PROFILES["gpu"], "width": 4, "epochs": 1, "batch_size": 8, "n_targets": 2,
+    "fractions": (0.25,), "main_fraction": 0.25, "n_seeds": 2, "grad_batch": 8,
+    "device": "cpu", "threads": 1,
 }
 
 
@@ -677,6 +684,7 @@ class Result:
 
 def run(cfg: Config, progress: bool = True) -> Result:
     """Steps 1-4 of the module docstring for ``cfg``."""
+    check_device(cfg.device)
     with threads(cfg.threads):
         data = load_data(cfg)
         n = len(data.y_train)

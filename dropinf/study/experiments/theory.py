@@ -183,6 +183,13 @@ PROFILES: dict[str, dict] = {
         "block_seeds": 1000,
     },
 }
+# The gpu profile's code paths at toy size on the CPU, for the test suite (no results).
+PROFILES["gpu-smoke"] = {
+    **PROFILES["gpu"], "d": 64, "coherences": (1.0, 4.0), "rates": (0.5, 0.9), "n_trials": 50,
+    "hidden": 4, "n_train": 60, "n_test": 10, "fit_iter": 20, "n_real_pairs": 1,
+    "library_trials": 10, "fisher_rates": (0.5,), "dampings": (0.1,), "n_mask_seeds": 2,
+    "block_n_test": 2, "block_n_train": 5, "block_max_length": 16, "block_seeds": 10,
+}
 
 
 def size_at_rate(d: int, p: float, law: str) -> float:

@@ -188,4 +188,13 @@ PROFILES: dict[str, dict] = {
         "device": "cuda",
     },
 }
+# The gpu profile's code paths (a pretrained GPT-2 on web text) at toy size on the CPU, for
+# the test suite (no results); pretrained must name a local two-block GPT-2 directory (the test
+# writes one), whose last block is transformer.h.1.
+PROFILES["gpu-smoke"] = {
+    **PROFILES["gpu"], "layers": ("transformer.h.1",), "seq_len": 8, "n_train": 16, "n_test": 4,
+    "epochs": 1, "batch_size": 8, "grad_batch": 8, "ratios": (16.0, 64.0), "n_mask_seeds": 2,
+    "top_k": 4, "n_targets": 2, "n_retrain_seeds": 2, "n_pilot": 8, "removal_ratio": 16.0,
+    "timing_repeats": 1, "dense_max_mb": 64.0, "device": "cpu", "threads": 1,
+}
 

@@ -29,7 +29,7 @@ from ....task import Task
 from ... import data as dd
 from ... import metrics
 from ...models import gpt2_ladder, train
-from ..common import rng_for, seed_for, threads
+from ..common import check_device, rng_for, seed_for, threads
 from ..measure import compression_step, time_calls
 from ..methods import Match, match, ready, spec
 from ..methods import pilot_grads as methods_pilot_grads
@@ -538,6 +538,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     """Notebook 06's computation, corpus by corpus: :func:`prepare`, :func:`agreement`,
     :func:`coherence`, :func:`removal` and :func:`cost_table`, with torch's CPU threads set to
     ``cfg.threads``."""
+    check_device(cfg.device)
     with threads(cfg.threads):
         return _run(cfg, progress)
 

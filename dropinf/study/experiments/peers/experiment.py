@@ -191,6 +191,14 @@ PROFILES: dict[str, dict] = {
         "threads": 0,
     },
 }
+# The gpu profile's code paths at toy size on the CPU, for the test suite (no results).
+PROFILES["gpu-smoke"] = {
+    **PROFILES["gpu"], "n_train": 40, "n_test": 4, "hidden": 4, "lm_n_pretrain": 8,
+    "lm_n_train": 12, "lm_n_test": 2, "seq_len": 8, "lm_pretrain_epochs": 1, "lm_epochs": 1,
+    "rates": (0.5,), "cg_iters": (5,), "lissa_depths": (20,), "arnoldi_dims": (5,),
+    "explicit_max_d": 5000, "trak_dims": (16,), "logra_ranks": (4,), "repeats": 1, "top_k": 4,
+    "cheap_s": 1.0, "threads": 1,
+}
 
 
 # --------------------------------------------------------------------------- tasks
@@ -273,7 +281,7 @@ def gpt2_task(cfg: Config, progress: bool = False) -> Setup:
         "cpu-quick", seed=cfg.seed, model=cfg.lm_model, seq_len=cfg.seq_len,
         n_pretrain=cfg.lm_n_pretrain, n_train=cfg.lm_n_train, n_test=cfg.lm_n_test,
         pretrain_epochs=cfg.lm_pretrain_epochs, epochs=cfg.lm_epochs, top_k=cfg.top_k,
-        n_targets=1, threads=cfg.threads)
+        n_targets=1, n_pilot=min(cfg.lm_n_train, language.Config.n_pilot), threads=cfg.threads)
     corpus, pre_docs = language.load_corpus(lcfg, "stdlib")
     base, _ = language.base_model(lcfg, pre_docs, progress)
     model, _ = language.fine_tune(lcfg, base, corpus.train, np.arange(cfg.lm_n_train),
