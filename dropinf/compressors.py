@@ -261,8 +261,12 @@ class _FlatMask:
         for q in self.params:
             idx = _on(self, q.name, self.index[q.name], bg.device)
             if len(idx):
-                out.append(bg.param_grad(q)[:, idx] * self.scale)
+                out.append(bg.param_grad(q)[:, idx] * self._scale(q, bg))
         return out
+
+    def _scale(self, q: ParamInfo, bg: BatchGrads) -> float | Tensor:
+        """The kept coordinates' scale: one number for the uniform mask."""
+        return self.scale
 
 
 class _Projection:
@@ -773,7 +777,7 @@ def _probs_hash(probs: dict[str, Tensor] | None) -> str | None:
     return h.hexdigest()[:16]
 
 
-class _ImportanceFlat:
+class _ImportanceFlat(_FlatMask):
     """An importance mask over the concatenation of ``params``: the mask blocks of every
     parameter (as in :class:`_FlatMask`) drawn together with their fitted probabilities
     (``probs[name]``, one per block; :func:`_sample_importance`), each kept coordinate scaled
@@ -795,14 +799,9 @@ class _ImportanceFlat:
             start += m
         self.dim = sum(len(i) for i in self.index.values())
 
-    def apply(self, bg: BatchGrads) -> list[Tensor]:
-        out = []
-        for q in self.params:
-            idx = _on(self, q.name, self.index[q.name], bg.device)
-            if len(idx):
-                sc = _on(self, f"{q.name}:scale", self.scales[q.name], bg.device, bg.dtype)
-                out.append(bg.param_grad(q)[:, idx] * sc)
-        return out
+    def _scale(self, q: ParamInfo, bg: BatchGrads) -> Tensor:
+        """The kept coordinates' scales ``1/sqrt(pi)``, on the batch's device and dtype."""
+        return _on(self, f"{q.name}:scale", self.scales[q.name], bg.device, bg.dtype)
 
 
 class _Moments:

@@ -67,7 +67,7 @@ from ._io import write_json
 from .compressors import Compressor
 from .curvature import _COLUMNS, _FIT_ROWS, Preconditioner, Source, _check_damping, _l2_of_rows
 from .curvature import check_finite as _check_finite_rows
-from .gradients import Gradients, _check_args, _check_finite, _with_indices
+from .gradients import Gradients, _check_args, _check_finite, _open_store, _with_indices
 from .gradients import _indexed_loader as _loader_of
 from .persample import PerSampleGrads
 from .scores import _check_pre, _dtypes, _rows, _top_k, best
@@ -321,16 +321,7 @@ def gradients(
     writer, state, error = None, None, None
     if comm.rank == 0:
         try:
-            writer = Store(path).write_gradients(
-                compressor=compressor.fingerprint,
-                model=model,
-                loss=loss_name(task.loss),
-                param_names=task.param_names,
-                k=compressor.dim,
-                dtype=dtype,
-                order=order,
-                overwrite=overwrite,
-            )
+            writer = _open_store(path, task, compressor, model, dtype, order, overwrite)
             known = {rec["chunk"]: rec for rec in writer.chunks}  # verified by write_gradients
             listed = set(known)
             for c, rec in _records(path).items():

@@ -115,6 +115,17 @@ class _WholeBatch:
     rows: object
 
 
+def _open_store(path, task: Task, compressor: Compressor, model: str, dtype: torch.dtype,
+                order: Tensor | None, overwrite: bool):
+    """The store's gradient writer (created, or checked and resumed) with the provenance of
+    these rows: compressor fingerprint, model hash, loss, parameters, k, dtype, batch order."""
+    return Store(path).write_gradients(
+        compressor=compressor.fingerprint, model=model, loss=loss_name(task.loss),
+        param_names=task.param_names, k=compressor.dim, dtype=dtype, order=order,
+        overwrite=overwrite,
+    )
+
+
 def _with_indices(loader: Iterable) -> tuple[Iterable, Tensor | None]:
     """Re-create a DataLoader whose batches carry dataset indices (same sampler and collate).
 
@@ -230,16 +241,7 @@ def gradients(
     if path is None:
         sink = _Memory(order, compressor.dim, dtype)
     else:
-        writer = Store(path).write_gradients(
-            compressor=compressor.fingerprint,
-            model=model,
-            loss=loss_name(task.loss),
-            param_names=task.param_names,
-            k=compressor.dim,
-            dtype=dtype,
-            order=order,
-            overwrite=overwrite,
-        )
+        writer = _open_store(path, task, compressor, model, dtype, order, overwrite)
         sink = _Chunks(writer, chunk_size)
     device = task.device
     seen = 0
