@@ -49,6 +49,10 @@ DTYPES = {
 
 
 def _value(text: str) -> object:
+    """A ``K=V`` value: True/False/None as Python spells them (or JSON's true/false/null),
+    else JSON (numbers, lists), else the string."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
     try:
         return json.loads(text)
     except ValueError:

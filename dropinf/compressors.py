@@ -86,6 +86,14 @@ def _check_block(block: int) -> int:
     return int(block)
 
 
+def _check_flag(name: str, value: object) -> bool:
+    """A True/False argument; anything else (the string "False", say, which bool() would read
+    as True) is a TypeError naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be True or False")
+    return value
+
+
 def _n_blocks(n: int, block: int) -> int:
     """Mask blocks over n units: aligned runs of ``block``; the last also takes the remainder
     ``n mod block`` (so no block is shorter than ``block`` unless n is); none when n = 0."""
@@ -443,9 +451,9 @@ class Dropout(Compressor):
         self.p = _check_rate(p)
         if mask not in ("fixed", "bernoulli"):
             raise ValueError(f"mask={mask!r}; choose 'fixed' or 'bernoulli'")
-        self.factored, self.mask, self.seed = bool(factored), mask, int(seed)
+        self.factored, self.mask, self.seed = _check_flag("factored", factored), mask, int(seed)
         self.block = _check_block(block)
-        self.importance = bool(importance)
+        self.importance = _check_flag("importance", importance)
         if floor is not None and not self.importance:
             raise ValueError(f"floor={floor!r} applies to importance=True only")
         floor = 0.1 if floor is None else floor
@@ -917,13 +925,14 @@ class Gaussian(Compressor):
     def __init__(
         self, k: int | None = None, factored: bool = False, p: float | None = None, seed: int = 0
     ):
+        factored = _check_flag("factored", factored)
         if factored and (p is None or k is not None):
             raise ValueError("Gaussian(factored=True) takes p, the matching dropout rate, not k")
         if not factored and (k is None or p is not None):
             raise ValueError("Gaussian(factored=False) takes k, the output size, not p")
         if k is not None and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k={k!r}: the output size must be an integer >= 1")
-        self.k, self.factored, self.seed = k, bool(factored), int(seed)
+        self.k, self.factored, self.seed = k, factored, int(seed)
         self.p = None if p is None else _check_rate(p)
 
     def config(self) -> dict:

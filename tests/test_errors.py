@@ -110,3 +110,24 @@ def test_cg_info_describes_the_last_call(small):
     pre.apply(q)
     pre.apply(q[:2])
     assert len(pre.info["cg_residuals"]) == len(pre.info["cg_iterations"]) == 2
+
+
+@pytest.mark.parametrize("make", [lambda v: di.Dropout(0.5, factored=v),
+                                  lambda v: di.Dropout(0.5, importance=v),
+                                  lambda v: di.Gaussian(4, factored=v)])
+def test_flags_must_be_bools_not_strings(make):
+    """bool("False") is True: a flag given as a string would silently pick the other method."""
+    with pytest.raises(TypeError, match="must be True or False"):
+        make("False")
+
+
+def test_command_line_values_read_python_spellings():
+    """`--compressor-arg factored=False` builds the flat mask (it once built the factored)."""
+    from dropinf import cli
+
+    args = cli._pairs(["p=0.9", "factored=False", "seed=3", "mask=fixed"], "--compressor-arg")
+    assert args == {"p": 0.9, "factored": False, "seed": 3, "mask": "fixed"}
+    assert di.make("dropout", **args).factored is False
+    assert cli._pairs(["x=None", "y=true", "z=[1, 2]"], "--arg") == {"x": None, "y": True,
+                                                                     "z": [1, 2]}
+

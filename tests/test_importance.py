@@ -458,7 +458,10 @@ def test_optimal_allocation_beats_uniform_on_a_coherent_pair_by_the_predicted_fa
     pi = theory.allocate(c, k, 0.1 * k / d)
     uniform = np.full(d, k / d)
     v_opt, v_uni = (theory.importance_variance(a, b, q, "poisson") for q in (pi, uniform))
-    assert v_uni / v_opt > 5.0  # the predicted gain on this pair
+    # the formulas re-derived here: sum (1/pi - 1) c^2, and (d/k - 1) sum c^2 for the uniform
+    np.testing.assert_allclose(v_opt, np.sum((1 / pi - 1) * c**2), rtol=1e-12)
+    np.testing.assert_allclose(v_uni, (d / k - 1) * np.sum(c**2), rtol=1e-12)
+    assert v_uni / v_opt > 5.0  # the predicted gain on this pair, checked by Monte Carlo below
     for q, v, s in ((pi, v_opt, 1), (uniform, v_uni, 2)):
         x = theory.sample_poisson(a, b, q, 40_000, seed=s)
         check_mean_and_variance(x, float(a @ b), v, theory.poisson_moment4(a, b, q))

@@ -194,6 +194,21 @@ Run("02_ok", profile, dict(n=v["n"], where=out_dir), out_dir=out_dir).finish(dic
     assert "01_fail.failed" not in paper
 
 
+def test_machine_paths_are_rewritten_where_a_path_starts_only(tmp_path, monkeypatch):
+    """The repository's path is cut where a path starts; inside another path (a site-packages
+    copy under a longer prefix, say) it stays, so no path is mangled."""
+    root = tmp_path / "app"
+    monkeypatch.setattr(pipeline, "repo_root", lambda: root)
+    work, dest = root / "results" / ".x.running-1", root / "results" / "cpu" / "x"
+    work.mkdir(parents=True)
+    other = f"/opt/venv/site-packages{root}/mod.py"
+    (work / "nb.ipynb").write_text(json.dumps(
+        {"a": f"{work}/f.png; {other}; ({root}/notebooks/n.ipynb)"}))
+    pipeline._name_no_machine(work / "nb.ipynb", {work: dest})
+    assert json.loads((work / "nb.ipynb").read_text()) == {
+        "a": f"results/cpu/x/f.png; {other}; (notebooks/n.ipynb)"}
+
+
 def test_select_by_stem_and_prefix(tmp_path):
     nbs = [tmp_path / f"{s}.ipynb" for s in ("01_theory", "02_fidelity", "10_extra")]
     assert select(nbs, None) == nbs

@@ -362,14 +362,17 @@ def _name_no_machine(executed: Path, moves: dict[Path, Path]) -> None:
     to the repository, in papermill's metadata, the injected parameters and the outputs."""
     if not executed.exists():
         return
-    text = executed.read_text()
+    text = executed.read_text(encoding="utf-8")
     root = repo_root()
-    # Longest first, so that a path is never replaced inside a longer one already rewritten.
+    # Longest first, so that a path is never replaced inside a longer one already rewritten;
+    # only where a path starts (not after a path character: /opt/x/<root>/y is another path).
     pairs = [(str(a.resolve()), portable(b.resolve(), root)) for a, b in moves.items()]
     pairs.append((str(Path(root).resolve()) + os.sep, ""))
     for old, new in sorted(pairs, key=lambda p: -len(p[0])):
-        text = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1])
-    atomic_write(executed, lambda f: f.write(text.encode()))
+        pattern = r"(?<![\w.~/-])" + re.escape(json.dumps(old)[1:-1])
+        replacement = json.dumps(new)[1:-1]
+        text = re.sub(pattern, lambda _m: replacement, text)  # noqa: B023 (used at once)
+    atomic_write(executed, lambda f: f.write(text.encode("utf-8")))
 
 
 def run_one(path: Path, dest: Path, params: dict[str, Any], kernel: str = DEFAULT_KERNEL,
@@ -393,7 +396,10 @@ def run_one(path: Path, dest: Path, params: dict[str, Any], kernel: str = DEFAUL
         error, status = f"interrupted ({e or 'Ctrl-C'})", "interrupted"
     wall_s = round(time.perf_counter() - t0, 2)
     final = dest if status == "ok" else failed
-    _name_no_machine(work / path.name, {work: final, path: path})
+    try:
+        _name_no_machine(work / path.name, {work: final, path: path})
+    except (OSError, UnicodeError) as e:  # cosmetic: never a reason to lose the run
+        _warn(f"{path.stem}: executed notebook keeps its absolute paths ({e})")
     shutil.rmtree(failed, ignore_errors=True)
     if status == "ok":
         swap_in(work, dest)
