@@ -152,6 +152,21 @@ def test_other_load_is_busy_time_minus_our_own(monkeypatch):
     assert np.isnan(short.stop()) and np.isnan(short.cpus)  # 2 s: too short to say
 
 
+@dataclass(frozen=True)
+class _Named:
+    methods: object = ("a",)
+
+
+def test_check_names_normalises_and_refuses_naming_the_field():
+    cfg = _Named(["b", "a"])
+    assert common.check_names(cfg, "methods", ("a", "b")) == ("b", "a") == cfg.methods
+    assert common.check_names(_Named("a"), "methods", ("a",)) == ("a",)  # one string, one name
+    assert common.check_names(_Named(()), "methods", ("a",), empty=True) == ()
+    for bad in (("a", "a"), ("c",), (), 3):
+        with pytest.raises(ValueError, match=r"methods=.*choose distinct names from \('a', 'b'\)"):
+            common.check_names(_Named(bad), "methods", ("a", "b"))
+
+
 def test_float_list():
     assert common.float_list("r", 2) == (2.0,)
     assert common.float_list("r", [1, 2.5, np.float64(3)]) == (1.0, 2.5, 3.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -65,6 +65,21 @@ def from_profile(cls: type[C], profiles: dict[str, dict], profile: str, override
     if unknown:
         raise TypeError(f"unknown Config field(s) {unknown}; the fields are {sorted(names)}")
     return cls(**{**profiles[profile], **overrides})
+
+
+def check_names(cfg: object, name: str, allowed: Sequence[str], empty: bool = False
+          ) -> tuple[str, ...]:
+    """The field ``name`` of the frozen dataclass ``cfg`` as a tuple of distinct entries of
+    ``allowed`` (one string is one entry; papermill passes lists), set on ``cfg`` and returned;
+    a ValueError naming the field, the value and the choices otherwise. ``empty``: allow ()."""
+    value = getattr(cfg, name)
+    value = (value,) if isinstance(value, str) else value
+    if (not isinstance(value, (tuple, list)) or any(v not in allowed for v in value)
+            or len(set(value)) != len(value) or not (value or empty)):
+        raise ValueError(f"{name}={value!r}: choose distinct names from {tuple(allowed)}"
+                         + ("" if empty else " (at least one)"))
+    object.__setattr__(cfg, name, tuple(value))
+    return tuple(value)
 
 
 def float_list(name: str, value) -> tuple[float, ...]:

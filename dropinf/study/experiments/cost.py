@@ -63,7 +63,7 @@ from ...persample import PerSampleGrads
 from ...scores import scores
 from ...task import Task
 from .. import models
-from .common import Profiled, check_device, check_int, threads
+from .common import Profiled, check_device, check_int, check_names, threads
 from .measure import OtherLoad, compression_step, frozen_gc, peak_bytes, sync, time_calls
 from .methods import ANCHOR, Match, color, compared, fit_pilot, label, marker, match, spec
 
@@ -142,17 +142,12 @@ class Config(Profiled):
         for w in self.mlp_widths:
             if len(w) < 2:
                 raise ValueError(f"mlp_widths entry {list(w)} needs an input and an output width")
-        methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
-        known = compared("mask", "projection", "fitted", "composed")
-        bad = [m for m in methods if m not in known]
-        if bad or not methods:
-            raise ValueError(f"methods={list(methods)!r}: choose a non-empty subset of {known}")
+        methods = check_names(self, "methods", compared("mask", "projection", "fitted", "composed"))
         if REFERENCE not in methods:
             raise ValueError(
                 f"methods={list(methods)!r} lacks {REFERENCE!r}: it fixes k and is the reference "
                 "of every ratio"
             )
-        set_(self, "methods", methods)
         if not (isinstance(self.p, (int, float)) and 0.0 < self.p < 1.0):
             raise ValueError(f"p={self.p!r} must be a dropout rate in (0, 1)")
         for name, low in (("seed", 0), ("vocab_size", 2), ("n_positions", 2), ("tokens", 2),

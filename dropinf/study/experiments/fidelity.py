@@ -47,7 +47,7 @@ from ...losses import cross_entropy
 from ...scores import scores
 from ...task import Task
 from .. import data, metrics, models, retrain
-from .common import Profiled, check_int, float_list, rng_for, seed_for, threads
+from .common import Profiled, check_int, check_names, float_list, rng_for, seed_for, threads
 from .methods import (
     FAMILIES,
     IDENTITY,
@@ -136,16 +136,9 @@ class Config(Profiled):
     threads: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("models", "methods", "references"):
-            value = getattr(self, name)
-            value = (value,) if isinstance(value, str) else tuple(value)
-            allowed = {"models": MODELS, "methods": compressors(), "references": REFERENCES}[name]
-            bad = [v for v in value if v not in allowed]
-            if bad or len(set(value)) != len(value):
-                raise ValueError(f"{name}={value!r} must be distinct entries of {allowed}")
-            object.__setattr__(self, name, value)
-        if not self.models:
-            raise ValueError("models is empty; give at least one of " + ", ".join(MODELS))
+        check_names(self, "models", MODELS)
+        check_names(self, "methods", compressors(), empty=True)
+        check_names(self, "references", REFERENCES, empty=True)
         ratios = float_list("ratios", self.ratios)
         if any(not r >= 1 for r in ratios) or len(set(ratios)) != len(ratios):
             raise ValueError(f"ratios={ratios!r} must be distinct compression ratios d/k >= 1")

@@ -45,7 +45,7 @@ from ...losses import SplitLoss, cross_entropy, sequence_classification
 from ...scores import self_influence
 from ...task import Task
 from .. import data, models
-from .common import Profiled, check_device, check_int, seed_for, threads
+from .common import Profiled, check_device, check_int, check_names, seed_for, threads
 from .methods import (
     IDENTITY,
     Match,
@@ -148,16 +148,10 @@ class Config(Profiled):
     device: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("datasets", "methods", "hidden"):
-            value = getattr(self, name)
-            value = (value,) if isinstance(value, (str, int)) else tuple(value)
-            object.__setattr__(self, name, value)
-        known = MLP_SETS + TEXT_SETS
-        if not self.datasets or any(d not in known for d in self.datasets):
-            raise ValueError(f"datasets={list(self.datasets)!r}: choose from {known}")
-        known = (IDENTITY, *compressors())
-        if not self.methods or any(m not in known for m in self.methods):
-            raise ValueError(f"methods={list(self.methods)!r}: choose a subset of {known}")
+        hidden = (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
+        object.__setattr__(self, "hidden", hidden)
+        check_names(self, "datasets", MLP_SETS + TEXT_SETS)
+        check_names(self, "methods", (IDENTITY, *compressors()))
         fitted = [m for m in self.methods if spec(m).needs_fit]
         if fitted and IDENTITY not in self.methods:
             raise ValueError(

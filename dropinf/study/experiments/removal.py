@@ -51,7 +51,16 @@ from ...task import Task
 from .. import data as dd
 from .. import models
 from ..retrain import subset_outputs
-from .common import Profiled, check_device, check_int, float_list, rng_for, seed_for, threads
+from .common import (
+    Profiled,
+    check_device,
+    check_int,
+    check_names,
+    float_list,
+    rng_for,
+    seed_for,
+    threads,
+)
 from .methods import (
     IDENTITY,
     color,
@@ -151,12 +160,7 @@ class Config(Profiled):
         if not any(abs(self.main_fraction - f) < 1e-12 for f in fractions):
             raise ValueError(f"main_fraction={self.main_fraction!r} must be one of fractions="
                              f"{list(fractions)}")
-        methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
-        known = (IDENTITY, *compressors())
-        bad = [m for m in methods if m not in known]
-        if bad or not methods or len(set(methods)) != len(methods):
-            raise ValueError(f"methods={list(methods)!r}: choose distinct names from {known}")
-        set_(self, "methods", methods)
+        methods = check_names(self, "methods", (IDENTITY, *compressors()))
         if self.reference not in methods:
             raise ValueError(f"reference={self.reference!r} must be one of methods="
                              f"{list(methods)} (its lowest scores are the most harmful points)")

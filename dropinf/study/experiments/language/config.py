@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ... import data as dd
 from ...models import GPT2_LADDER
-from ..common import Profiled, check_int, float_list
+from ..common import Profiled, check_int, check_names, float_list
 from ..methods import IDENTITY, compressors
 
 REFERENCE = IDENTITY
@@ -89,7 +89,9 @@ class Config(Profiled):
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("corpora", "methods", "removal_methods", "packages", "layers"):
+        check_names(self, "corpora", CORPORA)
+        check_names(self, "methods", compressors())
+        for name in ("removal_methods", "packages", "layers"):
             value = getattr(self, name)
             if value is None and name in ("packages", "layers"):
                 continue
@@ -104,12 +106,6 @@ class Config(Profiled):
         if any(not r >= 1 for r in value):
             raise ValueError(f"ratios={value!r} must be compression ratios d/k >= 1")
         object.__setattr__(self, "ratios", tuple(sorted(set(value))))
-        for name in self.corpora:
-            if name not in CORPORA:
-                raise ValueError(f"corpora contains {name!r}; choose from {CORPORA}")
-        for name in self.methods:
-            if name not in compressors():
-                raise ValueError(f"methods contains {name!r}; choose from {compressors()}")
         for name in self.removal_methods:
             if name != REFERENCE and name not in self.methods:
                 raise ValueError(

@@ -51,7 +51,7 @@ from ....scores import scores
 from ....task import Task
 from ... import data, metrics, models
 from .. import methods
-from ..common import Profiled, check_int, float_list, seed_for, threads
+from ..common import Profiled, check_int, check_names, float_list, seed_for, threads
 from ..measure import OtherLoad, peak_bytes, time_calls
 from . import adapters
 from .adapters import PEERS, Problem
@@ -134,16 +134,9 @@ class Config(Profiled):
     threads: int = 1
 
     def __post_init__(self) -> None:
-        for name, allowed in (("tasks", TASKS), ("peers", PEERS),
-                              ("methods", methods.compressors())):
-            value = getattr(self, name)
-            value = (value,) if isinstance(value, str) else tuple(value)
-            bad = [v for v in value if v not in allowed]
-            if bad or len(set(value)) != len(value):
-                raise ValueError(f"{name}={value!r} must be distinct entries of {allowed}")
-            object.__setattr__(self, name, value)
-        if not self.tasks:
-            raise ValueError("tasks is empty; give at least one of " + ", ".join(TASKS))
+        check_names(self, "tasks", TASKS)
+        check_names(self, "peers", PEERS, empty=True)
+        check_names(self, "methods", methods.compressors(), empty=True)
         rates = float_list("rates", self.rates)
         if any(not 0 <= r < 1 for r in rates):
             raise ValueError(f"rates={rates!r} must be dropout rates in [0, 1)")
